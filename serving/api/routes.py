@@ -1,0 +1,87 @@
+"""Thin HTTP handlers: fetch a service from app.state, return its answer."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serving.errors import NoEngineReady, error_payload
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await request.app.state.proxy.handle(request, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await request.app.state.proxy.handle(request, "completion")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    registry = request.app.state.registry
+    cards = []
+    for model in registry.models():
+        endpoints = [ep for ep in registry.endpoints if ep.model == model]
+        max_len = next((ep.max_model_len for ep in endpoints if ep.max_model_len), None)
+        cards.append(
+            {
+                "id": model,
+                "object": "model",
+                "created": request.app.state.created,
+                "owned_by": "tiergate",
+                "max_model_len": max_len,
+                "ready": any(ep.ready for ep in endpoints),
+            }
+        )
+    return {"object": "list", "data": cards}
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    registry = request.app.state.registry
+    if registry.any_ready():
+        ready_names = [ep.name for ep in registry.endpoints if ep.ready]
+        return JSONResponse({"status": "ready", "engines": ready_names})
+    return JSONResponse(error_payload(NoEngineReady("No engine is ready.")), status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+@router.get("/tiergate/engines")
+async def engines(request: Request) -> dict:
+    """Operator view of every engine: state, URL, pid, restarts, load."""
+    fields = (
+        "name",
+        "model",
+        "url",
+        "state",
+        "ready",
+        "pid",
+        "restarts",
+        "in_flight",
+        "max_model_len",
+        "last_error",
+    )
+    return {
+        "engines": [
+            {f: getattr(ep, f) for f in fields} for ep in request.app.state.registry.endpoints
+        ],
+        "time": time.time(),
+    }

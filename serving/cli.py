@@ -1,0 +1,165 @@
+"""The `tiergate` command: serve, and prepare models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from models.manifest import ModelError, load_manifest, manifest_names
+from models.prepare import prepare
+from serving.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("tiergate")
+
+
+def prepare_engine_models(settings: Settings, force: bool = False) -> dict[str, Path]:
+    """Prepare the weights of every supervised engine; returns engine name -> folder."""
+    dirs: dict[str, Path] = {}
+    for i, engine in enumerate(settings.engines):
+        if engine.url is not None:
+            continue
+        try:
+            manifest = load_manifest(engine.model)
+        except ModelError as exc:
+            raise ConfigError(f"engines.{i}.model: {exc}") from exc
+        dirs[engine.name] = prepare(manifest, settings.model_cache, force=force)
+    return dirs
+
+
+def banner(host: str, port: int, models: list[str]) -> str:
+    base = f"http://{host}:{port}"
+    model = models[0]
+    return f"""
+tiergate is ready on {base}  (models: {", ".join(models)})
+
+  curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{base}/v1', api_key='unused'); \\
+print(c.chat.completions.create(model='{model}', \\
+messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)"
+"""
+
+
+async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
+    import uvicorn
+
+    from serving.app import build_registry, create_app
+    from serving.engines.supervisor import EngineStartError, Supervisor
+    from serving.metrics import GatewayMetrics
+
+    registry = build_registry(settings)
+    metrics = GatewayMetrics()
+    supervisor = Supervisor(settings, registry, model_dirs, metrics)
+    app = create_app(settings, registry, metrics, supervisor)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.server.host,
+            port=settings.server.port,
+            log_level=settings.server.log_level,
+            timeout_graceful_shutdown=5,
+            access_log=False,
+        )
+    )
+    failed = False
+
+    async def announce() -> None:
+        nonlocal failed
+        while not server.started:  # noqa: ASYNC110 (uvicorn only exposes a flag)
+            await asyncio.sleep(0.05)
+        try:
+            await supervisor.wait_started()
+        except EngineStartError as exc:
+            log.error("start-up failed, stopping everything: %s", exc)
+            failed = True
+            server.should_exit = True
+            return
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print(banner(settings.server.host, port, registry.models()), flush=True)
+
+    watcher = asyncio.create_task(announce())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        await supervisor.stop()  # idempotent; covers a failed bind too
+    return 1 if failed else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    server: dict = {}
+    if args.host:
+        server["host"] = args.host
+    if args.port is not None:
+        server["port"] = args.port
+    settings = load_settings(args.config, **({"server": server} if server else {}))
+    model_dirs = prepare_engine_models(settings)
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(run_server(settings, model_dirs))
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    names = (
+        [args.name] if args.name else sorted({e.model for e in settings.engines if e.url is None})
+    )
+    for name in names:
+        path = prepare(load_manifest(name), settings.model_cache, force=args.force)
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_models_list(_: argparse.Namespace) -> int:
+    for name in manifest_names():
+        m = load_manifest(name)
+        print(f"{m.name}\t{m.format}\t{m.quantization}\tctx={m.max_context}\t{m.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiergate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the engines and the gateway")
+    serve.add_argument("--config", type=Path, default=None, help="YAML (configs/default.yaml)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="model manifests and weights")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="prepare weights into the model cache")
+    prep.add_argument("name", nargs="?", help="manifest name (default: those in the config)")
+    prep.add_argument("--config", type=Path, default=None)
+    prep.add_argument("--force", action="store_true", help="prepare again even if cached")
+    prep.set_defaults(func=cmd_models_prepare)
+    msub.add_parser("list", help="list manifests").set_defaults(func=cmd_models_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, ModelError) as exc:
+        print(f"tiergate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""The one settings tree: YAML file, then TIERGATE_* environment overrides.
+
+Every setting is defined once here. The CLI, the gateway and the supervisor all
+load through `load_settings`, so a bad key fails the same way everywhere: at
+start, with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+
+
+class ConfigError(Exception):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
+    max_upstream_connections: int = Field(1024, gt=0)
+    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+
+
+class TimeoutSettings(_Strict):
+    """Seconds. `read` bounds the wait for the first byte and between stream chunks."""
+
+    connect: float = Field(5.0, gt=0)
+    read: float = Field(300.0, gt=0)
+    write: float = Field(30.0, gt=0)
+    pool: float = Field(5.0, gt=0)
+    engine_start: float = Field(600.0, gt=0, description="Wait for an engine's /health.")
+    engine_stop: float = Field(20.0, gt=0, description="Grace after SIGTERM before SIGKILL.")
+    health_interval: float = Field(2.0, gt=0)
+
+
+class RestartSettings(_Strict):
+    """Exponential backoff for crashed engines."""
+
+    initial_backoff: float = Field(1.0, gt=0)
+    max_backoff: float = Field(60.0, gt=0)
+    max_restarts: int = Field(10, ge=0, description="Give up after this many in a row.")
+
+
+class EngineSettings(_Strict):
+    """One vLLM OpenAI server: started by the supervisor, or reached at `url`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str = Field(description="Manifest name under models/manifests, or a served name.")
+    served_model_name: str | None = None
+    url: str | None = Field(None, description="External engine; nothing is started.")
+    args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args.")
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        """The name clients put in `model`."""
+        return self.served_model_name or self.model
+
+    @model_validator(mode="after")
+    def _args_are_vllm_names(self) -> EngineSettings:
+        reserved = {"model", "host", "port", "served_model_name"}
+        for key in self.args:
+            norm = key.replace("-", "_")
+            if norm in reserved:
+                raise ValueError(f"args.{key} is set by tiergate; remove it")
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TIERGATE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    restart: RestartSettings = Field(default_factory=RestartSettings)
+    model_cache: Path = Field(
+        default_factory=lambda: (
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiergate" / "models"
+        )
+    )
+    engines: list[EngineSettings] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: set[str] = set()
+        for i, engine in enumerate(self.engines):
+            if engine.name in seen:
+                raise ValueError(f"engines.{i}.name {engine.name!r} is used twice")
+            seen.add(engine.name)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the YAML file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load a YAML config; `overrides` (e.g. server={"port": 1}) win over the file."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from exc

@@ -1,0 +1,109 @@
+"""Starting and stopping one vLLM OpenAI server process. No policy here.
+
+Each engine runs in its own session (process group), so stopping it also stops
+the EngineCore and worker processes vLLM forks. PR_SET_PDEATHSIG makes the
+engine receive SIGTERM if tiergate itself dies without a chance to clean up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
+    """vLLM engine args (its own names) as command-line flags."""
+    out: list[str] = []
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if value is True:
+            out.append(flag)
+        elif value is False:
+            out.append("--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            out += [flag, json.dumps(value)]
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def vllm_command(model_dir: Path, served_name: str, port: int, args: dict[str, Any]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *engine_args_to_cli(args),
+    ]
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+async def spawn(cmd: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **env},
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+async def pump_log(
+    proc: asyncio.subprocess.Process, prefix: str, write: Callable[[str], None]
+) -> None:
+    """Copy the engine's output line by line, each line prefixed."""
+    assert proc.stdout is not None
+    while line := await proc.stdout.readline():
+        write(f"{prefix} {line.decode(errors='replace').rstrip()}\n")
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM the engine's process group, SIGKILL it after `grace` seconds."""
+    if proc.returncode is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            _signal_group(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    # The leader is gone; sweep anything it left in its group.
+    _signal_group(proc.pid, signal.SIGKILL)

@@ -1,0 +1,175 @@
+"""The supervisor: one vLLM process per configured engine, watched and restarted.
+
+- start: launch every engine on a free port, stream its log with a prefix, wait
+  for /health within timeouts.engine_start;
+- watch: a crash marks the endpoint down at once, then restarts it with
+  exponential backoff (restart.max_restarts in a row, then it stays failed);
+- stop: SIGTERM then SIGKILL to each engine's process group, always.
+
+If any engine fails its first start, `wait_started` reports it and the caller
+stops everything: a half-started deployment is not left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from serving.config import EngineSettings, Settings
+from serving.engines import process
+from serving.metrics import GatewayMetrics
+from serving.router.registry import Endpoint, EngineRegistry
+from serving.upstream.health import probe
+
+log = logging.getLogger("tiergate.supervisor")
+
+
+class EngineStartError(Exception):
+    """An engine exited or stayed unhealthy during its first start."""
+
+
+class EngineRunner:
+    def __init__(
+        self,
+        engine: EngineSettings,
+        endpoint: Endpoint,
+        model_dir: Path,
+        settings: Settings,
+        metrics: GatewayMetrics,
+        write_log: Callable[[str], None],
+    ) -> None:
+        self.engine = engine
+        self.endpoint = endpoint
+        self.model_dir = model_dir
+        self.settings = settings
+        self.metrics = metrics
+        self.write_log = write_log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started = asyncio.get_running_loop().create_future()
+        self.stopping = False
+
+    async def run(self, http: httpx.AsyncClient) -> None:
+        restart = self.settings.restart
+        backoff, failures = restart.initial_backoff, 0
+        while not self.stopping:
+            error, reached_ready = await self._run_once(http)
+            if self.stopping:
+                return
+            self.endpoint.ready, self.endpoint.url, self.endpoint.state = False, None, "down"
+            self.endpoint.last_error = error
+            log.error("engine %s: %s", self.engine.name, error)
+            if not self.started.done():
+                self.started.set_exception(EngineStartError(f"engine {self.engine.name}: {error}"))
+                self.endpoint.state = "failed"
+                return
+            if reached_ready:  # it served before crashing: start the backoff afresh
+                backoff, failures = restart.initial_backoff, 0
+            failures += 1
+            if failures > restart.max_restarts:
+                log.error(
+                    "engine %s: %d restarts in a row failed; giving up",
+                    self.engine.name,
+                    restart.max_restarts,
+                )
+                self.endpoint.state = "failed"
+                return
+            log.warning("engine %s: restarting in %.1fs", self.engine.name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, restart.max_backoff)
+            self.endpoint.restarts += 1
+            self.metrics.engine_restarts.labels(self.engine.name).inc()
+
+    async def _run_once(self, http: httpx.AsyncClient) -> tuple[str, bool]:
+        """Run the engine until it exits; return why it ended and if it was ever ready."""
+        port = process.free_port()
+        cmd = process.vllm_command(self.model_dir, self.endpoint.model, port, self.engine.args)
+        self.endpoint.state = "starting"
+        log.info("engine %s: starting on port %d: %s", self.engine.name, port, " ".join(cmd))
+        self.proc = await process.spawn(cmd, self.engine.env)
+        self.endpoint.pid = self.proc.pid
+        pump = asyncio.create_task(
+            process.pump_log(self.proc, f"[{self.engine.name}]", self.write_log)
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            if not await self._wait_healthy(http, url):
+                return f"not healthy within {self.settings.timeouts.engine_start:.0f}s", False
+            if self.proc.returncode is not None:
+                return f"exited with code {self.proc.returncode} during start-up", False
+            self.endpoint.url, self.endpoint.state, self.endpoint.ready = url, "ready", True
+            if not self.started.done():
+                self.started.set_result(None)
+            code = await self.proc.wait()
+            return f"exited with code {code}", True
+        finally:
+            await process.terminate(self.proc, self.settings.timeouts.engine_stop)
+            await asyncio.wait({pump}, timeout=2)
+            pump.cancel()
+
+    async def _wait_healthy(self, http: httpx.AsyncClient, url: str) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.timeouts.engine_start
+        assert self.proc is not None
+        while loop.time() < deadline and self.proc.returncode is None:
+            if await probe(http, url, timeout=2.0):
+                return True
+            await asyncio.sleep(0.5)
+        return self.proc.returncode is not None  # exited: reported by the caller
+
+    async def stop(self) -> None:
+        self.stopping = True
+        self.endpoint.ready, self.endpoint.state = False, "stopped"
+        if self.proc is not None:
+            await process.terminate(self.proc, self.settings.timeouts.engine_stop)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: EngineRegistry,
+        model_dirs: dict[str, Path],
+        metrics: GatewayMetrics,
+        write_log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.model_dirs = model_dirs
+        self.metrics = metrics
+        self.write_log = write_log or sys.stderr.write
+        self.runners: list[EngineRunner] = []
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self, http: httpx.AsyncClient) -> None:
+        """Launch every supervised engine in the background."""
+        for engine in self.settings.engines:
+            if engine.url is not None:
+                continue
+            runner = EngineRunner(
+                engine,
+                self.registry.get(engine.name),
+                self.model_dirs[engine.name],
+                self.settings,
+                self.metrics,
+                self.write_log,
+            )
+            self.runners.append(runner)
+            self.tasks.append(asyncio.create_task(runner.run(http), name=f"engine-{engine.name}"))
+
+    async def wait_started(self) -> None:
+        """Return once every engine has been healthy once; raise EngineStartError if not."""
+        await asyncio.gather(*(r.started for r in self.runners))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(r.stop() for r in self.runners), return_exceptions=True)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for r in self.runners:  # nothing may survive, even a task cancelled mid-spawn
+            if r.proc is not None:
+                await process.terminate(r.proc, 0.1)

@@ -1,0 +1,67 @@
+"""Polls every engine's /health so readiness follows reality, supervised or not."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+from serving.metrics import GatewayMetrics
+from serving.router.registry import Endpoint, EngineRegistry
+
+log = logging.getLogger("tiergate.health")
+
+
+async def probe(http: httpx.AsyncClient, url: str, timeout: float) -> bool:
+    try:
+        response = await http.get(url + "/health", timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+async def fetch_max_model_len(http: httpx.AsyncClient, ep: Endpoint, timeout: float) -> None:
+    try:
+        response = await http.get(f"{ep.url}/v1/models", timeout=timeout)
+        for card in response.json().get("data", []):
+            if card.get("id") == ep.model and card.get("max_model_len"):
+                ep.max_model_len = int(card["max_model_len"])
+    except (httpx.HTTPError, ValueError, AttributeError):
+        pass
+
+
+async def check_once(
+    http: httpx.AsyncClient, registry: EngineRegistry, metrics: GatewayMetrics, timeout: float
+) -> None:
+    async def one(ep: Endpoint) -> None:
+        if not ep.url:
+            ep.ready = False
+        else:
+            healthy = await probe(http, ep.url, timeout)
+            # A supervised engine is ready only once its supervisor says it started.
+            ready = healthy and (not ep.supervised or ep.state == "ready")
+            if ready and not ep.ready:
+                log.info("engine %s is ready at %s", ep.name, ep.url)
+                if ep.max_model_len is None:
+                    await fetch_max_model_len(http, ep, timeout)
+            elif ep.ready and not ready:
+                log.warning("engine %s stopped answering /health", ep.name)
+            ep.ready = ready
+            if not ep.supervised:
+                ep.state = "ready" if healthy else "down"
+        metrics.engine_ready.labels(ep.name).set(1 if ep.ready else 0)
+
+    await asyncio.gather(*(one(ep) for ep in registry.endpoints))
+
+
+async def health_loop(
+    http: httpx.AsyncClient,
+    registry: EngineRegistry,
+    metrics: GatewayMetrics,
+    interval: float,
+    timeout: float,
+) -> None:
+    while True:
+        await check_once(http, registry, metrics, timeout)
+        await asyncio.sleep(interval)
