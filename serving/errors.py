@@ -68,7 +68,8 @@ class UpstreamStatusError(UpstreamError):
     def __init__(
         self, status: int, message: str, *, type_: str | None, param: str | None, code: str | None
     ):
-        super().__init__(message, param=param, code=code)
+        super().__init__(message, param=param)
+        self.code = code
         self.status = status
         # Engines name their own types (vLLM: "BadRequestError"); clients expect OpenAI's.
         self.type = "invalid_request_error" if status < 500 else "upstream_error"
@@ -104,6 +105,8 @@ def from_upstream(status: int, body: bytes) -> UpstreamStatusError:
         pass
     if isinstance(code, int):  # vLLM puts the HTTP status there
         code = None
+    if status == 400 and "maximum context length" in message:
+        code = "context_length_exceeded"  # what the OpenAI API says
     return UpstreamStatusError(status, message, type_=type_, param=param, code=code)
 
 

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+from openai import OpenAI
+
+from tests.utils import DEFAULT_CONFIG, GatewayProcess
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests see no TIERGATE_* overrides from the developer's shell."""
+    for key in list(os.environ):
+        if key.startswith("TIERGATE_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory):
+    """The shipped default config, served for real: vLLM on the CPU behind the gateway."""
+    log = tmp_path_factory.mktemp("gateway") / "serve.log"
+    with GatewayProcess(DEFAULT_CONFIG, log) as gw:
+        gw.wait_ready()
+        yield gw
+    assert not gw.survivors(), f"processes left after stop: {gw.survivors()}"
+
+
+@pytest.fixture(scope="session")
+def client(gateway: GatewayProcess) -> OpenAI:
+    return OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def model() -> str:
+    return "smollm2-135m-instruct"

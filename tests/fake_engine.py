@@ -1,0 +1,114 @@
+"""A FAKE upstream engine, for what the real vLLM cannot be made to do on demand.
+
+It speaks just enough of vLLM's HTTP API to misbehave: the request's `model`
+picks the behaviour (stall, cut the stream, answer garbage, fail with 500).
+It runs as a real HTTP server on loopback, so the gateway's real timeouts apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.utils import free_port
+
+BEHAVIOURS = ("ok", "stall", "stall-stream", "cut-stream", "garbage", "error-500", "no-done")
+
+
+def _chunk(text: str) -> bytes:
+    event = {
+        "id": "fake",
+        "object": "chat.completion.chunk",
+        "model": "fake",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+async def _chat(request: Request) -> Response:
+    body = await request.json()
+    mode = body["model"]
+    request.app.state.seen.append(mode)
+    if mode == "stall":
+        await asyncio.sleep(30)
+    if mode == "garbage":
+        return PlainTextResponse("<html>proxy error</html>", status_code=502)
+    if mode == "error-500":
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "engine exploded",
+                    "type": "InternalError",
+                    "param": None,
+                    "code": 500,
+                }
+            },
+            status_code=500,
+        )
+    if not body.get("stream"):
+        return JSONResponse(
+            {
+                "id": "fake",
+                "object": "chat.completion",
+                "model": mode,
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": "ok"},
+                    }
+                ],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+        )
+
+    async def events():
+        yield _chunk("one")
+        yield _chunk("two")
+        if mode == "stall-stream":
+            await asyncio.sleep(30)
+        if mode == "cut-stream":
+            raise RuntimeError("fake engine drops the connection")
+        if mode != "no-done":
+            yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _health(_: Request) -> Response:
+    return PlainTextResponse("")
+
+
+class FakeEngine:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = Starlette(
+            routes=[
+                Route("/health", _health),
+                Route("/v1/chat/completions", _chat, methods=["POST"]),
+            ]
+        )
+        app.state.seen = []
+        self.app = app
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, port=self.port, log_level="error", lifespan="off")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> FakeEngine:
+        self.thread.start()
+        while not self.server.started:
+            threading.Event().wait(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)

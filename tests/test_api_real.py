@@ -1,0 +1,162 @@
+"""The happy path, through the gateway to the real vLLM engine, with the official SDK."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+from openai import OpenAI
+
+from tests.utils import GatewayProcess
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_non_streamed_answers_sensibly(client: OpenAI, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=30, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.model == model
+    assert reply.usage.prompt_tokens > 5
+    assert 0 < reply.usage.completion_tokens <= 30
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_streamed_usage_matches_streamed_tokens(client: OpenAI, model: str) -> None:
+    stream = client.chat.completions.create(
+        model=model,
+        messages=QUESTION,
+        max_tokens=30,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"return_token_ids": True},  # a vLLM field: passes through untouched
+    )
+    text, token_ids, usage, finish = [], [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            choice = chunk.choices[0]
+            text.append(choice.delta.content or "")
+            token_ids += (choice.model_extra or {}).get("token_ids") or []
+            finish = choice.finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    assert "Paris" in "".join(text)
+    assert finish in ("stop", "length")
+    assert usage is not None
+    assert usage.completion_tokens == len(token_ids) > 0
+
+
+def test_stream_without_include_usage_has_no_usage_chunk(
+    gateway: GatewayProcess, model: str
+) -> None:
+    # The gateway asks the engine for usage (for its metrics) but must not leak it.
+    body = {"model": model, "messages": QUESTION, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert not any('"usage":{' in e for e in events)
+    assert all('"choices":[]' not in e for e in events)
+
+
+def test_completions_streamed_and_not(client: OpenAI, model: str) -> None:
+    reply = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].text.strip()
+    assert reply.usage.completion_tokens > 0
+    chunks = list(
+        client.completions.create(
+            model=model,
+            prompt="The capital of France is",
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == reply.choices[0].text
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_uninterpreted_fields_pass_through(client: OpenAI, model: str) -> None:
+    reply = client.chat.completions.create(
+        model=model,
+        messages=QUESTION,
+        max_tokens=12,
+        n=2,
+        seed=7,
+        temperature=0.8,
+        logprobs=True,
+        top_logprobs=2,
+        stop=["\n"],
+    )
+    assert len(reply.choices) == 2
+    for choice in reply.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        assert len(choice.logprobs.content[0].top_logprobs) == 2
+        assert "\n" not in choice.message.content
+    again = client.chat.completions.create(
+        model=model,
+        messages=QUESTION,
+        max_tokens=12,
+        n=2,
+        seed=7,
+        temperature=0.8,
+        stop=["\n"],
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+
+
+def test_models_health_ready(gateway: GatewayProcess, client: OpenAI, model: str) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [model]
+    assert models.data[0].model_extra["max_model_len"] == 2048
+    assert gateway.get("/health").json() == {"status": "ok"}
+    ready = gateway.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["engines"] == ["smollm2-cpu"]
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_requests_and_tokens(
+    gateway: GatewayProcess, client: OpenAI, model: str
+) -> None:
+    before = gateway.get("/metrics").text
+    reply = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=6)
+    list(client.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, stream=True))
+    after = gateway.get("/metrics").text
+    ok = {"model": model, "endpoint": "/v1/chat/completions", "status": "200"}
+    assert (
+        _metric(after, "tiergate_requests_total", **ok)
+        - _metric(before, "tiergate_requests_total", **ok)
+        == 2
+    )
+    prompt = _metric(after, "tiergate_prompt_tokens_total") - _metric(
+        before, "tiergate_prompt_tokens_total"
+    )
+    assert prompt == 2 * reply.usage.prompt_tokens  # streams are counted too
+    assert (
+        _metric(after, "tiergate_time_to_first_token_seconds_count")
+        - _metric(before, "tiergate_time_to_first_token_seconds_count")
+        == 1
+    )
+    assert (
+        _metric(after, "tiergate_e2e_request_latency_seconds_count")
+        - _metric(before, "tiergate_e2e_request_latency_seconds_count")
+        == 2
+    )
+    assert re.search(r'tiergate_engine_ready\{engine="smollm2-cpu"\} 1\.0', after)

@@ -1,0 +1,134 @@
+"""Engine failures the real vLLM cannot produce on demand, against a FAKE engine.
+
+The gateway runs in-process with its real upstream client and timeouts; the fake
+engine is a real HTTP server on loopback (tests/fake_engine.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from serving.app import create_app
+from serving.config import Settings
+from tests.fake_engine import BEHAVIOURS, FakeEngine
+from tests.utils import free_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeEngine() as engine:
+        yield engine
+
+
+@pytest.fixture
+async def gw(fake: FakeEngine):
+    engines = [{"name": f"fake-{m}", "model": m, "url": fake.url} for m in BEHAVIOURS]
+    engines.append({"name": "gone", "model": "gone", "url": f"http://127.0.0.1:{free_port()}"})
+    settings = Settings(engines=engines, timeouts={"read": 0.5, "health_interval": 0.1})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        registry = app.state.registry
+        for _ in range(100):
+            if all(ep.ready for ep in registry.endpoints if ep.name != "gone"):
+                break
+            await asyncio.sleep(0.05)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            client.app = app
+            yield client
+        assert all(ep.in_flight == 0 for ep in registry.endpoints)
+
+
+def _chat(model: str, stream: bool = False) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+
+
+def _error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code
+    return err
+
+
+def _events(r: httpx.Response) -> list[str]:
+    return [e.removeprefix("data: ") for e in r.text.split("\n\n") if e.startswith("data: ")]
+
+
+async def test_fake_ok_passes(gw: httpx.AsyncClient) -> None:
+    r = await gw.post("/v1/chat/completions", json=_chat("ok"))
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "ok"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stalled_engine_is_504(gw: httpx.AsyncClient, stream: bool) -> None:
+    r = await gw.post("/v1/chat/completions", json=_chat("stall", stream))
+    err = _error(r, 504, "upstream_timeout")
+    assert err["type"] == "timeout_error"
+
+
+async def test_engine_500_is_wrapped(gw: httpx.AsyncClient) -> None:
+    err = _error(await gw.post("/v1/chat/completions", json=_chat("error-500")), 500, None)
+    assert err["message"] == "engine exploded"
+    assert err["type"] == "upstream_error"
+
+
+async def test_engine_garbage_is_wrapped(gw: httpx.AsyncClient) -> None:
+    err = _error(await gw.post("/v1/chat/completions", json=_chat("garbage")), 502, None)
+    assert "proxy error" in err["message"]
+
+
+async def test_no_engine_ready_is_503(gw: httpx.AsyncClient) -> None:
+    err = _error(await gw.post("/v1/chat/completions", json=_chat("gone")), 503, "no_engine_ready")
+    assert "gone" in err["message"]
+    models = (await gw.get("/v1/models")).json()["data"]
+    assert {m["id"]: m["ready"] for m in models}["gone"] is False
+
+
+async def test_ready_is_503_when_nothing_is_ready(fake: FakeEngine) -> None:
+    settings = Settings(
+        engines=[{"name": "gone", "model": "gone", "url": f"http://127.0.0.1:{free_port()}"}]
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://gw"
+        ) as client:
+            _error(await client.get("/ready"), 503, "no_engine_ready")
+            assert (await client.get("/health")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("mode", "code"),
+    [
+        ("cut-stream", "upstream_error"),
+        ("stall-stream", "upstream_timeout"),
+        ("no-done", "upstream_error"),
+    ],
+)
+async def test_error_after_stream_start_is_one_event_then_done(
+    gw: httpx.AsyncClient, mode: str, code: str
+) -> None:
+    r = await gw.post("/v1/chat/completions", json=_chat(mode, stream=True))
+    assert r.status_code == 200  # the stream had started: the status is already sent
+    events = _events(r)
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == ["one", "two"]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert error["error"]["code"] == code
+    assert len(events) == 4
+    metrics = (await gw.get("/metrics")).text
+    assert f'tiergate_stream_errors_total{{kind="{code}",model="{mode}"}} 1.0' in metrics
