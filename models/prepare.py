@@ -142,6 +142,7 @@ def prepare(manifest: Manifest, cache_dir: Path, force: bool = False) -> Path:
             shutil.copytree(source, work, dirs_exist_ok=True)
         marker = {"manifest": manifest.model_dump(mode="json"), "source_sha256": checksum}
         (work / MARKER).write_text(json.dumps(marker, indent=2))
+        work.chmod(0o755)  # mkdtemp makes it private; engines may run as another user
         if target.exists():
             shutil.rmtree(target)
         work.rename(target)

@@ -1,0 +1,49 @@
+"""A client that leaves mid-stream frees the real engine's slot."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+
+from tests.utils import GatewayProcess
+
+
+def _running(engine_url: str) -> float:
+    text = httpx.get(engine_url + "/metrics", timeout=10).text
+    values = re.findall(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    assert values, "vLLM exports vllm:num_requests_running"
+    return sum(float(v) for v in values)
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_client_disconnect_aborts_engine_request(gateway: GatewayProcess, model: str) -> None:
+    engine_url = gateway.engines()[0]["url"]
+    assert _running(engine_url) == 0
+    body = {
+        "model": model,
+        "prompt": "Once upon a time",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", gateway.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(10)]
+        assert any(line.startswith("data: ") for line in got)
+        assert _running(engine_url) == 1  # it is generating for us right now
+    # The client hung up long before 1500 tokens; the engine must stop generating.
+    assert _wait(lambda: _running(engine_url) == 0, timeout=10), "engine still generating"
+    assert _wait(lambda: gateway.engines()[0]["in_flight"] == 0, timeout=5)
+    metrics = gateway.get("/metrics").text
+    assert re.search(r'tiergate_client_disconnects_total\{model="%s"\} [1-9]' % model, metrics)

@@ -1,0 +1,93 @@
+"""Pure pieces: SSE splitting, usage extraction, engine choice, CLI flags, error mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serving.engines.process import engine_args_to_cli
+from serving.errors import ModelNotFound, NoEngineReady, from_upstream, sse_error_event
+from serving.router.registry import Endpoint, EngineRegistry
+from serving.upstream.stream import is_usage_only, split_events, usage_of
+
+
+def test_split_events_keeps_partial_event() -> None:
+    events, rest = split_events(b"", b'data: {"a":1}\n\ndata: {"b"')
+    assert events == [b'data: {"a":1}']
+    events, rest = split_events(rest, b":2}\n\ndata: [DONE]\n\n")
+    assert events == [b'data: {"b":2}', b"data: [DONE]"]
+    assert rest == b""
+
+
+def test_usage_of_and_usage_only() -> None:
+    usage_event = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}'
+    assert usage_of(usage_event) == {"prompt_tokens": 3, "completion_tokens": 2}
+    assert is_usage_only(usage_event)
+    assert usage_of(b'data: {"choices":[{"delta":{"content":"x"}}]}') is None
+    assert usage_of(b"data: [DONE]") is None
+
+
+def test_sse_error_event_ends_with_done() -> None:
+    event = sse_error_event(NoEngineReady("down"))
+    parts = event.decode().strip().split("\n\n")
+    assert parts[-1] == "data: [DONE]"
+    assert json.loads(parts[0].removeprefix("data: "))["error"]["code"] == "no_engine_ready"
+
+
+def test_from_upstream_rewraps_vllm_errors() -> None:
+    body = json.dumps(
+        {
+            "error": {
+                "message": "This model's maximum context length is 2048",
+                "type": "BadRequestError",
+                "param": "input_tokens",
+                "code": 400,
+            }
+        }
+    ).encode()
+    err = from_upstream(400, body)
+    assert (err.status, err.type, err.code, err.param) == (
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "input_tokens",
+    )
+    assert from_upstream(500, b"not json").message == "not json"
+
+
+def test_registry_picks_least_loaded_ready_engine() -> None:
+    reg = EngineRegistry()
+    a = Endpoint("a", "m", url="http://a", ready=True)
+    b = Endpoint("b", "m", url="http://b", ready=True)
+    c = Endpoint("c", "m", url="http://c", ready=False)
+    for ep in (a, b, c):
+        reg.add(ep)
+    a.in_flight = 3
+    assert reg.pick("m") is b
+    b.in_flight = 3
+    assert {reg.pick("m").name for _ in range(4)} == {"a", "b"}  # ties rotate
+    with pytest.raises(ModelNotFound):
+        reg.pick("other")
+    a.ready = b.ready = False
+    with pytest.raises(NoEngineReady):
+        reg.pick("m")
+
+
+def test_engine_args_to_cli() -> None:
+    assert engine_args_to_cli(
+        {
+            "max_model_len": 2048,
+            "enforce_eager": True,
+            "enable_prefix_caching": False,
+            "kv_transfer_config": {"a": 1},
+            "quantization": None,
+        }
+    ) == [
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--kv-transfer-config",
+        '{"a": 1}',
+    ]
