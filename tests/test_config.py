@@ -57,7 +57,7 @@ def test_bad_config_names_the_key(tmp_path: Path, changes: dict, key: str) -> No
 
 def test_bad_env_override_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TIERGATE_SERVER__PORT", "not-a-port")
-    with pytest.raises(ConfigError, match="server.port"):
+    with pytest.raises(ConfigError, match=r"server\.port"):
         load_settings()
 
 

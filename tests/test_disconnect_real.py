@@ -46,4 +46,5 @@ def test_client_disconnect_aborts_engine_request(gateway: GatewayProcess, model:
     assert _wait(lambda: _running(engine_url) == 0, timeout=10), "engine still generating"
     assert _wait(lambda: gateway.engines()[0]["in_flight"] == 0, timeout=5)
     metrics = gateway.get("/metrics").text
-    assert re.search(r'tiergate_client_disconnects_total\{model="%s"\} [1-9]' % model, metrics)
+    pattern = r'tiergate_client_disconnects_total\{model="' + model + r'"\} [1-9]'
+    assert re.search(pattern, metrics)

