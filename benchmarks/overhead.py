@@ -1,0 +1,250 @@
+"""Gateway overhead: the same load through tiergate and straight to its engine.
+
+Runs are interleaved (gateway, engine, engine, gateway, ...) in one sitting so
+that drift on a noisy machine hits both sides alike. Reports median TTFT and
+median per-round output throughput for each side, and their difference/ratio.
+
+    python -m benchmarks.overhead --config configs/default.yaml --out benchmarks/out/overhead.json
+
+Tokens come from the server's `usage`, never from counting chunks. TTFT is the
+time from sending the request to the first chunk that carries text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks.launch import REPO, GatewayProcess
+
+_WORDS = (
+    "river stone cloud garden lantern copper meadow violin harbor pepper candle "
+    "mirror thunder orchard velvet compass falcon marble glacier saddle ember "
+    "quartz willow ribbon anchor prairie beacon cinder tunnel walnut"
+).split()
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float | None = None
+    e2e: float = 0.0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class BatchResult:
+    target: str
+    concurrency: int
+    wall: float
+    requests: list[RequestResult] = field(default_factory=list)
+
+    @property
+    def output_tps(self) -> float:
+        return sum(r.completion_tokens for r in self.requests) / self.wall
+
+
+def unique_prompt(rng: random.Random, words: int) -> str:
+    """Distinct from the first word on, so the prefix cache cannot help either side."""
+    return " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
+async def stream_completion(client: httpx.AsyncClient, url: str, body: dict) -> RequestResult:
+    start = time.perf_counter()
+    result = RequestResult(ok=False)
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}"
+                await response.aread()
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                choices = event.get("choices") or []
+                if result.ttft is None and choices and choices[0].get("text"):
+                    result.ttft = time.perf_counter() - start
+                if event.get("usage"):
+                    result.completion_tokens = event["usage"]["completion_tokens"]
+                if "error" in event:
+                    result.error = event["error"].get("message")
+        result.ok = result.error is None
+    except httpx.HTTPError as exc:
+        result.error = type(exc).__name__
+    result.e2e = time.perf_counter() - start
+    return result
+
+
+async def run_batch(
+    client: httpx.AsyncClient,
+    target: str,
+    url: str,
+    model: str,
+    concurrency: int,
+    n: int,
+    max_tokens: int,
+    rng: random.Random,
+    prompt_words: int,
+) -> BatchResult:
+    bodies = [
+        {
+            "model": model,
+            "prompt": unique_prompt(rng, prompt_words),
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for _ in range(n)
+    ]
+    slots = asyncio.Semaphore(concurrency)
+
+    async def limited(body: dict) -> RequestResult:
+        async with slots:
+            return await stream_completion(client, url, body)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(b) for b in bodies))
+    return BatchResult(target, concurrency, time.perf_counter() - start, list(results))
+
+
+def summarize(batches: list[BatchResult]) -> list[dict]:
+    rows = []
+    for c in sorted({b.concurrency for b in batches}):
+        side = {}
+        for target in ("gateway", "engine"):
+            mine = [b for b in batches if b.concurrency == c and b.target == target]
+            ttfts = [r.ttft for b in mine for r in b.requests if r.ok and r.ttft is not None]
+            side[target] = {
+                "requests": sum(len(b.requests) for b in mine),
+                "errors": sum(not r.ok for b in mine for r in b.requests),
+                "ttft_p50_ms": statistics.median(ttfts) * 1000,
+                "output_tps_median": statistics.median(b.output_tps for b in mine),
+                "output_tps_rounds": [round(b.output_tps, 1) for b in mine],
+            }
+        g, e = side["gateway"], side["engine"]
+        rows.append(
+            {
+                "concurrency": c,
+                **{f"{k}_{t}": v for t, s in side.items() for k, v in s.items()},
+                "ttft_added_ms": g["ttft_p50_ms"] - e["ttft_p50_ms"],
+                "throughput_ratio": g["output_tps_median"] / e["output_tps_median"],
+            }
+        )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "| C | TTFT p50 engine | TTFT p50 gateway | added | tok/s engine | tok/s gateway "
+        "| ratio | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['concurrency']} | {r['ttft_p50_ms_engine']:.1f} ms | "
+            f"{r['ttft_p50_ms_gateway']:.1f} ms | {r['ttft_added_ms']:+.2f} ms | "
+            f"{r['output_tps_median_engine']:.1f} | {r['output_tps_median_gateway']:.1f} | "
+            f"{r['throughput_ratio']:.3f} | {r['errors_engine'] + r['errors_gateway']} |"
+        )
+
+
+async def measure(
+    gateway_url: str, engine_url: str, model: str, args: argparse.Namespace
+) -> list[BatchResult]:
+    rng = random.Random(args.seed)
+    batches: list[BatchResult] = []
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
+        targets = {"gateway": gateway_url, "engine": engine_url}
+        for name, url in targets.items():  # warm-up, not measured
+            await run_batch(client, name, url, model, 4, 4, 16, rng, args.prompt_words)
+        for c in args.concurrency:
+            n = max(c * args.batches_per_slot, args.min_requests)
+            tokens = args.max_tokens if c > 1 else args.max_tokens_c1
+            for i in range(args.rounds):
+                order = ["gateway", "engine"] if i % 2 == 0 else ["engine", "gateway"]
+                for name in order:
+                    batch = await run_batch(
+                        client, name, targets[name], model, c, n, tokens, rng, args.prompt_words
+                    )
+                    batches.append(batch)
+                    print(
+                        f"C={c} round {i + 1} {name}: {batch.output_tps:.1f} out tok/s, "
+                        f"{len(batch.requests)} requests",
+                        flush=True,
+                    )
+    return batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "configs" / "default.yaml",
+        help="start `tiergate serve` with this config",
+    )
+    p.add_argument("--gateway-url", help="use a running gateway instead of starting one")
+    p.add_argument("--engine-url", help="its engine (default: from /tiergate/engines)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--batches-per-slot", type=int, default=2)
+    p.add_argument("--min-requests", type=int, default=6)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-tokens-c1", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+
+    with GatewayUnderTest(args) as (gateway_url, engine_url, model):
+        batches = asyncio.run(measure(gateway_url, engine_url, model, args))
+    rows = summarize(batches)
+    print_table(rows)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps({"summary": rows, "batches": [asdict(b) for b in batches]}, indent=1)
+        )
+    return 0
+
+
+class GatewayUnderTest:
+    """A running gateway: the one given, or one started (and stopped) here."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.proc: GatewayProcess | None = None
+
+    def __enter__(self) -> tuple[str, str, str]:
+        url = self.args.gateway_url
+        if url is None:
+            log = Path(tempfile.mkdtemp(prefix="tiergate-bench-")) / "serve.log"
+            self.proc = GatewayProcess(self.args.config, log).start().wait_ready()
+            url = self.proc.url
+            print(f"started tiergate at {url} (log: {log})", flush=True)
+        engines = httpx.get(url + "/tiergate/engines", timeout=10).json()["engines"]
+        engine_url = self.args.engine_url or engines[0]["url"]
+        return url, engine_url, engines[0]["model"]
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc.kill_survivors()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
