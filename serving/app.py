@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -16,13 +17,16 @@ from serving.config import Settings
 from serving.engines.supervisor import Supervisor
 from serving.errors import install_error_handlers
 from serving.metrics import GatewayMetrics
-from serving.router.registry import Endpoint, EngineRegistry
+from serving.router.breaker import CircuitBreaker
+from serving.router.registry import Endpoint, EngineRegistry, Tier
+from serving.router.tokens import TokenCounter
 from serving.upstream.client import UpstreamClient, build_http_client
-from serving.upstream.health import health_loop
+from serving.upstream.health import health_loop, scrape_loop
 
 
 def build_registry(settings: Settings) -> EngineRegistry:
-    registry = EngineRegistry()
+    breaker = settings.router.breaker
+    registry = EngineRegistry(auto_model=settings.router.auto_model)
     for engine in settings.engines:
         supervised = engine.url is None
         registry.add(
@@ -33,9 +37,38 @@ def build_registry(settings: Settings) -> EngineRegistry:
                 supervised=supervised,
                 state="starting" if supervised else "external",
                 max_model_len=engine.args.get("max_model_len"),
+                breaker=CircuitBreaker(breaker.failures, breaker.cooldown),
+            )
+        )
+    for tier in settings.effective_tiers():
+        endpoints = [registry.get(name) for name in tier.engines]
+        registry.tiers.append(
+            Tier(
+                name=tier.name,
+                model=tier.model,
+                endpoints=endpoints,
+                input_cost_per_1k=tier.cost.input_per_1k,
+                output_cost_per_1k=tier.cost.output_per_1k,
+                max_context=tier.limits.max_context
+                or min((ep.max_model_len or 0 for ep in endpoints), default=0)
+                or None,
+                max_output_tokens=tier.limits.max_output_tokens,
             )
         )
     return registry
+
+
+def build_token_counter(settings: Settings, model_dirs: dict[str, Path]) -> TokenCounter | None:
+    """Each tier's tokenizer: its own setting, else its first supervised engine's weights."""
+    paths: dict[str, Path] = {}
+    for tier in settings.effective_tiers():
+        path = tier.tokenizer or next(
+            (model_dirs[name] for name in tier.engines if name in model_dirs), None
+        )
+        if path is None:
+            return None
+        paths[tier.name] = path
+    return TokenCounter(paths)
 
 
 def create_app(
@@ -44,10 +77,12 @@ def create_app(
     metrics: GatewayMetrics | None = None,
     supervisor: Supervisor | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    model_dirs: dict[str, Path] | None = None,
 ) -> FastAPI:
     """Build the gateway. With a supervisor, its engines start and stop with the app."""
     registry = registry or build_registry(settings)
     metrics = metrics or GatewayMetrics()
+    tokens = build_token_counter(settings, model_dirs or {})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,25 +90,32 @@ def create_app(
             settings.timeouts, settings.server.max_upstream_connections, transport
         )
         app.state.proxy = ProxyService(
-            registry, UpstreamClient(http), metrics, settings.server.max_body_bytes
+            registry,
+            UpstreamClient(http),
+            metrics,
+            settings.server.max_body_bytes,
+            settings.router,
+            tokens,
         )
         if supervisor is not None:
             supervisor.start(http)
-        health = asyncio.create_task(
-            health_loop(
-                http,
-                registry,
-                metrics,
-                settings.timeouts.health_interval,
-                settings.timeouts.connect,
-            )
-        )
+        timeouts = settings.timeouts
+        loops = [
+            asyncio.create_task(
+                health_loop(http, registry, metrics, timeouts.health_interval, timeouts.connect)
+            ),
+            asyncio.create_task(
+                scrape_loop(http, registry, settings.router.scrape_interval, timeouts.connect)
+            ),
+        ]
+        if tokens is not None:
+            await asyncio.to_thread(tokens.warm)  # load tokenizers before the first request
         try:
             yield
         finally:
-            health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await health
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             if supervisor is not None:
                 await supervisor.stop()
             await http.aclose()

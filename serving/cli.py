@@ -54,7 +54,7 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
     registry = build_registry(settings)
     metrics = GatewayMetrics()
     supervisor = Supervisor(settings, registry, model_dirs, metrics)
-    app = create_app(settings, registry, metrics, supervisor)
+    app = create_app(settings, registry, metrics, supervisor, model_dirs=model_dirs)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -80,6 +80,72 @@ class EngineSettings(_Strict):
         return self
 
 
+class TierCost(_Strict):
+    """Relative cost, used for the estimated-cost metric and the planner."""
+
+    input_per_1k: float = Field(0.0, ge=0)
+    output_per_1k: float = Field(0.0, ge=0)
+
+
+class TierLimits(_Strict):
+    max_context: int | None = Field(None, gt=0)
+    max_output_tokens: int | None = Field(None, gt=0)
+
+
+class TierSettings(_Strict):
+    """A tier: a public model name served by one or more engines (its replicas)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: str = Field(description="The name clients send as `model` for this tier.")
+    engines: list[str] = Field(min_length=1, description="Names from `engines`.")
+    cost: TierCost = Field(default_factory=TierCost)
+    limits: TierLimits = Field(default_factory=TierLimits)
+    tokenizer: Path | None = Field(None, description="Default: the first engine's weights.")
+
+
+class RulesSettings(_Strict):
+    """How `model: auto` picks a tier. Tier names must exist; unset rules are skipped."""
+
+    default_tier: str | None = None
+    tools_tier: str | None = None
+    long_prompt_tokens: int = Field(1024, gt=0)
+    long_prompt_tier: str | None = None
+    long_output_tokens: int = Field(512, gt=0)
+    long_output_tier: str | None = None
+
+
+class SpillSettings(_Strict):
+    """A replica past any of these is saturated; a tier whose replicas all are spills."""
+
+    max_waiting: float = Field(8, ge=0)
+    max_kv_usage: float = Field(0.95, gt=0, le=1)
+    max_in_flight: int = Field(128, gt=0)
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of the 429 when all are full.")
+
+
+class RetrySettings(_Strict):
+    max_attempts: int = Field(3, ge=1, description="Per request, first try included.")
+    budget_ratio: float = Field(0.2, ge=0, description="Retries allowed per request, fleet-wide.")
+    min_retries: float = Field(10, ge=0)
+
+
+class BreakerSettings(_Strict):
+    failures: int = Field(3, ge=1)
+    cooldown: float = Field(10.0, gt=0)
+
+
+class RouterSettings(_Strict):
+    auto_model: str = "auto"
+    order: list[str] = Field(default_factory=list, description="Spill/fallback order.")
+    rules: RulesSettings = Field(default_factory=RulesSettings)
+    spill: SpillSettings = Field(default_factory=SpillSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    affinity: bool = True
+    affinity_prefix_chars: int = Field(512, gt=0)
+    scrape_interval: float = Field(1.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TIERGATE_", env_nested_delimiter="__", extra="forbid"
@@ -94,15 +160,46 @@ class Settings(BaseSettings):
         )
     )
     engines: list[EngineSettings] = Field(min_length=1)
+    tiers: list[TierSettings] = Field(
+        default_factory=list, description="Empty: one tier per engine model."
+    )
+    router: RouterSettings = Field(default_factory=RouterSettings)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> Settings:
-        seen: set[str] = set()
+    def _cross_references(self) -> Settings:
+        names: set[str] = set()
         for i, engine in enumerate(self.engines):
-            if engine.name in seen:
+            if engine.name in names:
                 raise ValueError(f"engines.{i}.name {engine.name!r} is used twice")
-            seen.add(engine.name)
+            names.add(engine.name)
+        tiers = {t.name for t in self.tiers}
+        if len(tiers) != len(self.tiers):
+            raise ValueError("tiers: names must be unique")
+        for i, tier in enumerate(self.tiers):
+            for name in tier.engines:
+                if name not in names:
+                    raise ValueError(f"tiers.{i}.engines: no engine named {name!r}")
+            if tier.model == self.router.auto_model:
+                raise ValueError(f"tiers.{i}.model: {tier.model!r} is the auto model's name")
+        refs = {
+            f"router.rules.{k}": v
+            for k, v in self.router.rules.model_dump().items()
+            if k.endswith("tier")
+        }
+        refs.update({f"router.order.{i}": t for i, t in enumerate(self.router.order)})
+        for key, tier in refs.items():
+            if tier is not None and tier not in tiers:
+                raise ValueError(f"{key}: no tier named {tier!r}")
         return self
+
+    def effective_tiers(self) -> list[TierSettings]:
+        """The configured tiers, or one per distinct engine model when none are."""
+        if self.tiers:
+            return self.tiers
+        by_model: dict[str, list[str]] = {}
+        for engine in self.engines:
+            by_model.setdefault(engine.model_name, []).append(engine.name)
+        return [TierSettings(name=m, model=m, engines=e) for m, e in by_model.items()]
 
     @classmethod
     def settings_customise_sources(

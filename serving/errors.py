@@ -7,6 +7,7 @@ Hierarchy:
     ├── ModelNotFound           404   `model` names nothing we serve
     ├── PayloadTooLarge         413   body over server.max_body_bytes
     ├── NoEngineReady           503   no ready engine serves the model
+    ├── Saturated               429   every replica of every eligible tier is full
     └── UpstreamError           502   the engine failed (connect error, bad answer)
         ├── UpstreamTimeout     504   no first byte / next chunk within timeouts.read
         └── UpstreamStatusError  *    the engine answered an error; its status is kept
@@ -29,6 +30,7 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -52,6 +54,14 @@ class PayloadTooLarge(GatewayError):
 
 class NoEngineReady(GatewayError):
     status, type, code = 503, "service_unavailable_error", "no_engine_ready"
+
+
+class Saturated(GatewayError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.headers = {"retry-after": str(retry_after_s)}
 
 
 class UpstreamError(GatewayError):
@@ -120,7 +130,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(error_payload(exc), status_code=exc.status)
+        return JSONResponse(error_payload(exc), status_code=exc.status, headers=exc.headers)
 
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)

@@ -74,6 +74,61 @@ class GatewayMetrics:
             registry=r,
         )
 
+        # The router: decisions, spill and fallback, retries, breakers, cost.
+        self.decisions = Counter(
+            "tiergate_router_decisions",
+            "Tier choices by reason (auto rules or explicit).",
+            ["tier", "reason"],
+            registry=r,
+        )
+        self.tier_requests = Counter(
+            "tiergate_tier_requests",
+            "Requests served by tier and replica.",
+            ["tier", "replica", "status"],
+            registry=r,
+        )
+        self.spills = Counter(
+            "tiergate_spills",
+            "Requests sent to another tier because theirs was full.",
+            ["from_tier", "to_tier"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "tiergate_fallbacks",
+            "Requests served by another tier after errors.",
+            ["from_tier", "to_tier"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "tiergate_retries",
+            "Retries before the first byte, by the replica retried on.",
+            ["tier", "replica", "reason"],
+            registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "tiergate_retry_budget_exhausted",
+            "Retries refused by the retry budget.",
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "tiergate_upstream_failures",
+            "Failed attempts on a replica.",
+            ["tier", "replica", "code"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "tiergate_circuit_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ["replica"],
+            registry=r,
+        )
+        self.cost = Counter(
+            "tiergate_estimated_cost",
+            "Estimated cost from usage and the tier's prices.",
+            ["tier"],
+            registry=r,
+        )
+
     def record_usage(self, model: str, usage: dict | None) -> None:
         if not usage:
             return

@@ -19,7 +19,16 @@ from starlette.routing import Route
 
 from tests.utils import free_port
 
-BEHAVIOURS = ("ok", "stall", "stall-stream", "cut-stream", "garbage", "error-500", "no-done")
+BEHAVIOURS = (
+    "ok",
+    "stall",
+    "stall-stream",
+    "cut-stream",
+    "garbage",
+    "error-500",
+    "no-done",
+    "slow",
+)
 
 
 def _chunk(text: str) -> bytes:
@@ -34,10 +43,12 @@ def _chunk(text: str) -> bytes:
 
 async def _chat(request: Request) -> Response:
     body = await request.json()
-    mode = body["model"]
+    mode = request.app.state.force or body["model"]
     request.app.state.seen.append(mode)
     if mode == "stall":
         await asyncio.sleep(30)
+    if mode == "slow":
+        await asyncio.sleep(1.0)
     if mode == "garbage":
         return PlainTextResponse("<html>proxy error</html>", status_code=502)
     if mode == "error-500":
@@ -86,17 +97,30 @@ async def _health(_: Request) -> Response:
     return PlainTextResponse("")
 
 
+async def _metrics(request: Request) -> Response:
+    waiting = request.app.state.waiting
+    return PlainTextResponse(
+        f'vllm:num_requests_waiting{{model_name="fake"}} {waiting}\n'
+        'vllm:num_requests_running{model_name="fake"} 0.0\n'
+    )
+
+
 class FakeEngine:
-    def __init__(self) -> None:
+    """`force` fixes the behaviour whatever the model; `waiting` is what /metrics reports."""
+
+    def __init__(self, force: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         app = Starlette(
             routes=[
                 Route("/health", _health),
+                Route("/metrics", _metrics),
                 Route("/v1/chat/completions", _chat, methods=["POST"]),
             ]
         )
         app.state.seen = []
+        app.state.force = force
+        app.state.waiting = 0.0
         self.app = app
         self.server = uvicorn.Server(
             uvicorn.Config(app, port=self.port, log_level="error", lifespan="off")

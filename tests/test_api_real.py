@@ -114,8 +114,9 @@ def test_uninterpreted_fields_pass_through(client: OpenAI, model: str) -> None:
 
 def test_models_health_ready(gateway: GatewayProcess, client: OpenAI, model: str) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [model]
+    assert [m.id for m in models.data] == [model, "auto"]
     assert models.data[0].model_extra["max_model_len"] == 2048
+    assert all(m.model_extra["ready"] for m in models.data)
     assert gateway.get("/health").json() == {"status": "ok"}
     ready = gateway.get("/ready")
     assert ready.status_code == 200

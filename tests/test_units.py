@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from serving.engines.process import engine_args_to_cli
-from serving.errors import ModelNotFound, NoEngineReady, from_upstream, sse_error_event
-from serving.router.registry import Endpoint, EngineRegistry
+from serving.errors import NoEngineReady, from_upstream, sse_error_event
 from serving.upstream.stream import is_usage_only, split_events, usage_of
 
 
@@ -54,24 +51,6 @@ def test_from_upstream_rewraps_vllm_errors() -> None:
         "input_tokens",
     )
     assert from_upstream(500, b"not json").message == "not json"
-
-
-def test_registry_picks_least_loaded_ready_engine() -> None:
-    reg = EngineRegistry()
-    a = Endpoint("a", "m", url="http://a", ready=True)
-    b = Endpoint("b", "m", url="http://b", ready=True)
-    c = Endpoint("c", "m", url="http://c", ready=False)
-    for ep in (a, b, c):
-        reg.add(ep)
-    a.in_flight = 3
-    assert reg.pick("m") is b
-    b.in_flight = 3
-    assert {reg.pick("m").name for _ in range(4)} == {"a", "b"}  # ties rotate
-    with pytest.raises(ModelNotFound):
-        reg.pick("other")
-    a.ready = b.ready = False
-    with pytest.raises(NoEngineReady):
-        reg.pick("m")
 
 
 def test_engine_args_to_cli() -> None:

@@ -25,21 +25,33 @@ async def completions(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict:
+    """Every tier's model, then the virtual `auto` model that picks among them."""
     registry = request.app.state.registry
-    cards = []
-    for model in registry.models():
-        endpoints = [ep for ep in registry.endpoints if ep.model == model]
-        max_len = next((ep.max_model_len for ep in endpoints if ep.max_model_len), None)
-        cards.append(
-            {
-                "id": model,
-                "object": "model",
-                "created": request.app.state.created,
-                "owned_by": "tiergate",
-                "max_model_len": max_len,
-                "ready": any(ep.ready for ep in endpoints),
-            }
+    created = request.app.state.created
+
+    def card(model: str, tier: str | None, max_len: int | None, ready: bool) -> dict:
+        return {
+            "id": model,
+            "object": "model",
+            "created": created,
+            "owned_by": "tiergate",
+            "tier": tier,
+            "max_model_len": max_len,
+            "ready": ready,
+        }
+
+    cards = [
+        card(t.model, t.name, t.max_context, any(ep.ready for ep in t.endpoints))
+        for t in registry.tiers
+    ]
+    cards.append(
+        card(
+            registry.auto_model,
+            None,
+            max((c["max_model_len"] or 0 for c in cards), default=None) or None,
+            any(c["ready"] for c in cards),
         )
+    )
     return {"object": "list", "data": cards}
 
 

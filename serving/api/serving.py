@@ -1,23 +1,43 @@
 """The proxy service behind /v1/chat/completions and /v1/completions.
 
-Reads and checks the body, picks an engine, primes the upstream request, then
-returns the answer or relays the stream, and records metrics on the way out.
+Reads and checks the body, resolves the tier (or lets the auto policy pick one),
+plans the replicas to try, and opens the first that answers. Until the first
+body byte has been received nothing has reached the client, so errors up to
+then are retried on another replica or tier, within the retry budget. After
+that, a stream can only end with an error event.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
+import httpx
 from fastapi import Request
 from fastapi.responses import Response
 
 from serving.api.protocol import Kind, parse_request
-from serving.errors import GatewayError, PayloadTooLarge
+from serving.config import RouterSettings
+from serving.errors import (
+    GatewayError,
+    NoEngineReady,
+    PayloadTooLarge,
+    UpstreamError,
+    UpstreamStatusError,
+)
 from serving.metrics import GatewayMetrics
-from serving.router.registry import Endpoint, EngineRegistry
+from serving.router.balancer import Limits
+from serving.router.breaker import RetryBudget
+from serving.router.planner import Attempt, plan
+from serving.router.policy import Decision, Features, TierView, choose_tier
+from serving.router.registry import EngineRegistry, Tier
+from serving.router.tokens import TokenCounter
 from serving.upstream.client import UpstreamClient
-from serving.upstream.stream import ProxyStreamResponse, StreamOutcome, relay, usage_of
+from serving.upstream.stream import ProxyStreamResponse, StreamOutcome, prime, relay, usage_of
 
 _PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 
@@ -36,6 +56,28 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def features_of(request: Request, payload: dict[str, Any], counts: dict[str, int]) -> Features:
+    metadata = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
+    response_format = payload.get("response_format")
+    return Features(
+        prompt_tokens=counts,
+        max_tokens=payload.get("max_completion_tokens") or payload.get("max_tokens"),
+        has_tools=bool(payload.get("tools") or payload.get("functions")),
+        has_response_format=bool(response_format) and response_format != {"type": "text"},
+        hint=request.headers.get("x-tiergate-tier") or metadata.get("tier"),
+    )
+
+
+def affinity_key(request: Request, payload: dict[str, Any], prefix_chars: int) -> str:
+    """Session header, else `user`, else the prompt's prefix (so its KV cache is reused)."""
+    session = request.headers.get("x-session-id") or payload.get("user")
+    if session:
+        return f"s:{session}"
+    head = payload.get("messages") or payload.get("prompt") or ""
+    text = json.dumps(head, separators=(",", ":"))[:prefix_chars]
+    return "p:" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 class ProxyService:
     def __init__(
         self,
@@ -43,11 +85,22 @@ class ProxyService:
         upstream: UpstreamClient,
         metrics: GatewayMetrics,
         max_body_bytes: int,
+        router: RouterSettings,
+        tokens: TokenCounter | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
         self.upstream = upstream
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.router = router
+        self.tokens = tokens
+        self.clock = clock
+        self.limits = Limits(
+            router.spill.max_waiting, router.spill.max_kv_usage, router.spill.max_in_flight
+        )
+        self.budget = RetryBudget(router.retry.budget_ratio, router.retry.min_retries)
+        self.views = [TierView(t.name, t.max_context, t.max_output_tokens) for t in registry.tiers]
 
     async def handle(self, request: Request, kind: Kind) -> Response:
         started = time.perf_counter()
@@ -56,75 +109,212 @@ class ProxyService:
         try:
             raw = await read_body(request, self.max_body_bytes)
             checked, payload = parse_request(kind, raw)
-            endpoint = self.registry.pick(checked.model)
+            tier = self.registry.tier_for_model(checked.model)
             model = checked.model  # a label only once known: clients cannot add series
+            decision = (
+                await self._choose(request, payload)
+                if tier is None
+                else Decision(tier.name, "explicit")
+            )
+            tier = self.registry.tier(decision.tier)
+            self.metrics.decisions.labels(tier.name, decision.reason).inc()
+            key = (
+                affinity_key(request, payload, self.router.affinity_prefix_chars)
+                if self.router.affinity
+                else None
+            )
+            attempts = plan(
+                tier,
+                self.registry.tiers,
+                self.router.order,
+                self.limits,
+                self.clock(),
+                key,
+                self.router.retry.max_attempts,
+                self.router.spill.retry_after_s,
+            )
+            self.budget.record_request(self.clock())
             if checked.stream:
-                return await self._stream(endpoint, path, payload, started)
-            return await self._unary(endpoint, path, raw, model, started)
+                return await self._stream(attempts, path, payload, model, decision, started)
+            return await self._unary(attempts, path, raw, payload, model, decision, started)
         except GatewayError as exc:
             self.metrics.requests.labels(model, path, str(exc.status)).inc()
             raise
 
-    async def _unary(
-        self, endpoint: Endpoint, path: str, raw: bytes, model: str, started: float
-    ) -> Response:
-        self._enter(endpoint)
-        try:
-            response = await self.upstream.open(endpoint.url or "", path, raw)
+    async def _choose(self, request: Request, payload: dict[str, Any]) -> Decision:
+        if self.tokens is None:
+            raise NoEngineReady("model 'auto' needs a tokenizer for every tier; none is set.")
+        counts = await asyncio.to_thread(self.tokens.count_all, payload)
+        return choose_tier(features_of(request, payload, counts), self.views, self.router.rules)
+
+    def _body(self, attempt: Attempt, payload: dict[str, Any], raw: bytes | None) -> bytes:
+        """The raw bytes when nothing changes; else the payload with the engine's name."""
+        if raw is not None and payload.get("model") == attempt.endpoint.model:
+            return raw
+        return json.dumps({**payload, "model": attempt.endpoint.model}).encode()
+
+    async def _attempts(
+        self,
+        attempts: list[Attempt],
+        path: str,
+        body_for: Callable[[Attempt], bytes],
+        read_first: bool,
+    ):
+        """Try each attempt until one answers; yields (attempt, response, first bytes)."""
+        last: GatewayError | None = None
+        for i, attempt in enumerate(attempts):
+            ep, now = attempt.endpoint, self.clock()
+            if i > 0:
+                if not self.budget.try_spend(now):
+                    self.metrics.retry_budget_exhausted.inc()
+                    break
+                self.metrics.retries.labels(attempt.tier.name, ep.name, type(last).__name__).inc()
+            if not ep.breaker.allows(now):
+                continue
+            self._enter(ep)
             try:
-                body = await response.aread()
-            finally:
-                await response.aclose()
-        finally:
-            self._leave(endpoint)
-        usage = usage_of(body)
-        self.metrics.record_usage(model, usage)
-        self.metrics.e2e.labels(model).observe(time.perf_counter() - started)
-        self.metrics.requests.labels(model, path, str(response.status_code)).inc()
-        return Response(body, status_code=response.status_code, media_type="application/json")
+                response = await self.upstream.open(ep.url or "", path, body_for(attempt))
+                first: Any = None
+                try:
+                    first = await (prime(response) if read_first else response.aread())
+                except httpx.TimeoutException as exc:
+                    await response.aclose()
+                    raise UpstreamError(f"The engine stalled before the first byte: {exc}") from exc
+                except httpx.HTTPError as exc:
+                    await response.aclose()
+                    raise UpstreamError(
+                        f"The engine failed before the first byte: {type(exc).__name__}"
+                    ) from exc
+            except UpstreamStatusError as exc:
+                self._leave(ep)
+                if exc.status < 500:
+                    ep.breaker.success()  # the engine is fine; the request is not
+                    raise
+                last = self._failed(attempt, exc, now)
+                continue
+            except (NoEngineReady, UpstreamError) as exc:
+                self._leave(ep)
+                last = self._failed(attempt, exc, now)
+                continue
+            ep.breaker.success()
+            self.metrics.breaker_state.labels(ep.name).set(0)
+            if attempt.why in ("spill", "fallback"):
+                counter = self.metrics.spills if attempt.why == "spill" else self.metrics.fallbacks
+                counter.labels(attempts[0].tier.name, attempt.tier.name).inc()
+            return attempt, response, first
+        raise last or NoEngineReady("No replica could take the request; retry shortly.")
+
+    def _failed(self, attempt: Attempt, exc: GatewayError, now: float) -> GatewayError:
+        ep = attempt.endpoint
+        ep.breaker.failure(now)
+        self.metrics.breaker_state.labels(ep.name).set(
+            {"closed": 0, "half_open": 1, "open": 2}[ep.breaker.state]
+        )
+        self.metrics.upstream_failures.labels(attempt.tier.name, ep.name, exc.code or "").inc()
+        return exc
+
+    def _headers(self, attempt: Attempt, decision: Decision) -> dict[str, str]:
+        reason = (
+            decision.reason
+            if attempt.why not in ("spill", "fallback")
+            else (f"{decision.reason}+{attempt.why}")
+        )
+        return {
+            "x-tiergate-tier": attempt.tier.name,
+            "x-tiergate-reason": reason,
+            "x-tiergate-replica": attempt.endpoint.name,
+        }
+
+    async def _unary(
+        self,
+        attempts: list[Attempt],
+        path: str,
+        raw: bytes,
+        payload: dict[str, Any],
+        model: str,
+        decision: Decision,
+        started: float,
+    ) -> Response:
+        attempt, response, body = await self._attempts(
+            attempts, path, lambda a: self._body(a, payload, raw), read_first=False
+        )
+        self._leave(attempt.endpoint)
+        await response.aclose()
+        self._record(
+            attempt.tier, attempt, model, path, str(response.status_code), usage_of(body), started
+        )
+        return Response(
+            body,
+            status_code=response.status_code,
+            media_type="application/json",
+            headers=self._headers(attempt, decision),
+        )
 
     async def _stream(
-        self, endpoint: Endpoint, path: str, payload: dict, started: float
+        self,
+        attempts: list[Attempt],
+        path: str,
+        payload: dict[str, Any],
+        model: str,
+        decision: Decision,
+        started: float,
     ) -> Response:
-        model = payload["model"]
         options = payload.get("stream_options") or {}
         drop_usage = not options.get("include_usage")
         if drop_usage:  # ask for usage anyway so token metrics are exact; hidden below
             payload = {**payload, "stream_options": {**options, "include_usage": True}}
-        self._enter(endpoint)
-        try:
-            response = await self.upstream.open(
-                endpoint.url or "", path, json.dumps(payload).encode()
-            )
-        except BaseException:
-            self._leave(endpoint)
-            raise
-        outcome = StreamOutcome(started=started)
+        attempt, response, (first, chunks) = await self._attempts(
+            attempts, path, lambda a: self._body(a, payload, None), read_first=True
+        )
+        outcome = StreamOutcome(started=started, first_byte=time.perf_counter())
 
         def on_close(disconnected: bool) -> None:
-            self._leave(endpoint)
-            self._record_stream(model, path, outcome, disconnected)
+            self._leave(attempt.endpoint)
+            self._record(
+                attempt.tier,
+                attempt,
+                model,
+                path,
+                "200",
+                outcome.usage,
+                started,
+                outcome.first_byte,
+            )
+            if outcome.error:
+                self.metrics.stream_errors.labels(model, outcome.error).inc()
+            if disconnected:
+                self.metrics.client_disconnects.labels(model).inc()
 
-        return ProxyStreamResponse(relay(response, outcome, drop_usage), on_close)
+        return ProxyStreamResponse(
+            relay(response, first, chunks, outcome, drop_usage),
+            on_close,
+            headers=self._headers(attempt, decision),
+        )
 
-    def _record_stream(
-        self, model: str, path: str, outcome: StreamOutcome, disconnected: bool
+    def _record(
+        self,
+        tier: Tier,
+        attempt: Attempt,
+        model: str,
+        path: str,
+        status: str,
+        usage: dict | None,
+        started: float,
+        first_byte: float | None = None,
     ) -> None:
         m = self.metrics
-        m.requests.labels(model, path, "200").inc()
-        if outcome.first_byte is not None:
-            m.ttft.labels(model).observe(outcome.first_byte - outcome.started)
-        m.e2e.labels(model).observe(time.perf_counter() - outcome.started)
-        m.record_usage(model, outcome.usage)
-        if outcome.error:
-            m.stream_errors.labels(model, outcome.error).inc()
-        if disconnected:
-            m.client_disconnects.labels(model).inc()
+        m.requests.labels(model, path, status).inc()
+        m.tier_requests.labels(tier.name, attempt.endpoint.name, status).inc()
+        if first_byte is not None:
+            m.ttft.labels(model).observe(first_byte - started)
+        m.e2e.labels(model).observe(time.perf_counter() - started)
+        m.record_usage(model, usage)
+        m.cost.labels(tier.name).inc(tier.cost(usage))
 
-    def _enter(self, endpoint: Endpoint) -> None:
+    def _enter(self, endpoint: Any) -> None:
         endpoint.in_flight += 1
         self.metrics.in_flight.labels(endpoint.name).inc()
 
-    def _leave(self, endpoint: Endpoint) -> None:
+    def _leave(self, endpoint: Any) -> None:
         endpoint.in_flight -= 1
         self.metrics.in_flight.labels(endpoint.name).dec()

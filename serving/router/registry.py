@@ -1,35 +1,64 @@
-"""Which engines exist, which are ready, and which one takes the next request.
+"""Engines (replicas) and tiers, with their live state. No FastAPI, no httpx.
 
-Pure state and policy: no FastAPI, no httpx. The supervisor and the health
-checker write readiness here; the gateway reads it.
+The supervisor and the health/scrape loops write readiness and load here; the
+proxy reads it through `plan` in serving/router/planner.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from serving.errors import ModelNotFound, NoEngineReady
+from serving.errors import ModelNotFound
+from serving.router.breaker import CircuitBreaker
+from serving.router.load import EngineLoad
+from serving.router.ring import HashRing
 
 
 @dataclass
 class Endpoint:
     name: str
-    model: str  # the name clients send in `model`
+    model: str  # the name the engine itself serves
     url: str | None = None  # None until a supervised engine has a port
     ready: bool = False
     supervised: bool = False
     pid: int | None = None
     restarts: int = 0
     in_flight: int = 0
-    state: str = "starting"  # starting | ready | down | failed | external
+    state: str = "starting"  # starting | ready | down | failed | stopped | external
     max_model_len: int | None = None
     last_error: str | None = None
+    load: EngineLoad = field(default_factory=EngineLoad)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+
+
+@dataclass
+class Tier:
+    name: str
+    model: str  # the public name clients send
+    endpoints: list[Endpoint]
+    input_cost_per_1k: float = 0.0
+    output_cost_per_1k: float = 0.0
+    max_context: int | None = None
+    max_output_tokens: int | None = None
+    ring: HashRing = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ring = HashRing([ep.name for ep in self.endpoints])
+
+    def cost(self, usage: dict | None) -> float:
+        if not usage:
+            return 0.0
+        return (
+            (usage.get("prompt_tokens") or 0) * self.input_cost_per_1k
+            + (usage.get("completion_tokens") or 0) * self.output_cost_per_1k
+        ) / 1000
 
 
 @dataclass
 class EngineRegistry:
     endpoints: list[Endpoint] = field(default_factory=list)
-    _turn: int = 0
+    tiers: list[Tier] = field(default_factory=list)
+    auto_model: str = "auto"
 
     def add(self, endpoint: Endpoint) -> None:
         self.endpoints.append(endpoint)
@@ -40,24 +69,24 @@ class EngineRegistry:
                 return ep
         raise KeyError(name)
 
+    def tier(self, name: str) -> Tier:
+        return next(t for t in self.tiers if t.name == name)
+
     def models(self) -> list[str]:
-        return list(dict.fromkeys(ep.model for ep in self.endpoints))
+        """Public model names: each tier's, then the virtual auto model."""
+        return [*dict.fromkeys(t.model for t in self.tiers), self.auto_model]
+
+    def tier_for_model(self, model: str) -> Tier | None:
+        """The tier a client named, or None for the auto model."""
+        if model == self.auto_model:
+            return None
+        for tier in self.tiers:
+            if tier.model == model:
+                return tier
+        raise ModelNotFound(
+            f"The model '{model}' does not exist. Available: {', '.join(self.models())}",
+            param="model",
+        )
 
     def any_ready(self) -> bool:
         return any(ep.ready for ep in self.endpoints)
-
-    def pick(self, model: str) -> Endpoint:
-        """Least in-flight ready endpoint for `model`; ties go round-robin."""
-        serving = [ep for ep in self.endpoints if ep.model == model]
-        if not serving:
-            raise ModelNotFound(
-                f"The model '{model}' does not exist. Available: {', '.join(self.models())}",
-                param="model",
-            )
-        ready = [ep for ep in serving if ep.ready and ep.url]
-        if not ready:
-            raise NoEngineReady(f"No engine serving '{model}' is ready; retry shortly.")
-        self._turn += 1
-        least = min(ep.in_flight for ep in ready)
-        tied = [ep for ep in ready if ep.in_flight == least]
-        return tied[self._turn % len(tied)]

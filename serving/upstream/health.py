@@ -8,6 +8,7 @@ import logging
 import httpx
 
 from serving.metrics import GatewayMetrics
+from serving.router.load import EngineLoad, parse_vllm_metrics
 from serving.router.registry import Endpoint, EngineRegistry
 
 log = logging.getLogger("tiergate.health")
@@ -64,4 +65,24 @@ async def health_loop(
 ) -> None:
     while True:
         await check_once(http, registry, metrics, timeout)
+        await asyncio.sleep(interval)
+
+
+async def scrape_loop(
+    http: httpx.AsyncClient, registry: EngineRegistry, interval: float, timeout: float
+) -> None:
+    """Keep each ready engine's load (queue, running, KV use) from its /metrics."""
+
+    async def one(ep: Endpoint) -> None:
+        if not (ep.ready and ep.url):
+            ep.load = EngineLoad()
+            return
+        try:
+            response = await http.get(ep.url + "/metrics", timeout=timeout)
+            ep.load = parse_vllm_metrics(response.text)
+        except httpx.HTTPError:
+            pass  # readiness is the health loop's job; keep the last load
+
+    while True:
+        await asyncio.gather(*(one(ep) for ep in registry.endpoints))
         await asyncio.sleep(interval)

@@ -8,7 +8,6 @@ the upstream response, which makes vLLM abort the request and free its KV cache.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,15 +59,33 @@ def is_usage_only(event: bytes) -> bool:
     return b'"choices":[]' in event
 
 
+async def prime(response: httpx.Response) -> tuple[bytes, AsyncIterator[bytes]]:
+    """Wait for the first body bytes; until then the caller may still fail over."""
+    chunks = response.aiter_raw()
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+    return first, chunks
+
+
 async def relay(
-    response: httpx.Response, outcome: StreamOutcome, drop_usage_event: bool
+    response: httpx.Response,
+    first: bytes,
+    chunks: AsyncIterator[bytes],
+    outcome: StreamOutcome,
+    drop_usage_event: bool,
 ) -> AsyncIterator[bytes]:
     """Yield the engine's SSE events; end with an error event if the engine fails."""
     buffer = b""
+
+    async def all_chunks() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
     try:
-        async for chunk in response.aiter_raw():
-            if outcome.first_byte is None:
-                outcome.first_byte = time.perf_counter()
+        async for chunk in all_chunks():
             events, buffer = split_events(buffer, chunk)
             if not events:
                 continue

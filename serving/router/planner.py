@@ -1,0 +1,87 @@
+"""The list of (tier, replica) attempts for one request: pick, spill, fall back. Pure.
+
+- The chosen tier's usable replicas come first (affinity, then least loaded).
+- Spill: if every available replica of the chosen tier is saturated, start at
+  the next tier in `order` that has room.
+- Fallback: the next tiers' replicas follow, for retries after an error.
+- Nothing usable anywhere: 429 if it is because everything is full, else 503.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.errors import NoEngineReady, Saturated
+from serving.router.balancer import Limits, ReplicaView, is_saturated, rank
+from serving.router.registry import Endpoint, Tier
+
+
+@dataclass(frozen=True)
+class Attempt:
+    tier: Tier
+    endpoint: Endpoint
+    why: str  # affinity | affinity_yielded | least_loaded | spill | fallback
+
+
+def _views(tier: Tier, now: float) -> list[ReplicaView]:
+    return [
+        ReplicaView(
+            ep.name,
+            ep.load,
+            ep.in_flight,
+            available=bool(ep.ready and ep.url and ep.breaker.peek(now)),
+        )
+        for ep in tier.endpoints
+    ]
+
+
+def _ranked(tier: Tier, limits: Limits, now: float, key: str | None) -> tuple[list[Endpoint], str]:
+    names, why = rank(_views(tier, now), limits, tier.ring.order(key) if key else None)
+    by_name = {ep.name: ep for ep in tier.endpoints}
+    return [by_name[n] for n in names], why
+
+
+def tier_sequence(chosen: Tier, tiers: list[Tier], order: list[str]) -> list[Tier]:
+    """The chosen tier, then the tiers after it in `order`.
+
+    With no `order` configured there is no cross-tier spill or fallback: another
+    tier may be another model, and that has to be asked for.
+    """
+    if chosen.name not in order:
+        return [chosen]
+    by_name = {t.name: t for t in tiers}
+    return [chosen, *(by_name[n] for n in order[order.index(chosen.name) + 1 :])]
+
+
+def plan(
+    chosen: Tier,
+    tiers: list[Tier],
+    order: list[str],
+    limits: Limits,
+    now: float,
+    affinity_key: str | None,
+    max_attempts: int,
+    retry_after_s: int,
+) -> list[Attempt]:
+    sequence = tier_sequence(chosen, tiers, order)
+    attempts: list[Attempt] = []
+    full = 0  # available but saturated replicas seen
+    chosen_full = False
+    for i, tier in enumerate(sequence):
+        ranked, why = _ranked(tier, limits, now, affinity_key)
+        views = _views(tier, now)
+        full += sum(v.available and is_saturated(v, limits) for v in views)
+        if i == 0:
+            # Room nowhere in the chosen tier, though it is up: spill, not fallback.
+            chosen_full = not ranked and any(v.available for v in views)
+        else:
+            why = "spill" if chosen_full else "fallback"
+        attempts += [Attempt(tier, ep, why) for ep in ranked]
+    if not attempts:
+        if full:
+            raise Saturated(
+                f"Every replica for '{chosen.model}' is at capacity; retry after {retry_after_s}s.",
+                retry_after_s,
+            )
+        raise NoEngineReady(f"No engine serving '{chosen.model}' is ready; retry shortly.")
+    return attempts[:max_attempts]
