@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -100,6 +101,7 @@ class ProxyService:
             router.spill.max_waiting, router.spill.max_kv_usage, router.spill.max_in_flight
         )
         self.budget = RetryBudget(router.retry.budget_ratio, router.retry.min_retries)
+        self.turns = itertools.count()  # rotates ties between equally loaded replicas
         self.views = [TierView(t.name, t.max_context, t.max_output_tokens) for t in registry.tiers]
 
     async def handle(self, request: Request, kind: Kind) -> Response:
@@ -132,6 +134,7 @@ class ProxyService:
                 key,
                 self.router.retry.max_attempts,
                 self.router.spill.retry_after_s,
+                turn=next(self.turns),
             )
             self.budget.record_request(self.clock())
             if checked.stream:
@@ -159,6 +162,7 @@ class ProxyService:
         path: str,
         body_for: Callable[[Attempt], bytes],
         read_first: bool,
+        chosen: str,
     ):
         """Try each attempt until one answers; yields (attempt, response, first bytes)."""
         last: GatewayError | None = None
@@ -168,7 +172,8 @@ class ProxyService:
                 if not self.budget.try_spend(now):
                     self.metrics.retry_budget_exhausted.inc()
                     break
-                self.metrics.retries.labels(attempt.tier.name, ep.name, type(last).__name__).inc()
+                reason = (last.code if last else None) or "unknown"
+                self.metrics.retries.labels(attempt.tier.name, ep.name, reason).inc()
             if not ep.breaker.allows(now):
                 continue
             self._enter(ep)
@@ -200,7 +205,7 @@ class ProxyService:
             self.metrics.breaker_state.labels(ep.name).set(0)
             if attempt.why in ("spill", "fallback"):
                 counter = self.metrics.spills if attempt.why == "spill" else self.metrics.fallbacks
-                counter.labels(attempts[0].tier.name, attempt.tier.name).inc()
+                counter.labels(chosen, attempt.tier.name).inc()
             return attempt, response, first
         raise last or NoEngineReady("No replica could take the request; retry shortly.")
 
@@ -236,7 +241,11 @@ class ProxyService:
         started: float,
     ) -> Response:
         attempt, response, body = await self._attempts(
-            attempts, path, lambda a: self._body(a, payload, raw), read_first=False
+            attempts,
+            path,
+            lambda a: self._body(a, payload, raw),
+            read_first=False,
+            chosen=decision.tier,
         )
         self._leave(attempt.endpoint)
         await response.aclose()
@@ -264,7 +273,11 @@ class ProxyService:
         if drop_usage:  # ask for usage anyway so token metrics are exact; hidden below
             payload = {**payload, "stream_options": {**options, "include_usage": True}}
         attempt, response, (first, chunks) = await self._attempts(
-            attempts, path, lambda a: self._body(a, payload, None), read_first=True
+            attempts,
+            path,
+            lambda a: self._body(a, payload, None),
+            read_first=True,
+            chosen=decision.tier,
         )
         outcome = StreamOutcome(started=started, first_byte=time.perf_counter())
 

@@ -29,15 +29,20 @@ def is_saturated(r: ReplicaView, limits: Limits) -> bool:
 
 
 def rank(
-    replicas: list[ReplicaView], limits: Limits, affinity_order: list[str] | None = None
+    replicas: list[ReplicaView],
+    limits: Limits,
+    affinity_order: list[str] | None = None,
+    turn: int = 0,
 ) -> tuple[list[str], str]:
     """Available, unsaturated replicas in the order to try them, and why the first won.
 
     With an affinity order (from the hash ring), the session's home replica comes
     first unless it is saturated; the rest follow by load.
     """
+    n = len(replicas)
+    position = {r.name: (i - turn) % n for i, r in enumerate(replicas)}
     usable = [r for r in replicas if r.available and not is_saturated(r, limits)]
-    by_load = sorted(usable, key=lambda r: (load_score(r.load, r.in_flight), r.name))
+    by_load = sorted(usable, key=lambda r: (load_score(r.load, r.in_flight), position[r.name]))
     names = [r.name for r in by_load]
     if affinity_order:
         home = next((n for n in affinity_order if n in {r.name for r in replicas}), None)

@@ -35,8 +35,10 @@ def _views(tier: Tier, now: float) -> list[ReplicaView]:
     ]
 
 
-def _ranked(tier: Tier, limits: Limits, now: float, key: str | None) -> tuple[list[Endpoint], str]:
-    names, why = rank(_views(tier, now), limits, tier.ring.order(key) if key else None)
+def _ranked(
+    tier: Tier, limits: Limits, now: float, key: str | None, turn: int
+) -> tuple[list[Endpoint], str]:
+    names, why = rank(_views(tier, now), limits, tier.ring.order(key) if key else None, turn)
     by_name = {ep.name: ep for ep in tier.endpoints}
     return [by_name[n] for n in names], why
 
@@ -62,13 +64,14 @@ def plan(
     affinity_key: str | None,
     max_attempts: int,
     retry_after_s: int,
+    turn: int = 0,
 ) -> list[Attempt]:
     sequence = tier_sequence(chosen, tiers, order)
     attempts: list[Attempt] = []
     full = 0  # available but saturated replicas seen
     chosen_full = False
     for i, tier in enumerate(sequence):
-        ranked, why = _ranked(tier, limits, now, affinity_key)
+        ranked, why = _ranked(tier, limits, now, affinity_key, turn)
         views = _views(tier, now)
         full += sum(v.available and is_saturated(v, limits) for v in views)
         if i == 0:

@@ -1,0 +1,133 @@
+"""Router faults the real engine cannot produce on demand, against FAKE engines:
+a stalled replica trips its breaker, and saturation answers 429 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from serving.app import create_app
+from serving.config import Settings
+from tests.fake_engine import FakeEngine
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _wait_ready(app) -> None:
+    for _ in range(100):
+        if all(ep.ready for ep in app.state.registry.endpoints):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("fake engines never became ready")
+
+
+def _chat(model: str = "m") -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def test_stalled_replica_trips_breaker_and_stops_getting_traffic() -> None:
+    with FakeEngine(force="stall") as stalled, FakeEngine(force="ok") as healthy:
+        settings = Settings(
+            engines=[
+                {"name": "stalled", "model": "m", "url": stalled.url},
+                {"name": "healthy", "model": "m", "url": healthy.url},
+            ],
+            timeouts={"read": 0.3, "health_interval": 0.1},
+            router={
+                "breaker": {"failures": 2, "cooldown": 60},
+                "affinity": False,
+                "retry": {"max_attempts": 2, "min_retries": 100},
+            },
+        )
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            await _wait_ready(app)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw"
+            ) as client:
+                results = [
+                    await client.post("/v1/chat/completions", json=_chat()) for _ in range(10)
+                ]
+                metrics = (await client.get("/metrics")).text
+        # Every request succeeded: the stalled replica's timeouts were retried on the other.
+        assert [r.status_code for r in results] == [200] * 10
+        assert {r.headers["x-tiergate-replica"] for r in results} == {"healthy"}
+        # The stalled replica got exactly `failures` requests, then its breaker opened.
+        assert len(stalled.app.state.seen) == 2
+        assert len(healthy.app.state.seen) == 10
+        assert 'tiergate_circuit_state{replica="stalled"} 2.0' in metrics
+        assert (
+            'tiergate_retries_total{reason="upstream_timeout",replica="healthy",tier="m"} 2.0'
+            in (metrics)
+        )
+
+
+async def test_all_replicas_saturated_is_429_with_retry_after() -> None:
+    with FakeEngine(force="slow") as slow:
+        settings = Settings(
+            engines=[{"name": "slow", "model": "m", "url": slow.url}],
+            timeouts={"health_interval": 0.1},
+            router={"spill": {"max_in_flight": 1, "retry_after_s": 3}, "scrape_interval": 0.1},
+        )
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            await _wait_ready(app)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw"
+            ) as client:
+                first = asyncio.create_task(client.post("/v1/chat/completions", json=_chat()))
+                await asyncio.sleep(0.3)  # the first now occupies the only slot
+                second = await client.post("/v1/chat/completions", json=_chat())
+                assert second.status_code == 429
+                assert second.headers["retry-after"] == "3"
+                err = second.json()["error"]
+                assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+                assert (await first).status_code == 200  # nothing was lost
+                # The engine's own queue counts too: a scraped backlog also gives 429.
+                slow.app.state.waiting = 50.0
+                await asyncio.sleep(0.4)
+                third = await client.post("/v1/chat/completions", json=_chat())
+                assert third.status_code == 429
+        assert len(slow.app.state.seen) == 1
+
+
+async def test_full_tier_spills_to_the_next_in_order() -> None:
+    with FakeEngine(force="ok") as busy, FakeEngine(force="ok") as idle:
+        settings = Settings(
+            engines=[
+                {"name": "busy", "model": "m-small", "url": busy.url},
+                {"name": "idle", "model": "m-large", "url": idle.url},
+            ],
+            tiers=[
+                {"name": "small", "model": "small", "engines": ["busy"]},
+                {"name": "large", "model": "large", "engines": ["idle"]},
+            ],
+            timeouts={"health_interval": 0.1},
+            router={
+                "order": ["small", "large"],
+                "scrape_interval": 0.1,
+                "spill": {"max_waiting": 4},
+            },
+        )
+        busy.app.state.waiting = 10.0
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            await _wait_ready(app)
+            await asyncio.sleep(0.3)  # one scrape of the backlog
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw"
+            ) as client:
+                r = await client.post("/v1/chat/completions", json=_chat("small"))
+                metrics = (await client.get("/metrics")).text
+        assert r.status_code == 200
+        assert r.headers["x-tiergate-tier"] == "large"
+        assert r.headers["x-tiergate-reason"] == "explicit+spill"
+        assert busy.app.state.seen == []
+        assert 'tiergate_spills_total{from_tier="small",to_tier="large"} 1.0' in metrics
