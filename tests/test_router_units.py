@@ -187,3 +187,20 @@ def test_affinity_is_stable_per_session() -> None:
     for key in (f"s:{rng.random()}" for _ in range(20)):
         homes = {plan(tier, [], [], limits, 0, key, 3, 1)[0].endpoint.name for _ in range(5)}
         assert len(homes) == 1
+
+
+def test_token_counter_uses_the_real_tokenizer() -> None:
+    from models.manifest import load_manifest
+    from models.prepare import prepare
+    from serving.config import load_settings
+    from serving.router.tokens import TokenCounter
+
+    folder = prepare(load_manifest("smollm2-135m-instruct"), load_settings().model_cache)
+    counter = TokenCounter({"small": folder, "large": folder})
+    chat = {"messages": [{"role": "user", "content": "word " * 600}]}
+    counts = counter.count_all(chat)
+    assert counts["small"] == counts["large"]
+    assert 600 <= counts["small"] <= 660  # 600 words plus the chat template's tokens
+    assert counter.count("small", {"prompt": "Hello world"}) == 2
+    assert counter.count("small", {"prompt": [1, 2, 3]}) == 3
+    assert counter.count("small", {"prompt": ["Hello world", "Hi"]}) == 2

