@@ -7,6 +7,7 @@ command a user types. Talks to the server over HTTP only.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -27,6 +28,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """SIGTERM tiergate (which then stops its engines) if our process dies first."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `with GatewayProcess(...)` blocks still clean up."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 class GatewayProcess:
@@ -59,6 +70,7 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         return self
 

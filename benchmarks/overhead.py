@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.launch import REPO, GatewayProcess
+from benchmarks.launch import REPO, GatewayProcess, exit_on_sigterm
 
 _WORDS = (
     "river stone cloud garden lantern copper meadow violin harbor pepper candle "
@@ -120,11 +120,12 @@ async def run_batch(
     return BatchResult(target, concurrency, time.perf_counter() - start, list(results))
 
 
-def summarize(batches: list[BatchResult]) -> list[dict]:
+def summarize(batches: list[BatchResult], pair: tuple[str, str]) -> list[dict]:
+    """Per concurrency: each side's medians, and pair[0] relative to pair[1]."""
     rows = []
     for c in sorted({b.concurrency for b in batches}):
         side = {}
-        for target in ("gateway", "engine"):
+        for target in pair:
             mine = [b for b in batches if b.concurrency == c and b.target == target]
             ttfts = [r.ttft for b in mine for r in b.requests if r.ok and r.ttft is not None]
             side[target] = {
@@ -134,7 +135,7 @@ def summarize(batches: list[BatchResult]) -> list[dict]:
                 "output_tps_median": statistics.median(b.output_tps for b in mine),
                 "output_tps_rounds": [round(b.output_tps, 1) for b in mine],
             }
-        g, e = side["gateway"], side["engine"]
+        g, e = side[pair[0]], side[pair[1]]
         rows.append(
             {
                 "concurrency": c,
@@ -146,39 +147,42 @@ def summarize(batches: list[BatchResult]) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], pair: tuple[str, str]) -> None:
+    a, b = pair
     print(
-        "| C | TTFT p50 engine | TTFT p50 gateway | added | tok/s engine | tok/s gateway "
-        "| ratio | errors |"
+        f"| C | TTFT p50 {b} | TTFT p50 {a} | added | tok/s {b} | tok/s {a} "
+        f"| ratio {a}/{b} | errors |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['concurrency']} | {r['ttft_p50_ms_engine']:.1f} ms | "
-            f"{r['ttft_p50_ms_gateway']:.1f} ms | {r['ttft_added_ms']:+.2f} ms | "
-            f"{r['output_tps_median_engine']:.1f} | {r['output_tps_median_gateway']:.1f} | "
-            f"{r['throughput_ratio']:.3f} | {r['errors_engine'] + r['errors_gateway']} |"
+            f"| {r['concurrency']} | {r[f'ttft_p50_ms_{b}']:.1f} ms | "
+            f"{r[f'ttft_p50_ms_{a}']:.1f} ms | {r['ttft_added_ms']:+.2f} ms | "
+            f"{r[f'output_tps_median_{b}']:.1f} | {r[f'output_tps_median_{a}']:.1f} | "
+            f"{r['throughput_ratio']:.3f} | {r[f'errors_{a}'] + r[f'errors_{b}']} |"
         )
 
 
-async def measure(
-    gateway_url: str, engine_url: str, model: str, args: argparse.Namespace
-) -> list[BatchResult]:
+Target = tuple[str, str]  # (base URL, model)
+
+
+async def measure(targets: dict[str, Target], args: argparse.Namespace) -> list[BatchResult]:
+    """Interleave the two targets round by round (ABBA...), after an unmeasured warm-up."""
     rng = random.Random(args.seed)
     batches: list[BatchResult] = []
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    names = list(targets)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
-        targets = {"gateway": gateway_url, "engine": engine_url}
-        for name, url in targets.items():  # warm-up, not measured
+        for name, (url, model) in targets.items():
             await run_batch(client, name, url, model, 4, 4, 16, rng, args.prompt_words)
         for c in args.concurrency:
             n = max(c * args.batches_per_slot, args.min_requests)
             tokens = args.max_tokens if c > 1 else args.max_tokens_c1
             for i in range(args.rounds):
-                order = ["gateway", "engine"] if i % 2 == 0 else ["engine", "gateway"]
-                for name in order:
+                for name in names if i % 2 == 0 else names[::-1]:
+                    url, model = targets[name]
                     batch = await run_batch(
-                        client, name, targets[name], model, c, n, tokens, rng, args.prompt_words
+                        client, name, url, model, c, n, tokens, rng, args.prompt_words
                     )
                     batches.append(batch)
                     print(
@@ -199,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gateway-url", help="use a running gateway instead of starting one")
     p.add_argument("--engine-url", help="its engine (default: from /tiergate/engines)")
+    p.add_argument(
+        "--compare",
+        choices=["engine", "auto"],
+        default="engine",
+        help="engine: gateway vs its engine directly; auto: model=auto vs the tier's model, "
+        "both through the gateway",
+    )
+    p.add_argument("--model", help="the direct model name (default: the first listed)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--batches-per-slot", type=int, default=2)
@@ -209,11 +221,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    exit_on_sigterm()
 
-    with GatewayUnderTest(args) as (gateway_url, engine_url, model):
-        batches = asyncio.run(measure(gateway_url, engine_url, model, args))
-    rows = summarize(batches)
-    print_table(rows)
+    with GatewayUnderTest(args) as gateway_url:
+        model = (
+            args.model or httpx.get(gateway_url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        )
+        if args.compare == "engine":
+            engines = httpx.get(gateway_url + "/tiergate/engines", timeout=10).json()["engines"]
+            engine = next(e for e in engines if e["model"] == model or e["name"] == model)
+            targets = {
+                "gateway": (gateway_url, model),
+                "engine": (args.engine_url or engine["url"], engine["model"]),
+            }
+        else:
+            targets = {"auto": (gateway_url, "auto"), "direct": (gateway_url, model)}
+        batches = asyncio.run(measure(targets, args))
+    pair = tuple(targets)
+    rows = summarize(batches, pair)
+    print_table(rows, pair)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(
@@ -229,16 +255,16 @@ class GatewayUnderTest:
         self.args = args
         self.proc: GatewayProcess | None = None
 
-    def __enter__(self) -> tuple[str, str, str]:
-        url = self.args.gateway_url
-        if url is None:
-            log = Path(tempfile.mkdtemp(prefix="tiergate-bench-")) / "serve.log"
-            self.proc = GatewayProcess(self.args.config, log).start().wait_ready()
-            url = self.proc.url
-            print(f"started tiergate at {url} (log: {log})", flush=True)
-        engines = httpx.get(url + "/tiergate/engines", timeout=10).json()["engines"]
-        engine_url = self.args.engine_url or engines[0]["url"]
-        return url, engine_url, engines[0]["model"]
+    def __enter__(self) -> str:
+        if self.args.gateway_url:
+            return self.args.gateway_url
+        log = Path(tempfile.mkdtemp(prefix="tiergate-bench-")) / "serve.log"
+        self.proc = GatewayProcess(self.args.config, log).start().wait_ready()
+        self.proc.wait_for(
+            lambda: all(e["ready"] for e in self.proc.engines()), 600, "every engine"
+        )
+        print(f"started tiergate at {self.proc.url} (log: {log})", flush=True)
+        return self.proc.url
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:

@@ -13,7 +13,6 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -206,10 +205,7 @@ def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -
         killed_at = done
         for f in futures:
             f.result()
-    Path(os.environ.get("TIERGATE_FAILOVER_OUT", "/dev/null")).write_text(
-        json.dumps({"requests": n, "killed_after": killed_at, "counts": counts})
-    )
-    print("failover:", counts)
+    print(f"failover: {n} requests, engine killed after {killed_at} finished: {counts}")
     assert sum(sum(v.values()) for v in counts.values()) == n
     assert counts["unary"] == {"ok": n // 2}, counts  # every non-streamed request succeeded
     assert set(counts["stream"]) <= {"ok", "error_event_then_done"}, counts

@@ -70,3 +70,23 @@ def test_engine_args_to_cli() -> None:
         "--kv-transfer-config",
         '{"a": 1}',
     ]
+
+
+def test_cpu_defaults_pick_dtype_from_cpu_flags(tmp_path) -> None:
+    from serving.engines.cpu import apply_cpu_defaults, cpu_flags, default_cpu_dtype
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "avx512f", "avx512_bf16"}
+    assert default_cpu_dtype({"avx2"}) == "float32"
+    assert default_cpu_dtype({"avx512_bf16"}) == "bfloat16"
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libiomp5.so").write_bytes(b"")
+    args, env = apply_cpu_defaults({"max_model_len": 8}, {}, {"avx2"}, prefix=tmp_path)
+    assert args == {"max_model_len": 8, "dtype": "float32"}
+    assert env == {"LD_PRELOAD": str(tmp_path / "lib" / "libiomp5.so")}
+    # Whatever the config says explicitly wins.
+    args, env = apply_cpu_defaults(
+        {"dtype": "bfloat16"}, {"LD_PRELOAD": "x"}, {"avx2"}, prefix=tmp_path
+    )
+    assert (args, env) == ({"dtype": "bfloat16"}, {"LD_PRELOAD": "x"})

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from serving.config import EngineSettings, Settings
-from serving.engines import process
+from serving.engines import cpu, process
 from serving.metrics import GatewayMetrics
 from serving.router.registry import Endpoint, EngineRegistry
 from serving.upstream.health import probe
@@ -49,6 +49,9 @@ class EngineRunner:
         self.settings = settings
         self.metrics = metrics
         self.write_log = write_log
+        self.args, self.env = engine.args, engine.env
+        if cpu.is_cpu_build():
+            self.args, self.env = cpu.apply_cpu_defaults(self.args, self.env, cpu.cpu_flags())
         self.proc: asyncio.subprocess.Process | None = None
         self.started = asyncio.get_running_loop().create_future()
         self.stopping = False
@@ -87,10 +90,10 @@ class EngineRunner:
     async def _run_once(self, http: httpx.AsyncClient) -> tuple[str, bool]:
         """Run the engine until it exits; return why it ended and if it was ever ready."""
         port = process.free_port()
-        cmd = process.vllm_command(self.model_dir, self.endpoint.model, port, self.engine.args)
+        cmd = process.vllm_command(self.model_dir, self.endpoint.model, port, self.args)
         self.endpoint.state = "starting"
         log.info("engine %s: starting on port %d: %s", self.engine.name, port, " ".join(cmd))
-        self.proc = await process.spawn(cmd, self.engine.env)
+        self.proc = await process.spawn(cmd, self.env)
         self.endpoint.pid = self.proc.pid
         pump = asyncio.create_task(
             process.pump_log(self.proc, f"[{self.engine.name}]", self.write_log)
