@@ -8,16 +8,24 @@ It runs as a real HTTP server on loopback, so the gateway's real timeouts apply.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+from collections.abc import AsyncIterator
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from serving.app import create_app
+from serving.config import Settings
 from tests.utils import free_port
+
+# A port nothing listens on (connections are refused at once): an engine that is gone.
+GONE_URL = "http://127.0.0.1:1"
 
 BEHAVIOURS = (
     "ok",
@@ -136,3 +144,24 @@ class FakeEngine:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+@contextlib.asynccontextmanager
+async def in_process_gateway(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The real gateway app (lifespan included) with a client bound to it in-process.
+
+    Waits until every engine whose URL answers is ready; the client's `app`
+    attribute is the app. Checks on exit that no request was left in flight.
+    """
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        registry = app.state.registry
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if all(ep.ready for ep in registry.endpoints if not ep.url.endswith(":1")):
+                break
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            client.app = app
+            yield client
+        assert all(ep.in_flight == 0 for ep in registry.endpoints)

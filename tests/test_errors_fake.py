@@ -12,10 +12,8 @@ import json
 import httpx
 import pytest
 
-from serving.app import create_app
 from serving.config import Settings
-from tests.fake_engine import BEHAVIOURS, FakeEngine
-from tests.utils import free_port
+from tests.fake_engine import BEHAVIOURS, GONE_URL, FakeEngine, in_process_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -34,20 +32,10 @@ def fake():
 @pytest.fixture
 async def gw(fake: FakeEngine):
     engines = [{"name": f"fake-{m}", "model": m, "url": fake.url} for m in BEHAVIOURS]
-    engines.append({"name": "gone", "model": "gone", "url": f"http://127.0.0.1:{free_port()}"})
+    engines.append({"name": "gone", "model": "gone", "url": GONE_URL})
     settings = Settings(engines=engines, timeouts={"read": 0.5, "health_interval": 0.1})
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        registry = app.state.registry
-        for _ in range(100):
-            if all(ep.ready for ep in registry.endpoints if ep.name != "gone"):
-                break
-            await asyncio.sleep(0.05)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            client.app = app
-            yield client
-        assert all(ep.in_flight == 0 for ep in registry.endpoints)
+    async with in_process_gateway(settings) as client:
+        yield client
 
 
 def _chat(model: str, stream: bool = False) -> dict:
@@ -98,17 +86,11 @@ async def test_no_engine_ready_is_503(gw: httpx.AsyncClient) -> None:
 
 
 async def test_ready_is_503_when_nothing_is_ready(fake: FakeEngine) -> None:
-    settings = Settings(
-        engines=[{"name": "gone", "model": "gone", "url": f"http://127.0.0.1:{free_port()}"}]
-    )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        await asyncio.sleep(0.2)
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gw"
-        ) as client:
-            _error(await client.get("/ready"), 503, "no_engine_ready")
-            assert (await client.get("/health")).status_code == 200
+    settings = Settings(engines=[{"name": "gone", "model": "gone", "url": GONE_URL}])
+    async with in_process_gateway(settings) as client:
+        await asyncio.sleep(0.2)  # a few failed health probes
+        _error(await client.get("/ready"), 503, "no_engine_ready")
+        assert (await client.get("/health")).status_code == 200
 
 
 @pytest.mark.parametrize(

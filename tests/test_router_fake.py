@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 
-from serving.app import create_app
 from serving.config import Settings
-from tests.fake_engine import FakeEngine
+from tests.fake_engine import FakeEngine, in_process_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -18,14 +16,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-async def _wait_ready(app) -> None:
-    for _ in range(100):
-        if all(ep.ready for ep in app.state.registry.endpoints):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("fake engines never became ready")
 
 
 def _chat(model: str = "m") -> dict:
@@ -46,16 +36,9 @@ async def test_stalled_replica_trips_breaker_and_stops_getting_traffic() -> None
                 "retry": {"max_attempts": 2, "min_retries": 100},
             },
         )
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            await _wait_ready(app)
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw"
-            ) as client:
-                results = [
-                    await client.post("/v1/chat/completions", json=_chat()) for _ in range(10)
-                ]
-                metrics = (await client.get("/metrics")).text
+        async with in_process_gateway(settings) as client:
+            results = [await client.post("/v1/chat/completions", json=_chat()) for _ in range(10)]
+            metrics = (await client.get("/metrics")).text
         # Every request succeeded: the stalled replica's timeouts were retried on the other.
         assert [r.status_code for r in results] == [200] * 10
         assert {r.headers["x-tiergate-replica"] for r in results} == {"healthy"}
@@ -76,25 +59,20 @@ async def test_all_replicas_saturated_is_429_with_retry_after() -> None:
             timeouts={"health_interval": 0.1},
             router={"spill": {"max_in_flight": 1, "retry_after_s": 3}, "scrape_interval": 0.1},
         )
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            await _wait_ready(app)
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw"
-            ) as client:
-                first = asyncio.create_task(client.post("/v1/chat/completions", json=_chat()))
-                await asyncio.sleep(0.3)  # the first now occupies the only slot
-                second = await client.post("/v1/chat/completions", json=_chat())
-                assert second.status_code == 429
-                assert second.headers["retry-after"] == "3"
-                err = second.json()["error"]
-                assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
-                assert (await first).status_code == 200  # nothing was lost
-                # The engine's own queue counts too: a scraped backlog also gives 429.
-                slow.app.state.waiting = 50.0
-                await asyncio.sleep(0.4)
-                third = await client.post("/v1/chat/completions", json=_chat())
-                assert third.status_code == 429
+        async with in_process_gateway(settings) as client:
+            first = asyncio.create_task(client.post("/v1/chat/completions", json=_chat()))
+            await asyncio.sleep(0.3)  # the first now occupies the only slot
+            second = await client.post("/v1/chat/completions", json=_chat())
+            assert second.status_code == 429
+            assert second.headers["retry-after"] == "3"
+            err = second.json()["error"]
+            assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+            assert (await first).status_code == 200  # nothing was lost
+            # The engine's own queue counts too: a scraped backlog also gives 429.
+            slow.app.state.waiting = 50.0
+            await asyncio.sleep(0.4)
+            third = await client.post("/v1/chat/completions", json=_chat())
+            assert third.status_code == 429
         assert len(slow.app.state.seen) == 1
 
 
@@ -117,15 +95,10 @@ async def test_full_tier_spills_to_the_next_in_order() -> None:
             },
         )
         busy.app.state.waiting = 10.0
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            await _wait_ready(app)
+        async with in_process_gateway(settings) as client:
             await asyncio.sleep(0.3)  # one scrape of the backlog
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw"
-            ) as client:
-                r = await client.post("/v1/chat/completions", json=_chat("small"))
-                metrics = (await client.get("/metrics")).text
+            r = await client.post("/v1/chat/completions", json=_chat("small"))
+            metrics = (await client.get("/metrics")).text
         assert r.status_code == 200
         assert r.headers["x-tiergate-tier"] == "large"
         assert r.headers["x-tiergate-reason"] == "explicit+spill"

@@ -107,6 +107,19 @@ def test_over_the_tier_limit_is_refused_by_the_engine_not_lost(tiers: GatewayPro
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_tier_limits_are_enforced_for_explicit_requests(tiers: GatewayProcess) -> None:
+    # The engines allow 2048 tokens; the small tier promises only 1024 and 256 out.
+    r = _chat(tiers, {"model": "smollm2-small", "messages": SHORT, "max_tokens": 300})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "max_tokens" and "256" in r.json()["error"]["message"]
+    long = [{"role": "user", "content": "word " * 1200}]
+    r = _chat(tiers, {"model": "smollm2-small", "messages": long})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "1024" in err["message"]
+    assert _chat(tiers, {"model": "smollm2-large", "messages": long}).status_code == 200
+
+
 def _prefix_hits(url: str) -> float:
     text = httpx.get(url + "/metrics", timeout=10).text
     return sum(

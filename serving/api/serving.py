@@ -25,6 +25,7 @@ from serving.api.protocol import Kind, parse_request
 from serving.config import RouterSettings
 from serving.errors import (
     GatewayError,
+    InvalidRequest,
     NoEngineReady,
     PayloadTooLarge,
     UpstreamError,
@@ -113,12 +114,16 @@ class ProxyService:
             checked, payload = parse_request(kind, raw)
             tier = self.registry.tier_for_model(checked.model)
             model = checked.model  # a label only once known: clients cannot add series
-            decision = (
-                await self._choose(request, payload)
-                if tier is None
-                else Decision(tier.name, "explicit")
-            )
+            counts: dict[str, int] | None = None
+            if tier is None:
+                counts = await self._count(payload)
+                decision = choose_tier(
+                    features_of(request, payload, counts), self.views, self.router.rules
+                )
+            else:
+                decision = Decision(tier.name, "explicit")
             tier = self.registry.tier(decision.tier)
+            await self._check_limits(tier, payload, counts)
             self.metrics.decisions.labels(tier.name, decision.reason).inc()
             key = (
                 affinity_key(request, payload, self.router.affinity_prefix_chars)
@@ -144,11 +149,41 @@ class ProxyService:
             self.metrics.requests.labels(model, path, str(exc.status)).inc()
             raise
 
-    async def _choose(self, request: Request, payload: dict[str, Any]) -> Decision:
+    async def _count(self, payload: dict[str, Any]) -> dict[str, int]:
+        """Prompt tokens per tier, off the event loop (long prompts take milliseconds)."""
         if self.tokens is None:
-            raise NoEngineReady("model 'auto' needs a tokenizer for every tier; none is set.")
-        counts = await asyncio.to_thread(self.tokens.count_all, payload)
-        return choose_tier(features_of(request, payload, counts), self.views, self.router.rules)
+            raise InvalidRequest(
+                "Routing by prompt length needs a tokenizer for every tier; set "
+                "tiers[].tokenizer for tiers whose engines are external.",
+                param="model",
+            )
+        return await asyncio.to_thread(self.tokens.count_all, payload)
+
+    async def _check_limits(
+        self, tier: Tier, payload: dict[str, Any], counts: dict[str, int] | None
+    ) -> None:
+        """A tier's own limits, where they are tighter than what its engines enforce."""
+        max_out = payload.get("max_completion_tokens") or payload.get("max_tokens")
+        if tier.max_output_tokens and max_out and max_out > tier.max_output_tokens:
+            raise InvalidRequest(
+                f"max_tokens is {max_out}, but tier '{tier.name}' allows at most "
+                f"{tier.max_output_tokens} output tokens.",
+                param="max_tokens",
+            )
+        engine_limit = min((ep.max_model_len or 0 for ep in tier.endpoints), default=0)
+        if not tier.max_context or (engine_limit and engine_limit <= tier.max_context):
+            return  # the engine checks it, and says so in the same words
+        if counts is None:
+            counts = await self._count(payload)
+        prompt = counts[tier.name]
+        if prompt + (max_out or 0) > tier.max_context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {tier.max_context} tokens. However, "
+                f"you requested {prompt + (max_out or 0)} tokens ({prompt} in the messages, "
+                f"{max_out or 0} in the completion).",
+                param="messages" if "messages" in payload else "prompt",
+                code="context_length_exceeded",
+            )
 
     def _body(self, attempt: Attempt, payload: dict[str, Any], raw: bytes | None) -> bytes:
         """The raw bytes when nothing changes; else the payload with the engine's name."""
