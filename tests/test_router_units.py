@@ -204,3 +204,22 @@ def test_token_counter_uses_the_real_tokenizer() -> None:
     assert counter.count("small", {"prompt": "Hello world"}) == 2
     assert counter.count("small", {"prompt": [1, 2, 3]}) == 3
     assert counter.count("small", {"prompt": ["Hello world", "Hi"]}) == 2
+
+
+def test_affinity_key_prefers_session_then_user_then_prefix() -> None:
+    from starlette.requests import Request
+
+    from serving.api.serving import affinity_key
+
+    def req(headers: dict[str, str]) -> Request:
+        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+        return Request({"type": "http", "headers": raw})
+
+    base = {"messages": [{"role": "system", "content": "x" * 600}]}
+    assert affinity_key(req({"x-session-id": "a"}), {**base, "user": "u"}, 512) == "s:a"
+    assert affinity_key(req({}), {**base, "user": "u"}, 512) == "s:u"
+    longer = {"messages": [*base["messages"], {"role": "user", "content": "different"}]}
+    assert affinity_key(req({}), base, 512) == affinity_key(req({}), longer, 512)
+    assert affinity_key(req({}), {"prompt": "abc"}, 512) != affinity_key(
+        req({}), {"prompt": "abd"}, 512
+    )

@@ -76,7 +76,13 @@ def affinity_key(request: Request, payload: dict[str, Any], prefix_chars: int) -
     if session:
         return f"s:{session}"
     head = payload.get("messages") or payload.get("prompt") or ""
-    text = json.dumps(head, separators=(",", ":"))[:prefix_chars]
+    parts, size = [], 0
+    for item in head if isinstance(head, list) else [head]:
+        parts.append(json.dumps(item, separators=(",", ":")))  # only what the prefix needs
+        size += len(parts[-1])
+        if size >= prefix_chars:
+            break
+    text = "".join(parts)[:prefix_chars]
     return "p:" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
