@@ -131,7 +131,9 @@ class FakeEngine:
         app.state.waiting = 0.0
         self.app = app
         self.server = uvicorn.Server(
-            uvicorn.Config(app, port=self.port, log_level="error", lifespan="off")
+            uvicorn.Config(
+                app, port=self.port, log_level="error", lifespan="off", timeout_graceful_shutdown=1
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
