@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per health probe otherwise
     try:
         return args.func(args)
     except (ConfigError, ModelError) as exc:
