@@ -36,6 +36,7 @@ BEHAVIOURS = (
     "error-500",
     "no-done",
     "slow",
+    "stall-body",
 )
 
 
@@ -71,6 +72,13 @@ async def _chat(request: Request) -> Response:
             },
             status_code=500,
         )
+    if mode == "stall-body":  # headers, then nothing: stalls a non-streamed read
+
+        async def half_json():
+            yield b'{"id": "fake", '
+            await asyncio.sleep(30)
+
+        return StreamingResponse(half_json(), media_type="application/json")
     if not body.get("stream"):
         return JSONResponse(
             {

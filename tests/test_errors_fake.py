@@ -67,6 +67,11 @@ async def test_stalled_engine_is_504(gw: httpx.AsyncClient, stream: bool) -> Non
     assert err["type"] == "timeout_error"
 
 
+async def test_engine_stalling_mid_body_is_504(gw: httpx.AsyncClient) -> None:
+    r = await gw.post("/v1/chat/completions", json=_chat("stall-body"))
+    _error(r, 504, "upstream_timeout")
+
+
 async def test_engine_500_is_wrapped(gw: httpx.AsyncClient) -> None:
     err = _error(await gw.post("/v1/chat/completions", json=_chat("error-500")), 500, None)
     assert err["message"] == "engine exploded"

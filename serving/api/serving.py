@@ -30,6 +30,7 @@ from serving.errors import (
     PayloadTooLarge,
     UpstreamError,
     UpstreamStatusError,
+    UpstreamTimeout,
 )
 from serving.metrics import GatewayMetrics
 from serving.router.balancer import Limits
@@ -225,7 +226,7 @@ class ProxyService:
                     first = await (prime(response) if read_first else response.aread())
                 except httpx.TimeoutException as exc:
                     await response.aclose()
-                    raise UpstreamError(f"The engine stalled before the first byte: {exc}") from exc
+                    raise UpstreamTimeout(f"The engine stalled before answering: {exc}") from exc
                 except httpx.HTTPError as exc:
                     await response.aclose()
                     raise UpstreamError(

@@ -7,8 +7,6 @@ client. Errors come back as GatewayError subclasses.
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 
 from serving.config import TimeoutSettings
@@ -57,8 +55,3 @@ class UpstreamClient:
                 await response.aclose()
             raise from_upstream(response.status_code, body)
         return response
-
-    async def get_json(self, url: str, path: str, timeout: float) -> Any:
-        response = await self.http.get(url + path, timeout=timeout)
-        response.raise_for_status()
-        return response.json() if response.content else None
