@@ -79,29 +79,29 @@ async def relay(
     """Yield the engine's SSE events; end with an error event if the engine fails."""
     buffer = b""
 
-    async def all_chunks() -> AsyncIterator[bytes]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
+    def whole_events(chunk: bytes) -> bytes:
+        """The complete events in `chunk` (plus what was buffered), as bytes to send."""
+        nonlocal buffer
+        events, buffer = split_events(buffer, chunk)
+        out = []
+        for event in events:
+            usage = usage_of(event)
+            if usage is not None:
+                outcome.usage = usage
+                if drop_usage_event and is_usage_only(event):
+                    continue  # we asked for it for metrics; the client did not
+            if event.startswith(_DONE):
+                outcome.done = True
+            out.append(event + b"\n\n")
+        outcome.events += len(out)
+        return b"".join(out)
 
     try:
-        async for chunk in all_chunks():
-            events, buffer = split_events(buffer, chunk)
-            if not events:
-                continue
-            out = []
-            for event in events:
-                usage = usage_of(event)
-                if usage is not None:
-                    outcome.usage = usage
-                    if drop_usage_event and is_usage_only(event):
-                        continue  # we asked for it for metrics; the client did not
-                if event.startswith(_DONE):
-                    outcome.done = True
-                out.append(event + b"\n\n")
-            outcome.events += len(out)
-            if out:
-                yield b"".join(out)
+        if out := whole_events(first):
+            yield out
+        async for chunk in chunks:
+            if out := whole_events(chunk):
+                yield out
         if not outcome.done:
             raise UpstreamError("The engine ended the stream before [DONE].")
     except (GatewayError, httpx.HTTPError) as exc:
