@@ -84,31 +84,16 @@ def test_completions_streamed_and_not(client: OpenAI, model: str) -> None:
 
 
 def test_uninterpreted_fields_pass_through(client: OpenAI, model: str) -> None:
+    sampling = {"max_tokens": 12, "n": 2, "seed": 7, "temperature": 0.8, "stop": ["\n"]}
     reply = client.chat.completions.create(
-        model=model,
-        messages=QUESTION,
-        max_tokens=12,
-        n=2,
-        seed=7,
-        temperature=0.8,
-        logprobs=True,
-        top_logprobs=2,
-        stop=["\n"],
+        model=model, messages=QUESTION, logprobs=True, top_logprobs=2, **sampling
     )
     assert len(reply.choices) == 2
     for choice in reply.choices:
         assert choice.logprobs is not None and choice.logprobs.content
         assert len(choice.logprobs.content[0].top_logprobs) == 2
         assert "\n" not in choice.message.content
-    again = client.chat.completions.create(
-        model=model,
-        messages=QUESTION,
-        max_tokens=12,
-        n=2,
-        seed=7,
-        temperature=0.8,
-        stop=["\n"],
-    )
+    again = client.chat.completions.create(model=model, messages=QUESTION, **sampling)
     assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
 
 

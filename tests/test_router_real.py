@@ -191,7 +191,7 @@ def _one(url: str, i: int, counts: dict, lock: threading.Lock) -> None:
                     elif not errors:
                         outcome = "ok"
                     elif len(errors) == 1 and events[-2] == errors[0]:
-                        json.loads(errors[0])["error"]["message"]
+                        assert json.loads(errors[0])["error"]["message"]
                         outcome = "error_event_then_done"
                     else:
                         outcome = "bad_shape"

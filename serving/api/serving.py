@@ -37,7 +37,7 @@ from serving.router.balancer import Limits
 from serving.router.breaker import RetryBudget
 from serving.router.planner import Attempt, plan
 from serving.router.policy import Decision, Features, TierView, choose_tier
-from serving.router.registry import EngineRegistry, Tier
+from serving.router.registry import Endpoint, EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
 from serving.upstream.client import UpstreamClient
 from serving.upstream.stream import ProxyStreamResponse, StreamOutcome, prime, relay, usage_of
@@ -366,10 +366,10 @@ class ProxyService:
         m.record_usage(model, usage)
         m.cost.labels(tier.name).inc(tier.cost(usage))
 
-    def _enter(self, endpoint: Any) -> None:
+    def _enter(self, endpoint: Endpoint) -> None:
         endpoint.in_flight += 1
         self.metrics.in_flight.labels(endpoint.name).inc()
 
-    def _leave(self, endpoint: Any) -> None:
+    def _leave(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
         self.metrics.in_flight.labels(endpoint.name).dec()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -32,7 +32,6 @@ class StreamOutcome:
     error: str | None = None  # kind of mid-stream error
     disconnected: bool = False
     done: bool = False
-    events: int = field(default=0)
 
 
 def split_events(buffer: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
@@ -93,7 +92,6 @@ async def relay(
             if event.startswith(_DONE):
                 outcome.done = True
             out.append(event + b"\n\n")
-        outcome.events += len(out)
         return b"".join(out)
 
     try:
