@@ -144,10 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--force", action="store_true", help="prepare again even if cached")
     prep.set_defaults(func=cmd_models_prepare)
     msub.add_parser("list", help="list manifests").set_defaults(func=cmd_models_list)
+    sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (see: bench --help)")
+    sub.add_parser("plan", help="capacity, GPU and memory plans (see: plan --help)")
     return parser
 
 
+def _tool(name: str, argv: list[str]) -> int:
+    """`tiergate bench` and `tiergate plan` live in benchmarks/ (they talk HTTP only)."""
+    if name == "bench":
+        from benchmarks import bench
+
+        return bench.main(bench.build_parser().parse_args(argv))
+    from benchmarks import plan
+
+    return plan.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["bench"], ["plan"]):
+        return _tool(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

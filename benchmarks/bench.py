@@ -1,0 +1,286 @@
+"""`tiergate bench`: load tests against any OpenAI-compatible endpoint, with SLO goodput,
+a validity verdict per load point, and JSON/CSV/PNG/HTML reports.
+
+    tiergate bench --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct \\
+        --concurrency 1 4 16 --duration 30 --warmup 5 --cooldown 2 \\
+        --slo-ttft-ms 1000 --slo-tpot-ms 100 --out benchmarks/out/sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shlex
+import statistics
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from tqdm import tqdm
+
+from benchmarks import report
+from benchmarks.client import Target
+from benchmarks.datasets import ChatTemplate, LengthDist, SyntheticText, sharegpt, synthetic
+from benchmarks.metrics import SLO, bucket_throughput, measured, summarize
+from benchmarks.runner import Load, RunResult, run
+from benchmarks.verdict import RunFacts, Thresholds, judge
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    t = p.add_argument_group("target")
+    t.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
+    t.add_argument("--model", required=True)
+    t.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    t.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    t.add_argument("--tokenizer", help="tokenizer folder or name (default: the model's, if local)")
+    t.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    t.add_argument(
+        "--metrics-url",
+        action="append",
+        default=None,
+        help="Prometheus endpoint(s) with vLLM's prefix-cache counters (default: BASE/metrics "
+        "and, behind tiergate, each engine's)",
+    )
+    load = p.add_argument_group("load (one of --concurrency / --rate; several values = a sweep)")
+    mode = load.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--concurrency", type=int, nargs="+", help="closed loop")
+    mode.add_argument("--rate", type=float, nargs="+", help="open loop, requests/s ('inf' ok)")
+    load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 = Poisson")
+    load.add_argument("--duration", type=float, help="seconds per point")
+    load.add_argument("--requests", type=int, help="sessions per point")
+    load.add_argument("--warmup", type=float, default=0.0, help="seconds left out at the start")
+    load.add_argument("--cooldown", type=float, default=0.0, help="seconds left out at the end")
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset", choices=["synthetic", "sharegpt"], default="synthetic")
+    d.add_argument("--sharegpt-path", type=Path)
+    d.add_argument("--input-len", default="128", help="128, uniform:LO:HI, normal:M:S, ...")
+    d.add_argument("--output-len", default="128")
+    d.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt shares")
+    d.add_argument("--turns", type=int, default=1, help="turns per session (chat history)")
+    d.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("SLO and report")
+    s.add_argument("--slo-ttft-ms", type=float)
+    s.add_argument("--slo-tpot-ms", type=float)
+    s.add_argument("--slo-e2e-ms", type=float)
+    s.add_argument("--percentiles", default="50,90,95,99")
+    s.add_argument("--max-error-rate", type=float, default=0.01)
+    s.add_argument("--out", type=Path, required=True, help="folder for the report files")
+
+
+def _local_model_dirs(args: argparse.Namespace) -> list[Path]:
+    """Where the model's weights (and tokenizer) may already be on this machine."""
+    cache = Path(
+        os.environ.get("TIERGATE_MODEL_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiergate" / "models"
+    )
+    names = [args.model]
+    base = args.base_url.rstrip("/")
+    try:  # behind tiergate: the engines' model names
+        names += [
+            e["model"] for e in httpx.get(base + "/tiergate/engines", timeout=5).json()["engines"]
+        ]
+    except (httpx.HTTPError, ValueError, KeyError):
+        pass
+    dirs = [cache / n for n in names]
+    try:  # a bare vLLM names its weights folder in /v1/models
+        dirs += [
+            Path(m["root"])
+            for m in httpx.get(base + "/v1/models", timeout=5).json()["data"]
+            if m.get("root")
+        ]
+    except (httpx.HTTPError, ValueError, KeyError):
+        pass
+    return [d for d in dirs if (d / "tokenizer_config.json").is_file()]
+
+
+def load_tokenizer(args: argparse.Namespace):
+    from transformers import AutoTokenizer
+
+    if args.tokenizer:
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    found = _local_model_dirs(args)
+    if not found:
+        raise SystemExit("tiergate bench: error: --tokenizer is needed (the model's tokenizer)")
+    return AutoTokenizer.from_pretrained(found[0])
+
+
+def make_sessions(args: argparse.Namespace, tokenizer, point: int, count: int | None):
+    seed = args.seed + 1000 * point  # a fresh set per point: no cache hits across points
+    if args.dataset == "sharegpt":
+        if not args.sharegpt_path:
+            raise SystemExit("tiergate bench: error: --sharegpt-path is needed")
+        data = sharegpt(args.sharegpt_path, tokenizer, count or 10**9, seed=seed, turns=args.turns)
+        return iter(data)
+    chat = ChatTemplate(tokenizer) if args.endpoint == "chat" else None
+    return synthetic(
+        SyntheticText(tokenizer),
+        count,
+        LengthDist.parse(args.input_len),
+        LengthDist.parse(args.output_len),
+        seed=seed,
+        shared_prefix=args.shared_prefix,
+        turns=args.turns,
+        chat=chat,
+    )
+
+
+def prefix_counters(urls: list[str]) -> tuple[float, float] | None:
+    """Summed vLLM prefix-cache hits and queries over the given /metrics endpoints."""
+    hits = queries = 0.0
+    seen = False
+    for url in urls:
+        try:
+            text = httpx.get(url, timeout=5).text
+        except httpx.HTTPError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("vllm:prefix_cache_hits_total"):
+                hits += float(line.rsplit(" ", 1)[1])
+                seen = True
+            elif line.startswith("vllm:prefix_cache_queries_total"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return (hits, queries) if seen else None
+
+
+def metrics_urls(args: argparse.Namespace) -> list[str]:
+    if args.metrics_url:
+        return args.metrics_url
+    base = args.base_url.rstrip("/")
+    urls = [base + "/metrics"]
+    try:  # behind tiergate: its engines' own counters
+        engines = httpx.get(base + "/tiergate/engines", timeout=5).json()["engines"]
+        urls += [e["url"].rstrip("/") + "/metrics" for e in engines]
+    except (httpx.HTTPError, ValueError, KeyError):
+        pass
+    return urls
+
+
+def facts_of(result: RunResult, args: argparse.Namespace, cache: float | None) -> RunFacts:
+    t0, t1 = result.window
+    mine = sorted(
+        (r for r in measured(result.records, t0, t1) if r.ttft is not None),
+        key=lambda r: r.scheduled,
+    )
+    quarter = len(mine) // 4
+    lag = sorted(result.loop_lag_ms)
+    return RunFacts(
+        loop_lag_p99_ms=lag[int(0.99 * (len(lag) - 1))] if lag else 0.0,
+        client_cpu_share=result.client_cpu_s / max(result.wall, 1e-9),
+        due=result.due,
+        sent_on_time=result.sent_on_time,
+        bucket_tok_s=bucket_throughput(result.records, t0, t1, 4) if t1 - t0 >= 4 else [],
+        ttft_first_quarter_ms=statistics.median(r.ttft for r in mine[:quarter]) * 1000
+        if quarter >= 5
+        else None,
+        ttft_last_quarter_ms=statistics.median(r.ttft for r in mine[-quarter:]) * 1000
+        if quarter >= 5
+        else None,
+        cache_hit_rate=cache,
+        expect_cache_hits=args.shared_prefix > 0 or args.turns > 1,
+        open_loop=result.load.kind == "rate",
+    )
+
+
+def cache_hit_rate(result: RunResult, before, after) -> float | None:
+    cached = [r.cached_tokens for r in result.records if r.cached_tokens is not None]
+    if cached:
+        prompt = sum(r.prompt_tokens or 0 for r in result.records if r.cached_tokens is not None)
+        return sum(cached) / prompt if prompt else None
+    if before and after and after[1] > before[1]:
+        return (after[0] - before[0]) / (after[1] - before[1])
+    return None
+
+
+async def run_point(args, target, tokenizer, load: Load, point: int) -> RunResult:
+    sessions = make_sessions(args, tokenizer, point, load.count)
+    total = None if load.count is None else load.count * args.turns
+    with tqdm(total=total, desc=load.label, unit="req", leave=False, file=sys.stderr) as bar:
+        return await run(target, sessions, load, on_done=lambda _: bar.update())
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.duration is None and args.requests is None:
+        raise SystemExit("tiergate bench: error: give --duration or --requests")
+    if args.turns > 1 and args.endpoint != "chat":
+        raise SystemExit("tiergate bench: error: --turns needs --endpoint chat")
+    ps = tuple(float(p) for p in args.percentiles.split(","))
+    slo = SLO(
+        *(
+            None if v is None else v / 1000
+            for v in (args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
+        )
+    )
+    thresholds = Thresholds(max_error_rate=args.max_error_rate)
+    tokenizer = load_tokenizer(args)
+    target = Target(args.base_url, args.model, args.endpoint, args.api_key, args.timeout)
+    urls = metrics_urls(args)
+    kind, values = ("concurrency", args.concurrency) if args.concurrency else ("rate", args.rate)
+    points = []
+    for i, value in enumerate(values):
+        load = Load(
+            kind,
+            float(value),
+            args.duration,
+            args.requests,
+            args.warmup,
+            args.cooldown,
+            args.burstiness,
+            args.seed + i,
+        )
+        before = prefix_counters(urls)
+        result = asyncio.run(run_point(args, target, tokenizer, load, i))
+        cache = cache_hit_rate(result, before, prefix_counters(urls))
+        t0, t1 = result.window
+        summary = summarize(result.records, t0, t1, slo=slo, ps=ps)
+        facts = facts_of(result, args, cache)
+        verdict = judge(summary, facts, ps, thresholds)
+        if result.ran_out:
+            verdict["status"] = "warn"
+            verdict["reasons"].append("the dataset ran out before the duration ended")
+        points.append(
+            {
+                "load": asdict(load),
+                "window": [t0, t1],
+                "summary": summary,
+                "facts": asdict(facts),
+                "verdict": verdict,
+                "records": result.records,
+            }
+        )
+        print(report.point_line(load.label, summary, verdict), flush=True)
+    run_doc = {
+        "meta": {
+            "command": "tiergate bench "
+            + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+            "target": {"base_url": args.base_url, "model": args.model, "endpoint": args.endpoint},
+            "dataset": {
+                "kind": args.dataset,
+                "input_len": args.input_len,
+                "output_len": args.output_len,
+                "shared_prefix": args.shared_prefix,
+                "turns": args.turns,
+                "seed": args.seed,
+            },
+            "load_kind": kind,
+            "slo": slo.describe(),
+            "slo_s": asdict(slo),
+            "percentiles": list(ps),
+        },
+        "points": points,
+    }
+    files = report.write_all(run_doc, args.out)
+    print(f"report: {args.out / 'report.html'} ({len(files)} files)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tiergate bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return p

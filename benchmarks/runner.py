@@ -1,0 +1,168 @@
+"""Drive load: closed loop (fixed concurrency) or open loop (an arrival process).
+
+The runner records timelines only; `metrics` and `verdict` judge them afterwards.
+It also watches itself (event-loop lag, CPU use, how late requests left) so that a
+run where the client was the bottleneck says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from benchmarks.arrivals import arrival_offsets
+from benchmarks.client import Target, send
+from benchmarks.datasets import Session
+from benchmarks.metrics import RequestRecord
+
+
+@dataclass(frozen=True)
+class Load:
+    """One load point. `kind` is "concurrency" (closed loop) or "rate" (open loop, req/s)."""
+
+    kind: str
+    value: float
+    duration: float | None = None  # seconds of scheduling; None: run `count` sessions
+    count: int | None = None
+    warmup: float = 0.0  # seconds at the start left out of the measurement
+    cooldown: float = 0.0  # seconds at the end of the schedule left out
+    burstiness: float = 1.0
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"C={self.value:g}" if self.kind == "concurrency" else f"{self.value:g} req/s"
+
+
+@dataclass
+class RunResult:
+    load: Load
+    records: list[RequestRecord]
+    wall: float
+    schedule_end: float  # when the last request was due (closed loop: when sending stopped)
+    loop_lag_ms: list[float] = field(default_factory=list)
+    client_cpu_s: float = 0.0
+    due: int = 0
+    sent_on_time: int = 0
+    ran_out: bool = False  # the dataset ended before the duration did
+
+    @property
+    def window(self) -> tuple[float, float]:
+        end = (
+            self.schedule_end
+            if self.load.duration
+            else max((r.end for r in self.records), default=0.0)
+        )
+        return self.load.warmup, max(self.load.warmup, end - self.load.cooldown)
+
+
+class _LagMonitor:
+    """How late the event loop wakes from a 10 ms sleep: high when the client is busy."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.samples.append((time.perf_counter() - start - 0.01) * 1000)
+
+    def __enter__(self) -> _LagMonitor:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task:
+            self._task.cancel()
+
+
+async def run(
+    target: Target,
+    sessions: Iterator[Session],
+    load: Load,
+    on_done: Callable[[RequestRecord], None] | None = None,
+) -> RunResult:
+    """Run one load point. Turns of a session go one after another; each turn is
+    scheduled when the previous one ended."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=target.timeout_s, sock_connect=10)
+    records: list[RequestRecord] = []
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    result = RunResult(load=load, records=records, wall=0.0, schedule_end=0.0)
+
+    def now() -> float:
+        return time.perf_counter() - t0
+
+    def past_deadline() -> bool:
+        return load.duration is not None and now() >= load.duration
+
+    async def run_session(http: aiohttp.ClientSession, session: Session, due: float) -> None:
+        for spec in session:
+            record = RequestRecord(
+                index=len(records),
+                scheduled=due,
+                expected_input=spec.input_tokens,
+                expected_output=spec.output_tokens,
+                session=spec.session,
+                turn=spec.turn,
+            )
+            records.append(record)
+            await send(http, target, spec, record, t0)
+            if on_done:
+                on_done(record)
+            if not record.ok:
+                return  # later turns would carry a history the server never answered
+            due = record.end
+
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as http:
+        with _LagMonitor() as lag:
+            if load.kind == "concurrency":
+
+                async def worker() -> None:
+                    while not past_deadline():
+                        session = next(sessions, None)  # drawn before the clock starts
+                        if session is None:
+                            result.ran_out = load.duration is not None
+                            return
+                        await run_session(http, session, now())
+
+                await asyncio.gather(*(worker() for _ in range(int(load.value))))
+                result.schedule_end = load.duration or now()
+            else:
+                offsets = arrival_offsets(
+                    load.value,
+                    count=load.count,
+                    duration=load.duration,
+                    burstiness=load.burstiness,
+                    seed=load.seed,
+                )
+                tasks = []
+                for i, due in enumerate(offsets):
+                    session = next(sessions, None)  # drawn before it is due
+                    if session is None:
+                        offsets, result.ran_out = offsets[:i], True
+                        break
+                    delay = due - now()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    tasks.append(asyncio.create_task(run_session(http, session, due)))
+                result.due = len(offsets)
+                result.schedule_end = load.duration or (offsets[-1] if offsets else 0.0)
+                await asyncio.sleep(0)  # let the last tasks send
+                result.sent_on_time = sum(
+                    1 for r in records if r.turn == 0 and r.sent <= result.schedule_end + 0.01
+                )
+                await asyncio.gather(*tasks)
+            result.loop_lag_ms = lag.samples
+    result.wall = now()
+    result.client_cpu_s = time.process_time() - cpu0
+    return result
