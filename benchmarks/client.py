@@ -51,8 +51,11 @@ class Target:
             body["prompt"] = spec.text
         return body | self.extra_body
 
+    def encode(self, spec: RequestSpec) -> bytes:
+        return json.dumps(self.body(spec)).encode()
+
     def request_headers(self, spec: RequestSpec) -> dict[str, str]:
-        headers = dict(self.headers)
+        headers = {"Content-Type": "application/json", **self.headers}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         if spec.session:
@@ -69,6 +72,22 @@ def _content(event: dict, chat: bool) -> bool:
         delta = choice.get("delta") or {}
         return bool(delta.get("content") or delta.get("reasoning_content"))
     return bool(choice.get("text"))
+
+
+def _absorb(event: dict, record: RequestRecord, chat: bool, now: float) -> None:
+    """One SSE event: an error, a chunk of output, and/or the usage."""
+    if "error" in event:
+        record.error_kind = "stream"
+        record.error = str(event["error"].get("message", event["error"]))
+        return
+    if _content(event, chat):
+        record.chunk_times.append(now)
+    usage = event.get("usage")
+    if usage:
+        record.prompt_tokens = usage.get("prompt_tokens")
+        record.completion_tokens = usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        record.cached_tokens = details.get("cached_tokens")
 
 
 def _error_message(raw: bytes) -> str:
@@ -91,7 +110,7 @@ async def send(
     record.sent = clock() - t0
     try:
         async with http.post(
-            target.url, json=target.body(spec), headers=target.request_headers(spec)
+            target.url, data=spec.body or target.encode(spec), headers=target.request_headers(spec)
         ) as resp:
             record.status = resp.status
             if resp.status != 200:
@@ -99,26 +118,19 @@ async def send(
                 record.error = f"HTTP {resp.status}: {_error_message(await resp.read())}"
                 return record
             done = False
-            async for line in resp.content:
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:].strip()
-                if payload == b"[DONE]":
-                    done = True
-                    break
-                event = json.loads(payload)
-                if "error" in event:
-                    record.error_kind = "stream"
-                    record.error = str(event["error"].get("message", event["error"]))
-                    continue
-                if _content(event, chat):
-                    record.chunk_times.append(clock() - t0)
-                usage = event.get("usage")
-                if usage:
-                    record.prompt_tokens = usage.get("prompt_tokens")
-                    record.completion_tokens = usage.get("completion_tokens")
-                    details = usage.get("prompt_tokens_details") or {}
-                    record.cached_tokens = details.get("cached_tokens")
+            buffer = b""
+            async for data in resp.content.iter_any():  # one await per network read
+                now = clock() - t0
+                buffer += data
+                *events, buffer = buffer.split(b"\n\n")
+                for raw in events:
+                    if not raw.startswith(b"data: "):
+                        continue
+                    payload = raw[6:].strip()
+                    if payload == b"[DONE]":
+                        done = True
+                        break
+                    _absorb(json.loads(payload), record, chat, now)
             if record.error_kind is None and not done:
                 record.error_kind, record.error = "stream", "stream ended without [DONE]"
             elif record.error_kind is None and record.completion_tokens is None:

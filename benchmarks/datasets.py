@@ -36,6 +36,7 @@ class RequestSpec:
     history: list[dict[str, str]] = field(default_factory=list)
     session: str | None = None
     turn: int = 0
+    body: bytes | None = None  # the encoded request, when made ahead of the run
 
     def messages(self) -> list[dict[str, str]]:
         return [*self.history, {"role": "user", "content": self.text}]
@@ -179,10 +180,11 @@ def synthetic(
             if chat:
                 spec.input_tokens = chat.prompt_tokens(spec.messages())
             session.append(spec)
-            history += [
-                {"role": "user", "content": body},
-                {"role": "assistant", "content": text.make(out, rng)},
-            ]
+            if turn + 1 < turns:
+                history += [
+                    {"role": "user", "content": body},
+                    {"role": "assistant", "content": text.make(out, rng)},
+                ]
         yield session
 
 

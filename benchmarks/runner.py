@@ -8,6 +8,8 @@ run where the client was the bottleneck says so.
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -90,12 +92,41 @@ async def run(
 ) -> RunResult:
     """Run one load point. Turns of a session go one after another; each turn is
     scheduled when the previous one ended."""
+    offsets: list[float] = []
+    if load.kind == "rate":
+        offsets = arrival_offsets(
+            load.value,
+            count=load.count,
+            duration=load.duration,
+            burstiness=load.burstiness,
+            seed=load.seed,
+        )
+    ran_out = False
+    if load.count or offsets:  # a known number: draw and encode it all before the clock starts
+        want = len(offsets) if offsets else load.count
+        drawn = list(itertools.islice(sessions, want))
+        for spec in (spec for session in drawn for spec in session):
+            spec.body = target.encode(spec)
+        if offsets and len(drawn) < len(offsets):
+            offsets, ran_out = offsets[: len(drawn)], True
+        sessions = iter(drawn)
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=target.timeout_s, sock_connect=10)
     records: list[RequestRecord] = []
+    gc.collect()
+    gc.disable()  # a full collection over thousands of records would stall the schedule
+    try:
+        return await _drive(
+            target, sessions, load, offsets, ran_out, records, on_done, connector, timeout
+        )
+    finally:
+        gc.enable()
+
+
+async def _drive(target, sessions, load, offsets, ran_out, records, on_done, connector, timeout):
     t0 = time.perf_counter()
     cpu0 = time.process_time()
-    result = RunResult(load=load, records=records, wall=0.0, schedule_end=0.0)
+    result = RunResult(load=load, records=records, wall=0.0, schedule_end=0.0, ran_out=ran_out)
 
     def now() -> float:
         return time.perf_counter() - t0
@@ -122,7 +153,10 @@ async def run(
             due = record.end
 
     async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),  # nothing to keep; saves work per request
     ) as http:
         with _LagMonitor() as lag:
             if load.kind == "concurrency":
@@ -138,19 +172,8 @@ async def run(
                 await asyncio.gather(*(worker() for _ in range(int(load.value))))
                 result.schedule_end = load.duration or now()
             else:
-                offsets = arrival_offsets(
-                    load.value,
-                    count=load.count,
-                    duration=load.duration,
-                    burstiness=load.burstiness,
-                    seed=load.seed,
-                )
                 tasks = []
-                for i, due in enumerate(offsets):
-                    session = next(sessions, None)  # drawn before it is due
-                    if session is None:
-                        offsets, result.ran_out = offsets[:i], True
-                        break
+                for session, due in zip(sessions, offsets, strict=False):
                     delay = due - now()
                     if delay > 0:
                         await asyncio.sleep(delay)

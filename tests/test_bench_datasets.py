@@ -1,0 +1,112 @@
+"""Synthetic prompts have exact token lengths in the model's own tokenizer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from benchmarks.datasets import ChatTemplate, LengthDist, SyntheticText, sharegpt, synthetic
+from models.manifest import load_manifest
+from models.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from serving.config import Settings
+
+    cache = Settings.model_fields["model_cache"].default_factory()
+    folder = prepare(load_manifest("smollm2-135m-instruct"), cache)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def text(tokenizer) -> SyntheticText:
+    return SyntheticText(tokenizer)
+
+
+def count(tokenizer, s: str) -> int:
+    return len(tokenizer.encode(s, add_special_tokens=False))
+
+
+def test_exact_lengths_from_distributions(text: SyntheticText, tokenizer) -> None:
+    sessions = list(
+        synthetic(text, 200, LengthDist.parse("uniform:8:300"), LengthDist.parse("normal:64:16"))
+    )
+    assert len(sessions) == 200
+    for (spec,) in sessions:
+        assert count(tokenizer, spec.text) == spec.input_tokens
+        assert 8 <= spec.input_tokens <= 300
+        assert spec.output_tokens >= 1
+    heads = {spec.text.split()[0:4].__str__() for (spec,) in sessions}
+    assert len(heads) == 200  # unique openings: no accidental prefix-cache hits
+
+
+def test_shared_prefix_is_shared_exactly(text: SyntheticText, tokenizer) -> None:
+    sessions = list(
+        synthetic(text, 20, LengthDist.parse("96"), LengthDist.parse("8"), shared_prefix=64)
+    )
+    ids = [tokenizer.encode(s[0].text, add_special_tokens=False) for s in sessions]
+    assert all(len(i) == 96 for i in ids)
+    assert len({tuple(i[:64]) for i in ids}) == 1
+    assert len({tuple(i[64:]) for i in ids}) == 20
+
+
+def test_chat_lengths_count_the_template(text: SyntheticText, tokenizer) -> None:
+    chat = ChatTemplate(tokenizer)
+    sessions = list(
+        synthetic(text, 5, LengthDist.parse("120"), LengthDist.parse("16"), turns=3, chat=chat)
+    )
+    for session in sessions:
+        assert [s.turn for s in session] == [0, 1, 2]
+        assert len({s.session for s in session}) == 1
+        assert session[0].input_tokens == 120  # the templated conversation, as usage counts
+        for spec in session:
+            assert chat.prompt_tokens(spec.messages()) == spec.input_tokens
+        assert session[2].history[:2] == session[1].history  # history grows turn by turn
+        assert session[1].input_tokens > 120
+
+
+def test_same_seed_same_data(text: SyntheticText) -> None:
+    a = [s[0].text for s in synthetic(text, 5, LengthDist.parse("32"), LengthDist.parse("4"))]
+    b = [s[0].text for s in synthetic(text, 5, LengthDist.parse("32"), LengthDist.parse("4"))]
+    assert a == b
+
+
+def test_sharegpt_file(tmp_path, tokenizer) -> None:
+    convo = [
+        {"from": "human", "value": "Tell me about the river and the stone in the garden."},
+        {"from": "gpt", "value": "The river runs past the stone, and the garden grows."},
+        {"from": "human", "value": "And what about the lantern by the harbor?"},
+        {"from": "gpt", "value": "The lantern glows over the harbor every night."},
+    ]
+    data = [
+        {"id": "a", "conversations": convo},
+        {"id": "b", "conversations": convo[:1]},
+        {
+            "id": "c",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+        },
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    single = sharegpt(path, tokenizer, 10)
+    assert len(single) == 1  # "b" has no answer, "c" is under 4 tokens
+    spec = single[0][0]
+    assert spec.input_tokens == count(tokenizer, convo[0]["value"])
+    assert spec.output_tokens == count(tokenizer, convo[1]["value"])
+    multi = sharegpt(path, tokenizer, 10, turns=2)
+    assert [s.turn for s in multi[0]] == [0, 1]
+    assert multi[0][1].history[1]["content"] == convo[1]["value"]
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="no usable"):
+        sharegpt(empty, tokenizer, 1)
+
+
+def test_too_long_prefix_is_refused(text: SyntheticText) -> None:
+    with pytest.raises(ValueError):
+        text.make(4, random.Random(0), prefix=text.make(10, random.Random(1)))

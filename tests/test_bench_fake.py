@@ -1,0 +1,168 @@
+"""The bench client against FAKE servers: its own ceiling, and failures it must count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench
+from benchmarks.client_ceiling import start_fake
+from benchmarks.launch import free_port
+from models.manifest import load_manifest
+from models.prepare import prepare
+from serving.config import Settings
+from tests.fake_engine import FakeEngine
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir() -> str:
+    cache = Settings.model_fields["model_cache"].default_factory()
+    return str(prepare(load_manifest("smollm2-135m-instruct"), cache))
+
+
+@pytest.fixture(scope="module")
+def fake_url():
+    port = free_port()
+    proc = start_fake(port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+    assert proc.poll() is not None
+
+
+def run(url: str, out: Path, tokenizer: str, *extra: str) -> dict:
+    args = bench.build_parser().parse_args(
+        [
+            "--base-url",
+            url,
+            "--model",
+            "fake",
+            "--tokenizer",
+            tokenizer,
+            "--out",
+            str(out),
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
+            *extra,
+        ]
+    )
+    assert bench.main(args) == 0
+    return json.loads((out / "bench.json").read_text())
+
+
+def client_flags(point: dict) -> list[str]:
+    return [r for r in point["verdict"]["reasons"] if "client saturated" in r]
+
+
+def test_client_keeps_up_and_flags_itself_past_its_ceiling(fake_url, tokenizer_dir, tmp_path):
+    doc = run(fake_url, tmp_path, tokenizer_dir, "--rate", "100", "8000", "--duration", "0.75")
+    easy, hard = doc["points"]
+    assert easy["summary"]["completed"] == easy["summary"]["requests"] > 50
+    assert client_flags(easy) == []
+    assert easy["summary"]["req_s"] == pytest.approx(100, rel=0.25)
+    assert client_flags(hard), hard["verdict"]  # 8,000 req/s is far past one core
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "kind"),
+    [
+        ("error-500", "http_5xx"),
+        ("garbage", "http_5xx"),
+        ("cut-stream", "connection"),
+        ("no-done", "stream"),
+        ("ok", "no_usage"),
+    ],
+)
+def test_failures_are_counted_by_kind(behaviour, kind, tokenizer_dir, tmp_path) -> None:
+    with FakeEngine(force=behaviour) as engine:
+        doc = run(
+            engine.url,
+            tmp_path,
+            tokenizer_dir,
+            "--endpoint",
+            "chat",
+            "--concurrency",
+            "2",
+            "--requests",
+            "4",
+        )
+    point = doc["points"][0]
+    assert point["summary"]["errors"] == {kind: 4}
+    assert point["summary"]["goodput_share"] == 0
+    assert any("errors: 100.0%" in r for r in point["verdict"]["reasons"])
+    assert all(r["error"] for r in point["requests"])
+
+
+def test_a_stalled_stream_times_out(tokenizer_dir, tmp_path) -> None:
+    with FakeEngine(force="stall-stream") as engine:
+        doc = run(
+            engine.url,
+            tmp_path,
+            tokenizer_dir,
+            "--endpoint",
+            "chat",
+            "--concurrency",
+            "1",
+            "--requests",
+            "1",
+            "--timeout",
+            "1",
+        )
+    assert doc["points"][0]["summary"]["errors"] == {"timeout": 1}
+
+
+def test_bad_arguments_are_refused(tokenizer_dir, tmp_path) -> None:
+    parser = bench.build_parser()
+    with pytest.raises(SystemExit, match="--duration or --requests"):
+        bench.main(
+            parser.parse_args(
+                [
+                    "--base-url",
+                    "http://x",
+                    "--model",
+                    "m",
+                    "--out",
+                    str(tmp_path),
+                    "--concurrency",
+                    "1",
+                ]
+            )
+        )
+    with pytest.raises(SystemExit, match="--turns needs --endpoint chat"):
+        bench.main(
+            parser.parse_args(
+                [
+                    "--base-url",
+                    "http://x",
+                    "--model",
+                    "m",
+                    "--out",
+                    str(tmp_path),
+                    "--concurrency",
+                    "1",
+                    "--requests",
+                    "1",
+                    "--turns",
+                    "2",
+                ]
+            )
+        )
+    with pytest.raises(SystemExit):
+        parser.parse_args(
+            [
+                "--base-url",
+                "http://x",
+                "--model",
+                "m",
+                "--out",
+                "o",
+                "--concurrency",
+                "1",
+                "--rate",
+                "2",
+            ]
+        )

