@@ -64,14 +64,19 @@ class Target:
 
 
 def _content(event: dict, chat: bool) -> bool:
+    """Does this event carry output? vLLM sends one event per generated token, with empty
+    text when a token does not complete a character yet: those count too (as in
+    `vllm bench serve`), so ITL is per token rather than per visible character."""
     choices = event.get("choices") or ()
     if not choices:
         return False
     choice = choices[0]
-    if chat:
-        delta = choice.get("delta") or {}
-        return bool(delta.get("content") or delta.get("reasoning_content"))
-    return bool(choice.get("text"))
+    if not chat:
+        return "text" in choice
+    delta = choice.get("delta") or {}
+    if delta.get("role") and not delta.get("content"):
+        return False  # the opening role chunk carries no token
+    return any(k in delta for k in ("content", "reasoning_content", "tool_calls"))
 
 
 def _absorb(event: dict, record: RequestRecord, chat: bool, now: float) -> None:

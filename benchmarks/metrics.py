@@ -60,19 +60,17 @@ class RequestRecord:
         return (self.chunk_times[-1] - self.chunk_times[0]) / (n - 1)
 
     def itl(self) -> list[float]:
-        """Per-token gaps. A chunk carrying several tokens spreads its gap over them."""
+        """Gaps between token events. Only when chunks clearly carry several tokens each
+        (e.g. speculative decoding) is each gap spread over the tokens it brought."""
         times = self.chunk_times
-        n = self.completion_tokens or len(times)
         if len(times) < 2:
             return []
-        per_chunk = max(1.0, (n - 1) / (len(times) - 1))
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        per_chunk = ((self.completion_tokens or len(times)) - 1) / (len(times) - 1)
+        if per_chunk < 1.5:
+            return gaps
         reps = round(per_chunk)
-        return [
-            gap / per_chunk
-            for a, b in itertools.pairwise(times)
-            for gap in [b - a]
-            for _ in range(reps)
-        ]
+        return [g / per_chunk for g in gaps for _ in range(reps)]
 
     def tokens_in(self, t0: float, t1: float) -> float:
         """Output tokens produced in [t0, t1], each chunk worth an equal share of usage."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI
 
-from serving.api.routes import router
+from serving.api.routes import router, v1
 from serving.api.serving import ProxyService
 from serving.config import Settings
 from serving.engines.supervisor import Supervisor
@@ -128,4 +128,5 @@ def create_app(
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(v1)
     return app

@@ -29,6 +29,33 @@ def prepare_engine_models(settings: Settings, force: bool = False) -> dict[str, 
     return dirs
 
 
+def check_engines(settings: Settings, model_dirs: dict[str, Path]) -> None:
+    """Before anything starts: every engine's args pass vLLM's own checks, and every
+    model the planner can judge fits its memory. Raises ConfigError naming the keys."""
+    from serving.engines import cpu
+    from serving.engines.memory_check import check_settings
+    from serving.engines.validate import validate_engines
+
+    cpu_build = cpu.is_cpu_build()
+    problems = check_settings(settings, model_dirs, cpu_build=cpu_build)
+    if settings.validate_engine_args:
+        jobs = []
+        for i, engine in enumerate(settings.engines):
+            if engine.url is not None:
+                continue
+            args = engine.args
+            if cpu_build:
+                args, _ = cpu.apply_cpu_defaults(args, engine.env, cpu.cpu_flags())
+            jobs.append(
+                {"where": f"engines.{i}", "model_dir": str(model_dirs[engine.name]), "args": args}
+            )
+        if jobs:
+            log.info("checking engine args against vLLM's EngineArgs")
+            problems += validate_engines(jobs, settings.model_cache / ".validated-args")
+    if problems:
+        raise ConfigError("engine config refused:\n  " + "\n  ".join(problems))
+
+
 def banner(host: str, port: int, models: list[str]) -> str:
     base = f"http://{host}:{port}"
     model = models[0]
@@ -98,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server["port"] = args.port
     settings = load_settings(args.config, **({"server": server} if server else {}))
     model_dirs = prepare_engine_models(settings)
+    check_engines(settings, model_dirs)
     try:
         import uvloop
 

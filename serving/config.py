@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +33,11 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
     max_upstream_connections: int = Field(1024, gt=0)
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Bearer keys accepted on /v1/*; empty: no auth. In Kubernetes, set "
+        'TIERGATE_SERVER__API_KEYS (a JSON list, e.g. \'["k1","k2"]\') from a Secret.',
+    )
 
 
 class TimeoutSettings(_Strict):
@@ -55,6 +60,18 @@ class RestartSettings(_Strict):
     max_restarts: int = Field(10, ge=0, description="Give up after this many in a row.")
 
 
+class EnginePlan(_Strict):
+    """Hardware facts for the memory check at start (`tiergate plan memory`)."""
+
+    gpu: str = Field(description="A key of configs/gpus.yaml, e.g. h100-80gb.")
+    model_spec: str | None = Field(
+        None, description="A key of configs/model_specs.yaml; default: the weights' config.json."
+    )
+    weights_quantization: str | None = Field(
+        None, description="How the checkpoint is quantized, when args do not say (e.g. awq)."
+    )
+
+
 class EngineSettings(_Strict):
     """One vLLM OpenAI server: started by the supervisor, or reached at `url`."""
 
@@ -64,6 +81,9 @@ class EngineSettings(_Strict):
     url: str | None = Field(None, description="External engine; nothing is started.")
     args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args.")
     env: dict[str, str] = Field(default_factory=dict)
+    plan: EnginePlan | None = Field(
+        None, description="Check at start that the model fits this GPU under `args`."
+    )
 
     @property
     def model_name(self) -> str:
@@ -158,6 +178,9 @@ class Settings(BaseSettings):
         default_factory=lambda: (
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiergate" / "models"
         )
+    )
+    validate_engine_args: bool = Field(
+        True, description="Check supervised engines' args with vLLM's EngineArgs at start."
     )
     engines: list[EngineSettings] = Field(min_length=1)
     tiers: list[TierSettings] = Field(

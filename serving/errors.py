@@ -44,6 +44,10 @@ class InvalidRequest(GatewayError):
     status, type = 400, "invalid_request_error"
 
 
+class Unauthorized(GatewayError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
 class ModelNotFound(GatewayError):
     status, type, code = 404, "invalid_request_error", "model_not_found"
 

@@ -36,11 +36,14 @@ def test_latency_counts_from_schedule_not_from_send() -> None:
     assert r.e2e == pytest.approx(1.41)
 
 
-def test_itl_spreads_a_multi_token_chunk_over_its_tokens() -> None:
+def test_itl_spreads_multi_token_chunks_over_their_tokens() -> None:
     r = rec(0, 0.0, 0.0, [1.0, 1.2, 1.4], 5)  # 3 chunks carried 5 tokens
     assert r.itl() == pytest.approx([0.1, 0.1, 0.1, 0.1])
     assert r.tpot == pytest.approx(0.1)
     assert r.tokens_in(0, 1.1) == pytest.approx(5 / 3)
+    # one missing event in many is not multi-token streaming: gaps stay as measured
+    near = rec(1, 0.0, 0.0, [1.0 + 0.1 * i for i in range(10)], 11)
+    assert near.itl() == pytest.approx([0.1] * 9)
 
 
 def test_percentiles_match_the_linear_definition() -> None:

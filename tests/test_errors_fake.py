@@ -119,3 +119,24 @@ async def test_error_after_stream_start_is_one_event_then_done(
     assert len(events) == 4
     metrics = (await gw.get("/metrics")).text
     assert f'tiergate_stream_errors_total{{kind="{code}",model="{mode}"}} 1.0' in metrics
+
+
+async def test_api_keys_guard_the_openai_routes_only() -> None:
+    """With keys set, /v1/* need one (401 in the OpenAI shape); probes and metrics stay open."""
+    settings = Settings(
+        engines=[{"name": "fake", "model": "ok", "url": GONE_URL}],
+        server={"api_keys": ["k-one", "k-two"]},
+    )
+    async with in_process_gateway(settings) as client:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "k-one"}):
+            r = await client.get("/v1/models", headers=headers)
+            assert r.status_code == 401
+            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert r.json()["error"]["type"] == "invalid_request_error"
+        r = await client.post("/v1/chat/completions", json={"model": "ok", "messages": []})
+        assert r.status_code == 401
+        assert (await client.get("/tiergate/engines")).status_code == 401
+        ok = await client.get("/v1/models", headers={"Authorization": "Bearer k-two"})
+        assert ok.status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200

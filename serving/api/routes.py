@@ -2,28 +2,44 @@
 
 from __future__ import annotations
 
+import hmac
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from serving.errors import NoEngineReady, error_payload
+from serving.errors import NoEngineReady, Unauthorized, error_payload
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer auth on the OpenAI routes when keys are configured (health and metrics stay open
+    for probes and Prometheus)."""
+    keys = request.app.state.settings.server.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not any(
+        hmac.compare_digest(token.encode(), k.get_secret_value().encode()) for k in keys
+    ):
+        raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.")
+
 
 router = APIRouter()
+v1 = APIRouter(dependencies=[Depends(require_api_key)])
 
 
-@router.post("/v1/chat/completions")
+@v1.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     return await request.app.state.proxy.handle(request, "chat")
 
 
-@router.post("/v1/completions")
+@v1.post("/v1/completions")
 async def completions(request: Request) -> Response:
     return await request.app.state.proxy.handle(request, "completion")
 
 
-@router.get("/v1/models")
+@v1.get("/v1/models")
 async def list_models(request: Request) -> dict:
     """Every tier's model, then the virtual `auto` model that picks among them."""
     registry = request.app.state.registry
@@ -76,7 +92,7 @@ async def metrics(request: Request) -> Response:
     )
 
 
-@router.get("/tiergate/engines")
+@v1.get("/tiergate/engines")
 async def engines(request: Request) -> dict:
     """Operator view of every engine: state, URL, pid, restarts, load."""
     fields = (

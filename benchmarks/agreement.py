@@ -1,0 +1,150 @@
+"""`tiergate bench` against vLLM's own `vllm bench serve`: the same server, load and
+dataset shape, run alternately (vLLM, ours, ours, vLLM, ...) in one sitting.
+
+    python -m benchmarks.agreement --base-url http://127.0.0.1:8000 \\
+        --model smollm2-135m-instruct --tokenizer ~/.cache/tiergate/models/smollm2-135m-instruct
+
+Compares median TTFT, median ITL, median TPOT and output throughput (medians over the
+rounds) and prints our figure relative to vLLM's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.launch import REPO, exit_on_sigterm
+
+KEYS = ("ttft_ms", "itl_ms", "tpot_ms", "output_tok_s")
+
+
+def run_vllm(a: argparse.Namespace, out: Path) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.vllm_bench",
+        "--backend",
+        "openai",
+        "--base-url",
+        a.base_url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        a.model,
+        "--tokenizer",
+        a.tokenizer,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(a.input_len),
+        "--random-output-len",
+        str(a.output_len),
+        "--num-prompts",
+        str(a.num_prompts),
+        "--max-concurrency",
+        str(a.concurrency),
+        "--ignore-eos",
+        "--seed",
+        str(a.seed),
+        "--save-result",
+        "--result-dir",
+        str(out),
+        "--result-filename",
+        "vllm.json",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--disable-tqdm",
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d = json.loads((out / "vllm.json").read_text())
+    return {
+        "ttft_ms": d["median_ttft_ms"],
+        "itl_ms": d["median_itl_ms"],
+        "tpot_ms": d["median_tpot_ms"],
+        "output_tok_s": d["output_throughput"],
+        "completed": d["completed"],
+    }
+
+
+def run_ours(a: argparse.Namespace, out: Path, seed: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving.cli",
+        "bench",
+        "--base-url",
+        a.base_url,
+        "--model",
+        a.model,
+        "--tokenizer",
+        a.tokenizer,
+        "--concurrency",
+        str(a.concurrency),
+        "--requests",
+        str(a.num_prompts),
+        "--input-len",
+        str(a.input_len),
+        "--output-len",
+        str(a.output_len),
+        "--seed",
+        str(seed),
+        "--out",
+        str(out),
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    s = json.loads((out / "bench.json").read_text())["points"][0]["summary"]
+    return {
+        "ttft_ms": s["ttft_ms"]["p50"],
+        "itl_ms": s["itl_ms"]["p50"],
+        "tpot_ms": s["tpot_ms"]["p50"],
+        "output_tok_s": s["output_tok_s"],
+        "completed": s["completed"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    exit_on_sigterm()
+    work = Path(tempfile.mkdtemp(prefix="tiergate-agreement-"))
+    runs: dict[str, list[dict]] = {"vllm": [], "tiergate": []}
+    for i in range(a.rounds):
+        order = ("vllm", "tiergate") if i % 2 == 0 else ("tiergate", "vllm")
+        for tool in order:
+            out = work / f"{tool}-{i}"
+            out.mkdir()
+            result = run_vllm(a, out) if tool == "vllm" else run_ours(a, out, a.seed + i)
+            runs[tool].append(result)
+            print(
+                f"round {i + 1} {tool}: " + ", ".join(f"{k} {result[k]:.2f}" for k in KEYS),
+                flush=True,
+            )
+    med = {t: {k: statistics.median(r[k] for r in rs) for k in KEYS} for t, rs in runs.items()}
+    print("| metric (median of rounds) | vllm bench serve | tiergate bench | tiergate / vllm |")
+    print("|---|---|---|---|")
+    for k in KEYS:
+        v, o = med["vllm"][k], med["tiergate"][k]
+        print(f"| {k} | {v:.2f} | {o:.2f} | {o / v:.3f} |")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"runs": runs, "medians": med}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
