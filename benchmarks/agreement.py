@@ -23,8 +23,8 @@ from benchmarks.launch import REPO, exit_on_sigterm
 KEYS = ("ttft_ms", "itl_ms", "tpot_ms", "output_tok_s")
 
 
-def run_vllm(a: argparse.Namespace, out: Path) -> dict:
-    cmd = [
+def vllm_cmd(a: argparse.Namespace, out: Path) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "benchmarks.vllm_bench",
@@ -60,7 +60,9 @@ def run_vllm(a: argparse.Namespace, out: Path) -> dict:
         "ttft,tpot,itl,e2el",
         "--disable-tqdm",
     ]
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def vllm_result(out: Path) -> dict:
     d = json.loads((out / "vllm.json").read_text())
     return {
         "ttft_ms": d["median_ttft_ms"],
@@ -71,8 +73,8 @@ def run_vllm(a: argparse.Namespace, out: Path) -> dict:
     }
 
 
-def run_ours(a: argparse.Namespace, out: Path, seed: int) -> dict:
-    cmd = [
+def ours_cmd(a: argparse.Namespace, out: Path, seed: int) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "serving.cli",
@@ -96,7 +98,9 @@ def run_ours(a: argparse.Namespace, out: Path, seed: int) -> dict:
         "--out",
         str(out),
     ]
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def ours_result(out: Path) -> dict:
     s = json.loads((out / "bench.json").read_text())["points"][0]["summary"]
     return {
         "ttft_ms": s["ttft_ms"]["p50"],
@@ -105,6 +109,10 @@ def run_ours(a: argparse.Namespace, out: Path, seed: int) -> dict:
         "output_tok_s": s["output_tok_s"],
         "completed": s["completed"],
     }
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,17 +126,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="run both tools at the same time (each at --concurrency) so that both measure "
+        "the same server moments; otherwise alternate them",
+    )
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="tiergate-agreement-"))
     runs: dict[str, list[dict]] = {"vllm": [], "tiergate": []}
     for i in range(a.rounds):
+        dirs = {t: work / f"{t}-{i}" for t in runs}
+        for d in dirs.values():
+            d.mkdir()
+        cmds = {
+            "vllm": vllm_cmd(a, dirs["vllm"]),
+            "tiergate": ours_cmd(a, dirs["tiergate"], a.seed + i),
+        }
         order = ("vllm", "tiergate") if i % 2 == 0 else ("tiergate", "vllm")
+        if a.together:
+            procs = [_start(cmds[t]) for t in order]
+            if any(proc.wait() != 0 for proc in procs):
+                raise SystemExit("a benchmark run failed")
+        else:
+            for t in order:
+                if _start(cmds[t]).wait() != 0:
+                    raise SystemExit(f"the {t} run failed")
         for tool in order:
-            out = work / f"{tool}-{i}"
-            out.mkdir()
-            result = run_vllm(a, out) if tool == "vllm" else run_ours(a, out, a.seed + i)
+            out = dirs[tool]
+            result = vllm_result(out) if tool == "vllm" else ours_result(out)
             runs[tool].append(result)
             print(
                 f"round {i + 1} {tool}: " + ", ".join(f"{k} {result[k]:.2f}" for k in KEYS),

@@ -134,7 +134,7 @@ def cmd_capacity(a: argparse.Namespace) -> int:
             limit.per_replica_output_tok_s,
         )
         print(
-            f"Cost at ${a.usd_per_gpu_hour:.2f}/GPU-hour: ${c.usd_per_hour:.2f}/hour, "
+            f"Cost at ${a.usd_per_gpu_hour:g}/GPU-hour: ${c.usd_per_hour:.2f}/hour, "
             f"${c.usd_per_month:,.0f}/month; at peak traffic ${c.usd_per_1m_output_tokens:.2f} "
             f"per 1M output tokens, ${c.usd_per_1k_requests:.3f} per 1k requests; "
             f"${c.usd_per_1m_output_tokens_at_limit:.2f} per 1M output tokens for a replica "

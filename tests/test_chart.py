@@ -1,0 +1,255 @@
+"""The Helm chart: lint, render, Kubernetes schemas, and no drift from the router's code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from models.hardware import GIB, gpu_profiles, model_specs
+from models.memory import EngineShape, plan_memory
+from serving.config import load_settings
+from serving.engines.memory_check import check_settings
+from tests.utils import REPO
+
+CHART = REPO / "k8s" / "tiergate"
+EXAMPLES = sorted((REPO / "k8s" / "examples").glob("values-*.yaml"))
+CASES = [None, *EXAMPLES]
+CRD_KINDS = {"ServiceMonitor", "ScaledObject"}  # not in the Kubernetes schemas
+
+
+def values_of(path: Path | None) -> dict | None:
+    return yaml.safe_load(path.read_text()) if path else None
+
+
+def render(values: dict | None) -> list[dict]:
+    out = helm_python.Chart.load(str(CHART)).render(
+        values, name="tg", namespace="ai", is_install=True
+    )
+    return [
+        doc
+        for name, text in out.items()
+        if name.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_examples_exist() -> None:
+    names = {p.name for p in EXAMPLES}
+    assert {"values-cpu-demo.yaml", "values-h100.yaml", "values-multi-tier.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.name if p else "defaults")
+def test_lint_is_clean(path: Path | None) -> None:
+    report = helm_python.lint(str(CHART), values_of(path), strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.name if p else "defaults")
+def test_every_manifest_is_valid_kubernetes(path: Path | None) -> None:
+    docs = render(values_of(path))
+    assert by_kind(docs, "Deployment") and by_kind(docs, "ConfigMap")
+    for doc in docs:
+        if doc["kind"] in CRD_KINDS:
+            assert doc["apiVersion"] and doc["metadata"]["name"] and doc["spec"]
+            continue
+        kubernetes_validate.validate(doc, "1.30", strict=True)
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: p.name if p else "defaults")
+def test_router_configmap_loads_through_the_routers_own_loader(path, tmp_path) -> None:
+    values = values_of(path) or {}
+    docs = render(values or None)
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("router")]
+    config = tmp_path / "config.yaml"
+    config.write_text(cm["data"]["config.yaml"])
+    settings = load_settings(config)  # raises ConfigError on any drift
+    tiers = values.get("tiers") or yaml.safe_load((CHART / "values.yaml").read_text())["tiers"]
+    assert [t.name for t in settings.effective_tiers()] == [t["name"] for t in tiers]
+    assert [e.url for e in settings.engines] == [
+        f"http://tg-tiergate-{t['name']}:8000" for t in tiers
+    ]
+    assert settings.router.order == (
+        values.get("router", {}).get("settings", {}).get("router", {}).get("order")
+        or [t["name"] for t in tiers]
+    )
+    assert check_settings(settings) == []  # every GPU tier fits, by the planner too
+
+
+def engine_containers(docs: list[dict]) -> list[tuple[dict, dict]]:
+    return [
+        (d, c)
+        for d in by_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] in ("engine", "ray-worker")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def test_engines_get_gpus_probes_shm_cache_and_secure_defaults() -> None:
+    values = values_of(REPO / "k8s" / "examples" / "values-multi-tier.yaml")
+    docs = render(values)
+    engines = engine_containers(docs)
+    assert len(engines) == 3
+    for deployment, c in engines:
+        pod = deployment["spec"]["template"]["spec"]
+        tier = deployment["metadata"]["labels"]["tiergate.dev/tier"]
+        want = {t["name"]: t["gpu"]["count"] for t in values["tiers"]}[tier]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == want
+        assert pod["runtimeClassName"] == "nvidia"
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c)
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert {"/models", "/dev/shm", "/tmp"} <= mounts
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+        assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "tg-tiergate-models"
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    large = next(c for d, c in engines if d["metadata"]["name"] == "tg-tiergate-large")
+    args = large["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert "--enable-prefix-caching" in args and args[args.index("--model") + 1].startswith(
+        "RedHat"
+    )
+    assert len(by_kind(docs, "PodDisruptionBudget")) == 4  # router + 3 tiers
+    assert by_kind(docs, "ServiceMonitor")
+
+
+def test_api_keys_only_from_a_secret() -> None:
+    docs = render(values_of(REPO / "k8s" / "examples" / "values-h100.yaml"))
+    router = next(
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("router")
+    )
+    env = {e["name"]: e for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env["TIERGATE_SERVER__API_KEYS"]
+    assert "value" not in ref
+    assert ref["valueFrom"]["secretKeyRef"] == {"name": "tiergate-keys", "key": "keys"}
+    with pytest.raises(helm_python.HelmError, match="apiKeys"):  # no inline keys accepted
+        render({"router": {"apiKeys": {"existingSecret": "", "key": "keys", "value": "k"}}})
+
+
+def test_keda_scales_on_waiting_requests() -> None:
+    docs = render(values_of(REPO / "k8s" / "examples" / "values-h100.yaml"))
+    (so,) = by_kind(docs, "ScaledObject")
+    assert so["spec"]["scaleTargetRef"]["name"] == "tg-tiergate-medium"
+    assert "vllm:num_requests_waiting" in so["spec"]["triggers"][0]["metadata"]["query"]
+    assert by_kind(render(None), "ScaledObject") == []  # off by default
+
+
+def test_multi_node_renders_a_ray_cluster() -> None:
+    docs = render(values_of(REPO / "k8s" / "examples" / "values-ray-70b.yaml"))
+    head = next(
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "tg-tiergate-large"
+    )
+    worker = next(
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("ray-worker")
+    )
+    head_cmd = head["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    assert "ray start --head" in head_cmd and "--distributed-executor-backend ray" in head_cmd
+    assert "'--pipeline-parallel-size' '2'" in head_cmd
+    assert worker["spec"]["replicas"] == 1
+    assert (
+        "--address=tg-tiergate-large-ray-head:6379"
+        in worker["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    )
+    assert any(
+        s["metadata"]["name"] == "tg-tiergate-large-ray-head" for s in by_kind(docs, "Service")
+    )
+
+
+def test_a_tier_that_cannot_fit_is_refused_with_the_shortfall() -> None:
+    tier = {
+        "name": "big",
+        "model": "m",
+        "weights": "w",
+        "spec": "llama-3.1-70b",
+        "gpu": {"count": 1, "profile": "h100-80gb"},
+        "engineArgs": {"max_model_len": 8192},
+    }
+    with pytest.raises(helm_python.HelmError) as err:
+        render({"tiers": [tier]})
+    plan = plan_memory(
+        model_specs()["llama-3.1-70b"], gpu_profiles()["h100-80gb"], EngineShape(max_model_len=8192)
+    )
+    assert "does not fit" in str(err.value)
+    assert f"short by {plan.shortfall_bytes / GIB:.2f} GiB" in str(err.value)
+    tier["engineArgs"] |= {"tensor_parallel_size": 4}
+    tier["gpu"]["count"] = 4
+    assert by_kind(render({"tiers": [tier]}), "Deployment")  # four GPUs hold it
+
+
+@pytest.mark.parametrize(
+    ("tier", "message"),
+    [
+        ({"gpu": {"count": 2, "profile": "h100-80gb"}}, "must equal tensor_parallel_size"),
+        ({"spec": "gpt-9"}, "not a key of modelSpecs"),
+        ({"engineArgs": {"max_model_len": 0}}, "max_model_len"),
+        ({"name": "Bad_Name"}, "name"),
+    ],
+)
+def test_bad_values_are_refused(tier: dict, message: str) -> None:
+    base = {
+        "name": "t",
+        "model": "m",
+        "weights": "w",
+        "spec": "llama-3.1-8b",
+        "gpu": {"count": 1, "profile": "h100-80gb"},
+        "engineArgs": {"max_model_len": 4096},
+    }
+    with pytest.raises(helm_python.HelmError, match=message):
+        render({"tiers": [base | tier]})
+
+
+def test_chart_data_matches_the_planner_data() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    gpus = gpu_profiles()
+    for key, g in values["gpuProfiles"].items():
+        assert g["memoryGiB"] == gpus[key].memory_gib
+    specs = model_specs()
+    for key, s in values["modelSpecs"].items():
+        m = specs[key]
+        assert (
+            s["layers"],
+            s["hidden"],
+            s["heads"],
+            s["kvHeads"],
+            s["headDim"],
+            s["intermediate"],
+            s["vocab"],
+            s["tiedEmbeddings"],
+        ) == (
+            m.layers,
+            m.hidden,
+            m.heads,
+            m.kv_heads,
+            m.head_dim,
+            m.intermediate,
+            m.vocab,
+            m.tied_embeddings,
+        )
+
+
+def test_dockerfile_passes_hadolint_and_keeps_its_promises() -> None:
+    import subprocess
+    import sys
+
+    hadolint = Path(sys.executable).parent / "hadolint"
+    done = subprocess.run(
+        [str(hadolint), str(REPO / "Dockerfile.gpu")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (REPO / "Dockerfile.gpu").read_text()
+    base = next(line for line in text.splitlines() if line.startswith("FROM "))
+    assert ":" in base and not base.endswith(":latest")  # a pinned base
+    assert "USER ${TIERGATE_UID}" in text and "TIERGATE_UID=10001" in text
+    assert "HEALTHCHECK" in text and 'VOLUME ["/models"]' in text
