@@ -34,7 +34,7 @@ VARIANTS: dict[str, tuple[dict, dict, str | None]] = {
     "batched-512": ({"max_num_batched_tokens": 512}, {}, None),
     "bf16": ({"dtype": "bfloat16"}, {}, None),
     "kv-1g": ({}, {"VLLM_CPU_KVCACHE_SPACE": "1"}, None),
-    "int8": ({}, {}, "smollm2-135m-instruct-w8a8"),
+    "int8-w8a8": ({}, {}, "smollm2-135m-instruct-w8a8"),
 }
 
 

@@ -244,9 +244,8 @@ def cmd_published(a: argparse.Namespace) -> int:
 
 def cmd_memory(a: argparse.Namespace) -> int:
     if a.config:
-        from serving.engines.memory_check import check_settings
-
         from serving.config import load_settings
+        from serving.engines.memory_check import check_settings
 
         problems = check_settings(load_settings(a.config), verbose=print)
         return 1 if problems else 0

@@ -50,7 +50,8 @@ def resolve_source(manifest: Manifest) -> Path:
             raise ModelError(f"model {manifest.name!r}: {path} is missing from {src.pip_name}")
         return path
     if isinstance(src, LocalSource):
-        path = src.path / src.file if src.file else src.path
+        root = src.path.expanduser()
+        path = root / src.file if src.file else root
         if not path.exists():
             raise ModelError(f"model {manifest.name!r}: local path {path} does not exist")
         return path
