@@ -50,7 +50,8 @@ class GatewayProcess:
         self.log_path = log_path
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
-        self.seen: set[int] = set()  # every descendant pid we ever saw
+        # every descendant we ever saw: pid -> start time (pids are reused, start times not)
+        self.seen: dict[int, float] = {}
 
     def start(self) -> GatewayProcess:
         self.log = self.log_path.open("wb")
@@ -84,7 +85,9 @@ class GatewayProcess:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-        self.seen.update(k.pid for k in kids)
+        for kid in kids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.seen.setdefault(kid.pid, kid.create_time())
         return kids
 
     def get(self, path: str, timeout: float = 10) -> httpx.Response:
@@ -129,10 +132,12 @@ class GatewayProcess:
         return self.proc.returncode
 
     def survivors(self) -> list[int]:
+        """Descendants still running: the same pid *and* start time (not a reused pid)."""
         alive = []
-        for pid in self.seen:
+        for pid, started in self.seen.items():
             with contextlib.suppress(psutil.NoSuchProcess):
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                proc = psutil.Process(pid)
+                if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
                     alive.append(pid)
         return alive
 

@@ -25,7 +25,7 @@ class EngineShape:
 
     max_model_len: int
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # None: max(max_model_len, 8192) on GPU
+    max_num_batched_tokens: int | None = None  # None: 8192, vLLM V1's default with chunked prefill
     gpu_memory_utilization: float = 0.9
     kv_cache_dtype: str = "auto"
     block_size: int | None = None  # None: 16 on GPU, 128 on CPU
@@ -108,7 +108,7 @@ def plan_memory(spec: ModelSpec, device: GPUProfile, shape: EngineShape) -> Memo
         budget = (shape.cpu_kvcache_space_gib or 4.0) * GIB
     else:
         block = shape.block_size or 16
-        batched = shape.max_num_batched_tokens or max(shape.max_model_len, 8192)
+        batched = shape.max_num_batched_tokens or 8192
         # hidden states + MLP intermediates of one batched forward pass, plus fp32 logits
         activations = batched * (4 * spec.hidden + 2 * spec.intermediate / tp) * dtype_bytes
         activations += min(shape.max_num_seqs, batched) * spec.vocab * 4 / tp

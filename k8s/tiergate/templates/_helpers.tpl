@@ -105,7 +105,7 @@ rest for KV cache, which must hold one max_model_len sequence).
 {{- $kvHeads := maxf 1.0 (floor (divf $kv $tp)) -}}
 {{- $kvTok := mulf 2 (divf $L $pp) $kvHeads $hd $kvb -}}
 {{- $mml := float64 $a.max_model_len -}}
-{{- $batched := float64 (default (maxf $mml 8192) $a.max_num_batched_tokens) -}}
+{{- $batched := float64 (default 8192 $a.max_num_batched_tokens) -}}
 {{- $seqs := float64 (default 256 $a.max_num_seqs) -}}
 {{- $act := addf (mulf $batched (addf (mulf 4 $H) (divf (mulf 2 $I) $tp)) 2) (divf (mulf (minf $seqs $batched) $V 4) $tp) -}}
 {{- $gib := 1073741824.0 -}}
