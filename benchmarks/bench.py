@@ -71,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--out", type=Path, required=True, help="folder for the report files")
 
 
+def _auth(args: argparse.Namespace) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
 def _local_model_dirs(args: argparse.Namespace) -> list[Path]:
     """Where the model's weights (and tokenizer) may already be on this machine."""
     cache = Path(
@@ -81,7 +85,10 @@ def _local_model_dirs(args: argparse.Namespace) -> list[Path]:
     base = args.base_url.rstrip("/")
     try:  # behind tiergate: the engines' model names
         names += [
-            e["model"] for e in httpx.get(base + "/tiergate/engines", timeout=5).json()["engines"]
+            e["model"]
+            for e in httpx.get(base + "/tiergate/engines", headers=_auth(args), timeout=5).json()[
+                "engines"
+            ]
         ]
     except (httpx.HTTPError, ValueError, KeyError):
         pass
@@ -89,7 +96,7 @@ def _local_model_dirs(args: argparse.Namespace) -> list[Path]:
     try:  # a bare vLLM names its weights folder in /v1/models
         dirs += [
             Path(m["root"])
-            for m in httpx.get(base + "/v1/models", timeout=5).json()["data"]
+            for m in httpx.get(base + "/v1/models", headers=_auth(args), timeout=5).json()["data"]
             if m.get("root")
         ]
     except (httpx.HTTPError, ValueError, KeyError):
@@ -152,7 +159,9 @@ def metrics_urls(args: argparse.Namespace) -> list[str]:
     base = args.base_url.rstrip("/")
     urls = [base + "/metrics"]
     try:  # behind tiergate: its engines' own counters
-        engines = httpx.get(base + "/tiergate/engines", timeout=5).json()["engines"]
+        engines = httpx.get(base + "/tiergate/engines", headers=_auth(args), timeout=5).json()[
+            "engines"
+        ]
         urls += [e["url"].rstrip("/") + "/metrics" for e in engines]
     except (httpx.HTTPError, ValueError, KeyError):
         pass
