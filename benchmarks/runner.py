@@ -8,6 +8,7 @@ run where the client was the bottleneck says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import time
@@ -62,6 +63,17 @@ class RunResult:
         return self.load.warmup, max(self.load.warmup, end - self.load.cooldown)
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """A full collection over thousands of records would stall the schedule mid-run."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 class _LagMonitor:
     """How late the event loop wakes from a 10 ms sleep: high when the client is busy."""
 
@@ -113,79 +125,69 @@ async def run(
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     timeout = aiohttp.ClientTimeout(total=target.timeout_s, sock_connect=10)
     records: list[RequestRecord] = []
-    gc.collect()
-    gc.disable()  # a full collection over thousands of records would stall the schedule
-    try:
-        return await _drive(
-            target, sessions, load, offsets, ran_out, records, on_done, connector, timeout
-        )
-    finally:
-        gc.enable()
+    with _gc_paused():
+        t0 = time.perf_counter()
+        cpu0 = time.process_time()
+        result = RunResult(load=load, records=records, wall=0.0, schedule_end=0.0, ran_out=ran_out)
 
+        def now() -> float:
+            return time.perf_counter() - t0
 
-async def _drive(target, sessions, load, offsets, ran_out, records, on_done, connector, timeout):
-    t0 = time.perf_counter()
-    cpu0 = time.process_time()
-    result = RunResult(load=load, records=records, wall=0.0, schedule_end=0.0, ran_out=ran_out)
+        def past_deadline() -> bool:
+            return load.duration is not None and now() >= load.duration
 
-    def now() -> float:
-        return time.perf_counter() - t0
-
-    def past_deadline() -> bool:
-        return load.duration is not None and now() >= load.duration
-
-    async def run_session(http: aiohttp.ClientSession, session: Session, due: float) -> None:
-        for spec in session:
-            record = RequestRecord(
-                index=len(records),
-                scheduled=due,
-                expected_input=spec.input_tokens,
-                expected_output=spec.output_tokens,
-                session=spec.session,
-                turn=spec.turn,
-            )
-            records.append(record)
-            await send(http, target, spec, record, t0)
-            if on_done:
-                on_done(record)
-            if not record.ok:
-                return  # later turns would carry a history the server never answered
-            due = record.end
-
-    async with aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),  # nothing to keep; saves work per request
-    ) as http:
-        with _LagMonitor() as lag:
-            if load.kind == "concurrency":
-
-                async def worker() -> None:
-                    while not past_deadline():
-                        session = next(sessions, None)  # drawn before the clock starts
-                        if session is None:
-                            result.ran_out = load.duration is not None
-                            return
-                        await run_session(http, session, now())
-
-                await asyncio.gather(*(worker() for _ in range(int(load.value))))
-                result.schedule_end = load.duration or now()
-            else:
-                tasks = []
-                for session, due in zip(sessions, offsets, strict=False):
-                    delay = due - now()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    tasks.append(asyncio.create_task(run_session(http, session, due)))
-                result.due = len(offsets)
-                result.schedule_end = load.duration or (offsets[-1] if offsets else 0.0)
-                await asyncio.sleep(0)  # let the last tasks send
-                result.sent_on_time = sum(
-                    1 for r in records if r.turn == 0 and r.sent <= result.schedule_end + 0.01
+        async def run_session(http: aiohttp.ClientSession, session: Session, due: float) -> None:
+            for spec in session:
+                record = RequestRecord(
+                    index=len(records),
+                    scheduled=due,
+                    expected_input=spec.input_tokens,
+                    expected_output=spec.output_tokens,
+                    session=spec.session,
+                    turn=spec.turn,
                 )
-                await asyncio.gather(*tasks)
-            result.loop_lag_ms = lag.samples
-    result.wall = now()
-    result.client_cpu_s = time.process_time() - cpu0
-    return result
+                records.append(record)
+                await send(http, target, spec, record, t0)
+                if on_done:
+                    on_done(record)
+                if not record.ok:
+                    return  # later turns would carry a history the server never answered
+                due = record.end
+
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),  # nothing to keep; saves work per request
+        ) as http:
+            with _LagMonitor() as lag:
+                if load.kind == "concurrency":
+
+                    async def worker() -> None:
+                        while not past_deadline():
+                            session = next(sessions, None)  # off the clock: due starts after
+                            if session is None:
+                                result.ran_out = load.duration is not None
+                                return
+                            await run_session(http, session, now())
+
+                    await asyncio.gather(*(worker() for _ in range(int(load.value))))
+                    result.schedule_end = load.duration or now()
+                else:
+                    tasks = []
+                    for session, due in zip(sessions, offsets, strict=False):
+                        delay = due - now()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                        tasks.append(asyncio.create_task(run_session(http, session, due)))
+                    result.due = len(offsets)
+                    result.schedule_end = load.duration or (offsets[-1] if offsets else 0.0)
+                    await asyncio.sleep(0)  # let the last tasks send
+                    result.sent_on_time = sum(
+                        1 for r in records if r.turn == 0 and r.sent <= result.schedule_end + 0.01
+                    )
+                    await asyncio.gather(*tasks)
+                result.loop_lag_ms = lag.samples
+        result.wall = now()
+        result.client_cpu_s = time.process_time() - cpu0
+        return result
