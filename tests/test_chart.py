@@ -83,6 +83,10 @@ def test_router_configmap_loads_through_the_routers_own_loader(path, tmp_path) -
         or [t["name"] for t in tiers]
     )
     assert check_settings(settings) == []  # every GPU tier fits, by the planner too
+    # `auto` counts prompt tokens with each tier's tokenizer: the weights' own by default
+    assert [str(t.tokenizer) for t in settings.tiers] == [
+        t.get("tokenizer", t["weights"]) for t in tiers
+    ]
 
 
 def engine_containers(docs: list[dict]) -> list[tuple[dict, dict]]:
