@@ -211,6 +211,20 @@ async def run_point(args, target, tokenizer, text, load: Load, point: int) -> Ru
         return await run(target, sessions, load, on_done=lambda _: bar.update())
 
 
+def _redacted(argv: list[str]) -> list[str]:
+    """The command line as typed, minus the program name and any API key (reports are shared)."""
+    args = argv[2:] if argv[1:2] == ["bench"] else argv[1:]
+    out = []
+    for i, arg in enumerate(args):
+        if i and args[i - 1] == "--api-key":
+            out.append("***")
+        elif arg.startswith("--api-key="):
+            out.append("--api-key=***")
+        else:
+            out.append(arg)
+    return out
+
+
 def _run_async(coro):
     try:
         import uvloop  # the client's own overhead is part of what a bench must keep low
@@ -273,8 +287,7 @@ def main(args: argparse.Namespace) -> int:
         print(report.point_line(load.label, summary, verdict), flush=True)
     run_doc = {
         "meta": {
-            "command": "tiergate bench "
-            + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+            "command": "tiergate bench " + shlex.join(_redacted(sys.argv)),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "host": platform.node(),
             "cpus": os.cpu_count(),

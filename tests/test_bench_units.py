@@ -209,3 +209,10 @@ def test_replicas_and_cost() -> None:
     assert c.usd_per_1m_output_tokens == pytest.approx(20 / 3.6e6 * 1e6)  # 3.6M tokens/hour
     assert c.usd_per_1k_requests == pytest.approx(20 / 36000 * 1000)
     assert c.usd_per_1m_output_tokens_at_limit == pytest.approx(4 / 1.8e6 * 1e6)
+
+
+def test_reports_never_record_the_api_key() -> None:
+    from benchmarks.bench import _redacted
+
+    argv = ["tiergate", "bench", "--model", "m", "--api-key", "sk-1", "--api-key=sk-2"]
+    assert _redacted(argv) == ["--model", "m", "--api-key", "***", "--api-key=***"]
