@@ -28,6 +28,7 @@ from benchmarks.datasets import ChatTemplate, LengthDist, SyntheticText, sharegp
 from benchmarks.metrics import SLO, bucket_throughput, measured, summarize
 from benchmarks.runner import Load, RunResult, run
 from benchmarks.verdict import RunFacts, Thresholds, judge
+from serving.router.load import parse_vllm_metrics  # a pure parser, shared with the router
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,12 +145,10 @@ def prefix_counters(urls: list[str]) -> tuple[float, float] | None:
             text = httpx.get(url, timeout=5).text
         except httpx.HTTPError:
             continue
-        for line in text.splitlines():
-            if line.startswith("vllm:prefix_cache_hits_total"):
-                hits += float(line.rsplit(" ", 1)[1])
-                seen = True
-            elif line.startswith("vllm:prefix_cache_queries_total"):
-                queries += float(line.rsplit(" ", 1)[1])
+        if "vllm:prefix_cache_queries_total" not in text:
+            continue  # not a vLLM engine (e.g. tiergate's own /metrics)
+        load = parse_vllm_metrics(text)
+        hits, queries, seen = hits + load.prefix_hits, queries + load.prefix_queries, True
     return (hits, queries) if seen else None
 
 

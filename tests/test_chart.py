@@ -197,8 +197,8 @@ def test_a_tier_that_cannot_fit_is_refused_with_the_shortfall() -> None:
     [
         ({"gpu": {"count": 2, "profile": "h100-80gb"}}, "must equal tensor_parallel_size"),
         ({"spec": "gpt-9"}, "not a key of modelSpecs"),
-        ({"engineArgs": {"max_model_len": 0}}, "max_model_len"),
-        ({"name": "Bad_Name"}, "name"),
+        ({"engineArgs": {"max_model_len": 0}}, "/tiers/0/engineArgs/max_model_len"),
+        ({"name": "Bad_Name"}, "/tiers/0/name"),
     ],
 )
 def test_bad_values_are_refused(tier: dict, message: str) -> None:

@@ -8,12 +8,14 @@ against their VLLM_CPU_KVCACHE_SPACE. Anything the planner cannot judge is skipp
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from models.hardware import QUANTS, GPUProfile, ModelSpec, gpu_profiles, lookup, model_specs
 from models.manifest import ModelError, load_manifest
 from models.memory import EngineShape, plan_memory
 from serving.config import EngineSettings, Settings
+from serving.engines.cpu import cpu_flags, default_cpu_dtype
 
 _DTYPES = {
     "float32": "fp32",
@@ -109,11 +111,7 @@ def check_settings(
         if shape is None:
             continue
         if device.arch == "cpu" and "dtype" not in engine.args:
-            from serving.engines.cpu import cpu_flags, default_cpu_dtype
-
-            shape = EngineShape(
-                **{**shape.__dict__, "dtype": _DTYPES[default_cpu_dtype(cpu_flags())]}
-            )
+            shape = replace(shape, dtype=_DTYPES[default_cpu_dtype(cpu_flags())])
         plan = plan_memory(spec, device, shape)
         if verbose:
             verbose(f"{where} ({engine.name}): {plan.explain()}")
