@@ -4,7 +4,8 @@ the variants run in ABBA order (A B C C B A ...) so that drift hits each alike.
 
     python -m benchmarks.cpu_tuning --variants baseline compiled --passes 2
 
-Reports, per variant, the median over passes of output tok/s at C=1 and C=32 and TTFT p50.
+Reports, per variant, the golden-set gate score (`tiergate eval`), and the median over passes
+of output tok/s at C=1 and C=32 and TTFT p50.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from benchmarks.client import Target
 from benchmarks.datasets import LengthDist, SyntheticText, synthetic
 from benchmarks.launch import REPO, GatewayProcess, exit_on_sigterm
 from benchmarks.metrics import summarize
+from benchmarks.quality.evaluate import answers, golden_report
+from benchmarks.quality.scoring import load_golden
 from benchmarks.runner import Load, run
 
 DEFAULT = REPO / "configs" / "default.yaml"
@@ -32,7 +35,12 @@ VARIANTS: dict[str, tuple[dict, dict, str | None]] = {
     "baseline": ({}, {}, None),
     "compiled": ({"enforce_eager": None}, {}, None),
     "batched-512": ({"max_num_batched_tokens": 512}, {}, None),
+    "fp32": ({"dtype": "float32"}, {}, None),
     "bf16": ({"dtype": "bfloat16"}, {}, None),
+    # block_size 16 steers vLLM-CPU's attention off its AMX kernel ("vec16"; cpu_attn.py)
+    "bf16-block16": ({"dtype": "bfloat16", "block_size": 16}, {}, None),
+    "bf16-compiled": ({"dtype": "bfloat16", "enforce_eager": None}, {}, None),
+    "fp32-compiled": ({"dtype": "float32", "enforce_eager": None}, {}, None),
     "kv-1g": ({}, {"VLLM_CPU_KVCACHE_SPACE": "1"}, None),
     "int8-w8a8": ({}, {}, "smollm2-135m-instruct-w8a8"),
 }
@@ -58,7 +66,14 @@ def variant_config(name: str, folder: Path) -> Path:
 
 async def measure(url: str, text: SyntheticText, seed: int) -> dict:
     target = Target(url, "smollm2-135m-instruct")
-    out = {}
+    items = load_golden()
+    got = await answers(url, target.model, items, 48, 8, None, 120)
+    gate = golden_report(items, got, 0.8)
+    out = {"gate_score": gate["score"]}
+    failed = [
+        f"{r['id']}: {' '.join(r['text'].split())[:60]!r}" for r in gate["items"] if not r["passed"]
+    ]
+    print("gate failures:\n  " + "\n  ".join(failed), flush=True)
     for c, n, tokens in ((1, 4, 128), (32, 64, 128)):
         sessions = synthetic(
             text, n, LengthDist.parse("128"), LengthDist.parse(str(tokens)), seed=seed + c
@@ -103,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v:.1f}" for k, v in r.items()),
             flush=True,
         )
-    print("| variant | C=1 out tok/s | C=32 out tok/s | C=32 TTFT p50 ms | runs |")
-    print("|---|---|---|---|---|")
+    print("| variant | gate score | C=1 out tok/s | C=32 out tok/s | C=32 TTFT p50 ms | runs |")
+    print("|---|---|---|---|---|---|")
     for name, rs in results.items():
         med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
         print(
-            f"| {name} | {med['c1_tok_s']:.1f} | {med['c32_tok_s']:.1f} | "
-            f"{med['c32_ttft_ms']:.0f} | {len(rs)} |"
+            f"| {name} | {med['gate_score']:.0%} | {med['c1_tok_s']:.1f} | "
+            f"{med['c32_tok_s']:.1f} | {med['c32_ttft_ms']:.0f} | {len(rs)} |"
         )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

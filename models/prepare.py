@@ -17,7 +17,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from models.manifest import HubSource, LocalSource, Manifest, ModelError, PackageSource
+from models.manifest import (
+    DerivedSource,
+    HubSource,
+    LocalSource,
+    Manifest,
+    ModelError,
+    PackageSource,
+    load_manifest,
+)
 
 MARKER = "tiergate-prepared.json"
 
@@ -35,9 +43,14 @@ def sha256_file(path: Path, label: str = "") -> str:
     return digest.hexdigest()
 
 
-def resolve_source(manifest: Manifest) -> Path:
-    """Local path of the source (a folder or a single file). Downloads hub sources."""
+def resolve_source(manifest: Manifest, cache_dir: Path | None = None) -> Path:
+    """Local path of the source (a folder or a single file). Downloads hub sources;
+    prepares the base of a derived model first."""
     src = manifest.source
+    if isinstance(src, DerivedSource):
+        if cache_dir is None:
+            raise ModelError(f"model {manifest.name!r}: a derived model needs the model cache")
+        return prepare(load_manifest(src.base), cache_dir)
     if isinstance(src, PackageSource):
         spec = importlib.util.find_spec(src.package)  # finds without importing
         if spec is None or spec.origin is None:
@@ -124,11 +137,13 @@ def prepare(manifest: Manifest, cache_dir: Path, force: bool = False) -> Path:
     target = cache_dir / manifest.name
     if not force and is_prepared(target, manifest):
         return target
-    source = resolve_source(manifest)
+    source = resolve_source(manifest, cache_dir)
     checksum = verify(manifest, source)
+    derived = isinstance(manifest.source, DerivedSource)
 
     if (
-        manifest.format == "safetensors"
+        not derived
+        and manifest.format == "safetensors"
         and source.is_dir()
         and manifest.chat_template == ("from_source")
     ):
@@ -137,7 +152,12 @@ def prepare(manifest: Manifest, cache_dir: Path, force: bool = False) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{manifest.name}.", dir=cache_dir))
     try:
-        if manifest.format == "gguf":
+        if derived:
+            from models.quantize_w8a8 import quantize_folder
+
+            layers = quantize_folder(source, work)
+            print(f"{manifest.name}: {layers} layers quantized to int8 (W8A8) from {source}")
+        elif manifest.format == "gguf":
             _convert_gguf(manifest, source, work)
         else:
             shutil.copytree(source, work, dirs_exist_ok=True)

@@ -174,15 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="list manifests").set_defaults(func=cmd_models_list)
     sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (see: bench --help)")
     sub.add_parser("plan", help="capacity, GPU and memory plans (see: plan --help)")
+    sub.add_parser("eval", help="quality gate: golden set or agreement (see: eval --help)")
     return parser
 
 
 def _tool(name: str, argv: list[str]) -> int:
-    """`tiergate bench` and `tiergate plan` live in benchmarks/ (they talk HTTP only)."""
+    """`tiergate bench`, `plan` and `eval` live in benchmarks/ (they talk HTTP only)."""
     if name == "bench":
         from benchmarks import bench
 
         return bench.main(bench.build_parser().parse_args(argv))
+    if name == "eval":
+        from benchmarks.quality import evaluate
+
+        return evaluate.main(argv)
     from benchmarks import plan
 
     return plan.main(argv)
@@ -190,7 +195,7 @@ def _tool(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["bench"], ["plan"]):
+    if argv[:1] in (["bench"], ["plan"], ["eval"]):
         return _tool(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(

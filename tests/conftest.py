@@ -8,6 +8,17 @@ from openai import OpenAI
 from tests.utils import DEFAULT_CONFIG, GatewayProcess
 
 
+def pytest_report_header() -> str:
+    from serving.engines.cpu import choose_cpu_dtype, cpu_flags
+
+    flags = cpu_flags()
+    shown = sorted(
+        flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}
+    )
+    dtype, why = choose_cpu_dtype(flags)
+    return f"tiergate: CPU flags {' '.join(shown) or 'none'} -> engine dtype {dtype} ({why})"
+
+
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests see no TIERGATE_* overrides from the developer's shell."""
