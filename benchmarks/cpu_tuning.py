@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[dict, dict, str | None]] = {
     "fp32-compiled": ({"dtype": "float32", "enforce_eager": None}, {}, None),
     "kv-1g": ({}, {"VLLM_CPU_KVCACHE_SPACE": "1"}, None),
     "int8-w8a8": ({}, {}, "smollm2-135m-instruct-w8a8"),
+    "int8-w8a8-fp32": ({"dtype": "float32"}, {}, "smollm2-135m-instruct-w8a8"),
+    "int8-w8a8-compiled": ({"enforce_eager": None}, {}, "smollm2-135m-instruct-w8a8"),
 }
 
 

@@ -56,6 +56,17 @@ Source = Annotated[
 ]
 
 
+class CpuVariant(_Strict):
+    """Weights to serve instead on CPUs with these flags, when the engine's config leaves
+    dtype and quantization to tiergate: a variant must pass the golden gate there and be
+    faster (benchmarks/RESULTS.md holds the measurement)."""
+
+    flags: list[str] = Field(min_length=1, description="/proc/cpuinfo flags, all required.")
+    model: str = Field(description="The variant's manifest.")
+    dtype: Literal["bfloat16", "float16", "float32"]
+    why: str
+
+
 class Manifest(_Strict):
     name: str
     description: str = ""
@@ -69,6 +80,10 @@ class Manifest(_Strict):
         "from_source", description="'from_source', or a Jinja template string."
     )
     license: str = ""
+    gate_min_score: float = Field(
+        0.8, ge=0, le=1, description="`tiergate eval` golden-set threshold for this model."
+    )
+    cpu_variants: list[CpuVariant] = Field(default_factory=list)
 
 
 def manifest_names(directory: Path = MANIFEST_DIR) -> list[str]:

@@ -17,12 +17,23 @@ log = logging.getLogger("tiergate")
 
 def prepare_engine_models(settings: Settings, force: bool = False) -> dict[str, Path]:
     """Prepare the weights of every supervised engine; returns engine name -> folder."""
+    from serving.engines import cpu
+
+    cpu_build = cpu.is_cpu_build()
     dirs: dict[str, Path] = {}
     for i, engine in enumerate(settings.engines):
         if engine.url is not None:
             continue
         try:
             manifest = load_manifest(engine.model)
+            choice = (
+                cpu.engine_choice(engine.model, engine.args, engine.host_variant)
+                if cpu_build
+                else None
+            )
+            if choice is not None and choice.model != engine.model:
+                log.info("engine %s serves %s: %s", engine.name, choice.model, choice.why)
+                manifest = load_manifest(choice.model)
         except ModelError as exc:
             raise ConfigError(f"engines.{i}.model: {exc}") from exc
         dirs[engine.name] = prepare(manifest, settings.model_cache, force=force)
@@ -45,7 +56,8 @@ def check_engines(settings: Settings, model_dirs: dict[str, Path]) -> None:
                 continue
             args = engine.args
             if cpu_build:
-                args, _ = cpu.apply_cpu_defaults(args, engine.env, cpu.cpu_flags())
+                choice = cpu.engine_choice(engine.model, args, engine.host_variant)
+                args, _ = cpu.apply_cpu_defaults(args, engine.env, cpu.cpu_flags(), choice=choice)
             jobs.append(
                 {"where": f"engines.{i}", "model_dir": str(model_dirs[engine.name]), "args": args}
             )

@@ -81,6 +81,11 @@ class EngineSettings(_Strict):
     url: str | None = Field(None, description="External engine; nothing is started.")
     args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args.")
     env: dict[str, str] = Field(default_factory=dict)
+    host_variant: bool = Field(
+        True,
+        description="On the CPU build, when args set neither dtype nor quantization, serve "
+        "the manifest's gate-passing faster variant for this CPU (cpu_variants).",
+    )
     plan: EnginePlan | None = Field(
         None, description="Check at start that the model fits this GPU under `args`."
     )

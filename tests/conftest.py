@@ -9,14 +9,19 @@ from tests.utils import DEFAULT_CONFIG, GatewayProcess
 
 
 def pytest_report_header() -> str:
-    from serving.engines.cpu import choose_cpu_dtype, cpu_flags
+    from serving.engines.cpu import cpu_flags, engine_choice
+    from tests.utils import default_engine
 
     flags = cpu_flags()
     shown = sorted(
         flags & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}
     )
-    dtype, why = choose_cpu_dtype(flags)
-    return f"tiergate: CPU flags {' '.join(shown) or 'none'} -> engine dtype {dtype} ({why})"
+    engine = default_engine()
+    choice = engine_choice(engine["model"], engine["args"], True, flags)
+    return (
+        f"tiergate: CPU flags {' '.join(shown) or 'none'} -> the default engine serves "
+        f"{choice.model} in {choice.dtype} ({choice.why})"
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -92,3 +92,24 @@ def test_cpu_defaults_pick_dtype_from_cpu_flags(tmp_path) -> None:
         {"dtype": "bfloat16"}, {"LD_PRELOAD": "x"}, {"avx2"}, prefix=tmp_path
     )
     assert (args, env) == ({"dtype": "bfloat16"}, {"LD_PRELOAD": "x"})
+
+
+def test_cpu_engine_choice_quality_first_then_speed() -> None:
+    from models.manifest import CpuVariant
+    from serving.engines.cpu import choose_cpu_engine, engine_choice
+
+    amx = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}
+    variant = CpuVariant(flags=["amx_int8", "amx_bf16"], model="m-w8a8", dtype="bfloat16", why="x")
+    choice = choose_cpu_engine("m", {}, amx, [variant])
+    assert (choice.model, choice.dtype) == ("m-w8a8", "bfloat16")
+    # without the flags, without the variant, or with it switched off: the dtype rule
+    assert choose_cpu_engine("m", {}, {"avx2"}, [variant]).model == "m"
+    assert choose_cpu_engine("m", {}, amx, []).dtype == "float32"
+    assert choose_cpu_engine("m", {}, amx, [variant], allow_variant=False).model == "m"
+    assert choose_cpu_engine("m", {"quantization": "x"}, amx, [variant]).model == "m"
+    # an explicit dtype wins over everything
+    assert choose_cpu_engine("m", {"dtype": "bfloat16"}, amx, [variant]) is None
+    # the shipped manifests: the default model serves its W8A8 variant on AMX hosts only
+    assert engine_choice("smollm2-135m-instruct", {}, True, amx).model.endswith("-w8a8")
+    assert engine_choice("smollm2-135m-instruct", {}, True, {"avx2"}).dtype == "float32"
+    assert engine_choice("not-a-manifest", {}, True, {"avx2"}).model == "not-a-manifest"

@@ -15,7 +15,7 @@ from models.hardware import QUANTS, GPUProfile, ModelSpec, gpu_profiles, lookup,
 from models.manifest import ModelError, load_manifest
 from models.memory import EngineShape, plan_memory
 from serving.config import EngineSettings, Settings
-from serving.engines.cpu import cpu_flags, default_cpu_dtype
+from serving.engines.cpu import engine_choice
 
 _DTYPES = {
     "float32": "fp32",
@@ -111,7 +111,9 @@ def check_settings(
         if shape is None:
             continue
         if device.arch == "cpu" and "dtype" not in engine.args:
-            shape = replace(shape, dtype=_DTYPES[default_cpu_dtype(cpu_flags())])
+            choice = engine_choice(engine.model, engine.args, engine.host_variant)
+            assert choice is not None  # dtype is unset
+            shape = replace(shape, dtype=_DTYPES[choice.dtype])
         plan = plan_memory(spec, device, shape)
         if verbose:
             verbose(f"{where} ({engine.name}): {plan.explain()}")

@@ -51,7 +51,10 @@ class EngineRunner:
         self.write_log = write_log
         self.args, self.env = engine.args, engine.env
         if cpu.is_cpu_build():
-            self.args, self.env = cpu.apply_cpu_defaults(self.args, self.env, cpu.cpu_flags())
+            choice = cpu.engine_choice(engine.model, engine.args, engine.host_variant)
+            self.args, self.env = cpu.apply_cpu_defaults(
+                self.args, self.env, cpu.cpu_flags(), choice=choice
+            )
         self.proc: asyncio.subprocess.Process | None = None
         self.started = asyncio.get_running_loop().create_future()
         self.stopping = False
