@@ -1,18 +1,24 @@
-"""A FAKE OpenAI-compatible server that answers instantly: for measuring the bench
-client's own ceiling (how many requests/s it can drive before it is the bottleneck).
+"""A FAKE OpenAI-compatible server: for measuring the bench client's own ceiling, and a
+gateway's relay capacity (benchmarks/gateway_capacity.py).
 
-Streams `max_tokens` one-word chunks with no delay, then usage and [DONE]. A bare
-ASGI app on uvicorn, so the server costs as little as possible per request.
+Streams `max_tokens` one-word chunks (or `--events`), with no delay or `--gap-ms`
+between them like decode steps, then usage and [DONE]. Answers /health and an empty
+/metrics so a gateway treats it as a ready engine. A bare ASGI app on uvicorn, so the
+server costs as little as possible per request.
 
-    python -m benchmarks.fake_server --port 9100
+    python -m benchmarks.fake_server --port 9100 [--events 16 --gap-ms 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 import uvicorn
+
+EVENTS: int | None = None  # fixed events per stream (else max_tokens)
+GAP_S = 0.0  # between events
 
 
 async def app(scope, receive, send) -> None:
@@ -27,6 +33,12 @@ async def app(scope, receive, send) -> None:
         body += message.get("body", b"")
         if not message.get("more_body"):
             break
+    if scope["path"] == "/health":
+        await _send(send, 200, b"")
+        return
+    if scope["path"] == "/metrics":
+        await _send(send, 200, b"")
+        return
     if scope["path"] == "/v1/models":
         await _send(send, 200, b'{"object":"list","data":[{"id":"fake","object":"model"}]}')
         return
@@ -34,7 +46,7 @@ async def app(scope, receive, send) -> None:
         await _send(send, 404, b'{"error":{"message":"not found","type":"not_found"}}')
         return
     request = json.loads(body or b"{}")
-    n = int(request.get("max_tokens") or 16)
+    n = EVENTS or int(request.get("max_tokens") or 16)
     chat = scope["path"].endswith("chat/completions")
     piece = (
         b'data: {"choices":[{"index":0,"delta":{"content":" x"}}]}\n\n'
@@ -54,7 +66,12 @@ async def app(scope, receive, send) -> None:
             "headers": [(b"content-type", b"text/event-stream")],
         }
     )
-    await send({"type": "http.response.body", "body": piece * n, "more_body": True})
+    if GAP_S:
+        for _ in range(n):
+            await asyncio.sleep(GAP_S)
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+    else:
+        await send({"type": "http.response.body", "body": piece * n, "more_body": True})
     await send({"type": "http.response.body", "body": b"data: " + usage + b"\n\ndata: [DONE]\n\n"})
 
 
@@ -73,8 +90,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9100)
+    p.add_argument("--events", type=int, help="events per stream (default: max_tokens)")
+    p.add_argument("--gap-ms", type=float, default=0.0, help="between events")
     a = p.parse_args(argv)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning", access_log=False, backlog=4096)
+    global EVENTS, GAP_S
+    EVENTS, GAP_S = a.events, a.gap_ms / 1000
+    uvicorn.run(
+        app,
+        host=a.host,
+        port=a.port,
+        log_level="warning",
+        access_log=False,
+        backlog=4096,
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 from fastapi import FastAPI
 
+from serving.api.hotpath import ROUTES, HotPath, LoopLag
 from serving.api.routes import router, v1
 from serving.api.serving import ProxyService
 from serving.config import Settings
@@ -20,7 +20,7 @@ from serving.metrics import GatewayMetrics
 from serving.router.breaker import CircuitBreaker
 from serving.router.registry import Endpoint, EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
-from serving.upstream.client import UpstreamClient, build_http_client
+from serving.upstream.client import UpstreamClient
 from serving.upstream.health import health_loop, scrape_loop
 
 
@@ -71,31 +71,49 @@ def build_token_counter(settings: Settings, model_dirs: dict[str, Path]) -> Toke
     return TokenCounter(paths)
 
 
+class GatewayApp(FastAPI):
+    """FastAPI for the admin and model routes; the two hot routes go straight to the
+    bare-ASGI hot path (serving/api/hotpath.py), before FastAPI's middleware and routing."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            kind = ROUTES.get(scope["path"])
+            hot = getattr(self.state, "hot", None)
+            if kind is not None and hot is not None:
+                await hot(kind, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     registry: EngineRegistry | None = None,
     metrics: GatewayMetrics | None = None,
     supervisor: Supervisor | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
     model_dirs: dict[str, Path] | None = None,
-) -> FastAPI:
+) -> GatewayApp:
     """Build the gateway. With a supervisor, its engines start and stop with the app."""
     registry = registry or build_registry(settings)
     metrics = metrics or GatewayMetrics()
     tokens = build_token_counter(settings, model_dirs or {})
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        http = build_http_client(
-            settings.timeouts, settings.server.max_upstream_connections, transport
-        )
-        app.state.proxy = ProxyService(
-            registry,
-            UpstreamClient(http),
+    async def lifespan(app: GatewayApp) -> AsyncIterator[None]:
+        http = UpstreamClient(settings.timeouts, settings.server.max_upstream_connections)
+        await http.start()
+        proxy = ProxyService(registry, http, metrics, settings.router, tokens)
+        server = settings.server
+        lag = LoopLag()
+        metrics.loop_lag.set_function(lambda: lag.lag_ms)
+        app.state.hot = HotPath(
+            proxy,
             metrics,
-            settings.server.max_body_bytes,
-            settings.router,
-            tokens,
+            [k.get_secret_value() for k in server.api_keys],
+            server.max_body_bytes,
+            server.max_in_flight,
+            server.max_loop_lag_ms,
+            settings.router.spill.retry_after_s,
+            lag,
         )
         if supervisor is not None:
             supervisor.start(http)
@@ -107,6 +125,7 @@ def create_app(
             asyncio.create_task(
                 scrape_loop(http, registry, settings.router.scrape_interval, timeouts.connect)
             ),
+            asyncio.create_task(lag.run()),
         ]
         if tokens is not None:
             await asyncio.to_thread(tokens.warm)  # load tokenizers before the first request
@@ -118,13 +137,15 @@ def create_app(
             await asyncio.gather(*loops, return_exceptions=True)
             if supervisor is not None:
                 await supervisor.stop()
-            await http.aclose()
+            app.state.hot = None
+            await http.close()
 
-    app = FastAPI(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = GatewayApp(title="tiergate", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.supervisor = supervisor
+    app.state.hot = None
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(router)

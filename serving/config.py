@@ -38,6 +38,18 @@ class ServerSettings(_Strict):
         description="Bearer keys accepted on /v1/*; empty: no auth. In Kubernetes, set "
         'TIERGATE_SERVER__API_KEYS (a JSON list, e.g. \'["k1","k2"]\') from a Secret.',
     )
+    max_in_flight: int = Field(
+        2048,
+        ge=0,
+        description="Requests the gateway holds at once; past it, 429 before any upstream "
+        "work (0: no limit). Per replica, router.spill.max_in_flight applies as well.",
+    )
+    max_loop_lag_ms: float = Field(
+        100.0,
+        ge=0,
+        description="Refuse new requests (429) while the event loop runs this late: the "
+        "gateway's own core is saturated (0: off).",
+    )
 
 
 class TimeoutSettings(_Strict):

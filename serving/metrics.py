@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -129,8 +131,58 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.admission = Counter(
+            "tiergate_admission_refused",
+            "Requests refused by the gateway's own admission (429), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "tiergate_event_loop_lag_milliseconds",
+            "How late the gateway's event loop runs (admission refuses past a limit).",
+            registry=r,
+        )
+
+        # Label lookups cost a lock and a tuple hash each; the hot path asks for the same
+        # few children again and again, so they are looked up once and kept here.
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def admission_refused(self, reason: str) -> None:
+        self._child(self.admission, reason).inc()
+
+    def request_done(self, model: str, endpoint: str, status: int) -> None:
+        self._child(self.requests, model, endpoint, str(status)).inc()
+
+    def tier_done(self, tier: str, replica: str, status: int) -> None:
+        self._child(self.tier_requests, tier, replica, str(status)).inc()
+
+    def decision(self, tier: str, reason: str) -> None:
+        self._child(self.decisions, tier, reason).inc()
+
+    def latency(self, model: str, ttft: float | None, e2e: float) -> None:
+        if ttft is not None:
+            self._child(self.ttft, model).observe(ttft)
+        self._child(self.e2e, model).observe(e2e)
+
+    def in_flight_add(self, engine: str, delta: int) -> None:
+        self._child(self.in_flight, engine).inc(delta)
+
+    def breaker(self, replica: str, state: int) -> None:
+        self._child(self.breaker_state, replica).set(state)
+
+    def cost_of(self, tier: str, amount: float) -> None:
+        if amount:
+            self._child(self.cost, tier).inc(amount)
+
     def record_usage(self, model: str, usage: dict | None) -> None:
         if not usage:
             return
-        self.prompt_tokens.labels(model).inc(usage.get("prompt_tokens") or 0)
-        self.completion_tokens.labels(model).inc(usage.get("completion_tokens") or 0)
+        self._child(self.prompt_tokens, model).inc(usage.get("prompt_tokens") or 0)
+        self._child(self.completion_tokens, model).inc(usage.get("completion_tokens") or 0)

@@ -37,6 +37,7 @@ BEHAVIOURS = (
     "no-done",
     "slow",
     "stall-body",
+    "drip",
 )
 
 
@@ -95,6 +96,18 @@ async def _chat(request: Request) -> Response:
                 "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
             }
         )
+
+    if mode == "drip":  # 20 token events 10 ms apart, usage, [DONE]: like decode steps
+
+        async def drip():
+            for _ in range(20):
+                await asyncio.sleep(0.01)
+                yield _chunk("tok")
+            usage = {"prompt_tokens": 3, "completion_tokens": 20, "total_tokens": 23}
+            yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(drip(), media_type="text/event-stream")
 
     async def events():
         yield _chunk("one")

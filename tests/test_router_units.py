@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -198,8 +199,8 @@ def test_token_counter_uses_the_real_tokenizer() -> None:
     folder = prepare(load_manifest("smollm2-135m-instruct"), load_settings().model_cache)
     counter = TokenCounter({"small": folder, "large": folder})
     chat = {"messages": [{"role": "user", "content": "word " * 600}]}
-    counts = counter.count_all(chat)
-    assert counts["small"] == counts["large"]
+    counts, estimated = counter.count_all(chat)
+    assert counts["small"] == counts["large"] and not estimated
     assert 600 <= counts["small"] <= 660  # 600 words plus the chat template's tokens
     assert counter.count("small", {"prompt": "Hello world"}) == 2
     assert counter.count("small", {"prompt": [1, 2, 3]}) == 3
@@ -207,13 +208,10 @@ def test_token_counter_uses_the_real_tokenizer() -> None:
 
 
 def test_affinity_key_prefers_session_then_user_then_prefix() -> None:
-    from starlette.requests import Request
-
     from serving.api.serving import affinity_key
 
-    def req(headers: dict[str, str]) -> Request:
-        raw = [(k.encode(), v.encode()) for k, v in headers.items()]
-        return Request({"type": "http", "headers": raw})
+    def req(headers: dict[str, str]) -> dict[str, str]:
+        return headers  # the hot path hands over the headers it read, lower-cased
 
     base = {"messages": [{"role": "system", "content": "x" * 600}]}
     assert affinity_key(req({"x-session-id": "a"}), {**base, "user": "u"}, 512) == "s:a"
@@ -223,3 +221,59 @@ def test_affinity_key_prefers_session_then_user_then_prefix() -> None:
     assert affinity_key(req({}), {"prompt": "abc"}, 512) != affinity_key(
         req({}), {"prompt": "abd"}, 512
     )
+
+
+def test_token_counts_match_transformers_without_importing_it() -> None:
+    import subprocess
+    import sys
+
+    from models.manifest import load_manifest
+    from models.prepare import prepare
+    from serving.config import load_settings
+    from serving.router.tokens import EXACT_CHARS, TokenCounter
+
+    folder = prepare(load_manifest("smollm2-135m-instruct"), load_settings().model_cache)
+    payloads = [
+        {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": 'Héllo\n  wörld, {"json": [1, 2]} 😀'},
+                {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "word " * 300},
+            ]
+        },
+        {"prompt": "The capital of France is"},
+    ]
+    # transformers' own counts, in a child so this process never imports it
+    code = (
+        "import json, sys; from transformers import AutoTokenizer; "
+        f"t = AutoTokenizer.from_pretrained({str(folder)!r}); out = []\n"
+        "for p in json.loads(sys.stdin.read()):\n"
+        "    out.append(len(t.apply_chat_template(p['messages'], tokenize=True, "
+        "add_generation_prompt=True, return_dict=False)) if 'messages' in p else "
+        "len(t.encode(p['prompt'])))\n"
+        "print(json.dumps(out))"
+    )
+    expected = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code],
+            input=json.dumps(payloads),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    counter = TokenCounter({"t": folder})
+    assert [counter.count("t", p) for p in payloads] == expected
+    # content parts count as their text
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi there"}]}]}
+    assert counter.count("t", parts) == counter.count(
+        "t", {"messages": [{"role": "user", "content": "Hi there"}]}
+    )
+    # a huge prompt is counted on a prefix and flagged as an estimate
+    huge = {"prompt": "word " * (EXACT_CHARS // 2)}
+    counts, estimated = counter.count_all(huge)
+    assert estimated and abs(counts["t"] - EXACT_CHARS // 2) < EXACT_CHARS * 0.02

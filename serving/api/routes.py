@@ -1,4 +1,7 @@
-"""Thin HTTP handlers: fetch a service from app.state, return its answer."""
+"""Thin HTTP handlers: fetch a service from app.state, return its answer.
+
+POST /v1/chat/completions and /v1/completions are not here: they are the hot path
+(serving/api/hotpath.py), served before FastAPI sees the request."""
 
 from __future__ import annotations
 
@@ -27,16 +30,6 @@ def require_api_key(request: Request) -> None:
 
 router = APIRouter()
 v1 = APIRouter(dependencies=[Depends(require_api_key)])
-
-
-@v1.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await request.app.state.proxy.handle(request, "chat")
-
-
-@v1.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    return await request.app.state.proxy.handle(request, "completion")
 
 
 @v1.get("/v1/models")

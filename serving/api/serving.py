@@ -1,10 +1,11 @@
 """The proxy service behind /v1/chat/completions and /v1/completions.
 
-Reads and checks the body, resolves the tier (or lets the auto policy pick one),
-plans the replicas to try, and opens the first that answers. Until the first
-body byte has been received nothing has reached the client, so errors up to
-then are retried on another replica or tier, within the retry budget. After
-that, a stream can only end with an error event.
+Checks the body, resolves the tier (or lets the auto policy pick one), plans the
+replicas to try, and opens the first that answers. Until the first body byte has been
+received nothing has reached the client, so errors up to then are retried on another
+replica or tier, within the retry budget. After that, a stream can only end with an
+error event. It knows no web framework: serving/api/hotpath.py turns its replies
+into ASGI messages.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import httpx
-from fastapi import Request
-from fastapi.responses import Response
+import aiohttp
 
 from serving.api.protocol import Kind, parse_request
 from serving.config import RouterSettings
@@ -27,7 +27,6 @@ from serving.errors import (
     GatewayError,
     InvalidRequest,
     NoEngineReady,
-    PayloadTooLarge,
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeout,
@@ -40,26 +39,29 @@ from serving.router.policy import Decision, Features, TierView, choose_tier
 from serving.router.registry import Endpoint, EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
 from serving.upstream.client import UpstreamClient
-from serving.upstream.stream import ProxyStreamResponse, StreamOutcome, prime, relay, usage_of
+from serving.upstream.stream import Relay, StreamOutcome, prime, usage_of
 
-_PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing anything over `limit` bytes before reading it all."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the {limit}-byte limit.")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
-        chunks.append(chunk)
-    return b"".join(chunks)
+PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+_BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
 
 
-def features_of(request: Request, payload: dict[str, Any], counts: dict[str, int]) -> Features:
+@dataclass(slots=True)
+class Unary:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class Streamed:
+    headers: dict[str, str]
+    body: AsyncIterator[bytes]
+    outcome: StreamOutcome
+    abort: Callable[[], None]  # close the upstream now (the client left)
+    finish: Callable[[], None]  # account for the stream; called exactly once
+
+
+def features_of(headers: Mapping[str, str], payload: dict[str, Any], counts: dict) -> Features:
     metadata = payload.get("metadata") if isinstance(payload.get("metadata"), dict) else {}
     response_format = payload.get("response_format")
     return Features(
@@ -67,13 +69,13 @@ def features_of(request: Request, payload: dict[str, Any], counts: dict[str, int
         max_tokens=payload.get("max_completion_tokens") or payload.get("max_tokens"),
         has_tools=bool(payload.get("tools") or payload.get("functions")),
         has_response_format=bool(response_format) and response_format != {"type": "text"},
-        hint=request.headers.get("x-tiergate-tier") or metadata.get("tier"),
+        hint=headers.get("x-tiergate-tier") or metadata.get("tier"),
     )
 
 
-def affinity_key(request: Request, payload: dict[str, Any], prefix_chars: int) -> str:
+def affinity_key(headers: Mapping[str, str], payload: dict[str, Any], prefix_chars: int) -> str:
     """Session header, else `user`, else the prompt's prefix (so its KV cache is reused)."""
-    session = request.headers.get("x-session-id") or payload.get("user")
+    session = headers.get("x-session-id") or payload.get("user")
     if session:
         return f"s:{session}"
     head = payload.get("messages") or payload.get("prompt") or ""
@@ -93,7 +95,6 @@ class ProxyService:
         registry: EngineRegistry,
         upstream: UpstreamClient,
         metrics: GatewayMetrics,
-        max_body_bytes: int,
         router: RouterSettings,
         tokens: TokenCounter | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -101,7 +102,6 @@ class ProxyService:
         self.registry = registry
         self.upstream = upstream
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
         self.router = router
         self.tokens = tokens
         self.clock = clock
@@ -112,28 +112,30 @@ class ProxyService:
         self.turns = itertools.count()  # rotates ties between equally loaded replicas
         self.views = [TierView(t.name, t.max_context, t.max_output_tokens) for t in registry.tiers]
 
-    async def handle(self, request: Request, kind: Kind) -> Response:
+    async def handle(self, kind: Kind, raw: bytes, headers: Mapping[str, str]) -> Unary | Streamed:
+        """Answer one request; raises GatewayError for anything refused before a byte went."""
         started = time.perf_counter()
-        path = _PATHS[kind]
+        path = PATHS[kind]
         model = "unknown"
         try:
-            raw = await read_body(request, self.max_body_bytes)
             checked, payload = parse_request(kind, raw)
             tier = self.registry.tier_for_model(checked.model)
             model = checked.model  # a label only once known: clients cannot add series
             counts: dict[str, int] | None = None
             if tier is None:
-                counts = await self._count(payload)
+                counts, estimated = await self._count(payload)
                 decision = choose_tier(
-                    features_of(request, payload, counts), self.views, self.router.rules
+                    features_of(headers, payload, counts), self.views, self.router.rules
                 )
+                if estimated:  # a huge prompt: its tail's tokens were estimated
+                    decision = Decision(decision.tier, decision.reason + "~estimated")
             else:
                 decision = Decision(tier.name, "explicit")
             tier = self.registry.tier(decision.tier)
             await self._check_limits(tier, payload, counts)
-            self.metrics.decisions.labels(tier.name, decision.reason).inc()
+            self.metrics.decision(tier.name, decision.reason)
             key = (
-                affinity_key(request, payload, self.router.affinity_prefix_chars)
+                affinity_key(headers, payload, self.router.affinity_prefix_chars)
                 if self.router.affinity
                 else None
             )
@@ -150,21 +152,29 @@ class ProxyService:
             )
             self.budget.record_request(self.clock())
             if checked.stream:
-                return await self._stream(attempts, path, payload, model, decision, started)
+                return await self._stream(attempts, path, raw, payload, model, decision, started)
             return await self._unary(attempts, path, raw, payload, model, decision, started)
         except GatewayError as exc:
-            self.metrics.requests.labels(model, path, str(exc.status)).inc()
+            self.metrics.request_done(model, path, exc.status)
             raise
 
-    async def _count(self, payload: dict[str, Any]) -> dict[str, int]:
-        """Prompt tokens per tier, off the event loop (long prompts take milliseconds)."""
+    async def _count(self, payload: dict[str, Any]) -> tuple[dict[str, int], bool]:
+        """Prompt tokens per tier (and whether estimated); long prompts off the loop."""
         if self.tokens is None:
             raise InvalidRequest(
                 "Routing by prompt length needs a tokenizer for every tier; set "
                 "tiers[].tokenizer for tiers whose engines are external.",
                 param="model",
             )
-        return await asyncio.to_thread(self.tokens.count_all, payload)
+        try:
+            if self.tokens.is_cheap(payload):
+                return self.tokens.count_all(payload)
+            return await asyncio.to_thread(self.tokens.count_all, payload)
+        except Exception as exc:  # the chat template refused these messages
+            raise InvalidRequest(
+                f"Could not apply the model's chat template to 'messages': {exc}",
+                param="messages",
+            ) from exc
 
     async def _check_limits(
         self, tier: Tier, payload: dict[str, Any], counts: dict[str, int] | None
@@ -181,7 +191,7 @@ class ProxyService:
         if not tier.max_context or (engine_limit and engine_limit <= tier.max_context):
             return  # the engine checks it, and says so in the same words
         if counts is None:
-            counts = await self._count(payload)
+            counts, _ = await self._count(payload)
         prompt = counts[tier.name]
         if prompt + (max_out or 0) > tier.max_context:
             raise InvalidRequest(
@@ -192,11 +202,23 @@ class ProxyService:
                 code="context_length_exceeded",
             )
 
-    def _body(self, attempt: Attempt, payload: dict[str, Any], raw: bytes | None) -> bytes:
-        """The raw bytes when nothing changes; else the payload with the engine's name."""
-        if raw is not None and payload.get("model") == attempt.endpoint.model:
+    @staticmethod
+    def _body(attempt: Attempt, payload: dict[str, Any], raw: bytes, usage: bool) -> bytes:
+        """The client's bytes when nothing changes; else the payload re-encoded with the
+        engine's model name and, for streams, usage asked for (metrics need it)."""
+        same_model = payload.get("model") == attempt.endpoint.model
+        if same_model and not usage:
             return raw
-        return json.dumps({**payload, "model": attempt.endpoint.model}).encode()
+        if same_model and "stream_options" not in payload and raw[:1] == b"{":
+            # The common stream: splice the option in rather than re-encode the prompt.
+            return b'{"stream_options":{"include_usage":true},' + raw[1:].lstrip()
+        body = {**payload, "model": attempt.endpoint.model}
+        if usage:
+            body["stream_options"] = {
+                **(payload.get("stream_options") or {}),
+                "include_usage": True,
+            }
+        return json.dumps(body).encode()
 
     async def _attempts(
         self,
@@ -205,8 +227,9 @@ class ProxyService:
         body_for: Callable[[Attempt], bytes],
         read_first: bool,
         chosen: str,
-    ):
-        """Try each attempt until one answers; yields (attempt, response, first bytes)."""
+    ) -> tuple[Attempt, aiohttp.ClientResponse, bytes]:
+        """Try each attempt until one answers; returns it, its response and its first bytes
+        (the whole body when not streaming). The endpoint stays entered on success."""
         last: GatewayError | None = None
         for i, attempt in enumerate(attempts):
             ep, now = attempt.endpoint, self.clock()
@@ -219,32 +242,39 @@ class ProxyService:
             if not ep.breaker.allows(now):
                 continue
             self._enter(ep)
+            entered = True
             try:
                 response = await self.upstream.open(ep.url or "", path, body_for(attempt))
-                first: Any = None
                 try:
-                    first = await (prime(response) if read_first else response.aread())
-                except httpx.TimeoutException as exc:
-                    await response.aclose()
+                    first = await (prime(response) if read_first else response.read())
+                except TimeoutError as exc:
+                    response.close()
                     raise UpstreamTimeout(f"The engine stalled before answering: {exc}") from exc
-                except httpx.HTTPError as exc:
-                    await response.aclose()
+                except aiohttp.ClientError as exc:
+                    response.close()
                     raise UpstreamError(
                         f"The engine failed before the first byte: {type(exc).__name__}"
                     ) from exc
+                except BaseException:  # cancelled: do not leave the connection half-read
+                    response.close()
+                    raise
+                entered = False
             except UpstreamStatusError as exc:
-                self._leave(ep)
                 if exc.status < 500:
                     ep.breaker.success()  # the engine is fine; the request is not
                     raise
                 last = self._failed(attempt, exc, now)
                 continue
             except (NoEngineReady, UpstreamError) as exc:
-                self._leave(ep)
                 last = self._failed(attempt, exc, now)
                 continue
+            finally:
+                if entered:  # any way out but success, cancellation included
+                    self._leave(ep)
+                    ep.breaker.abandon()  # a cancelled half-open probe must not wedge it
+            # success: the endpoint stays entered until the caller's reply is done
             ep.breaker.success()
-            self.metrics.breaker_state.labels(ep.name).set(0)
+            self.metrics.breaker(ep.name, 0)
             if attempt.why in ("spill", "fallback"):
                 counter = self.metrics.spills if attempt.why == "spill" else self.metrics.fallbacks
                 counter.labels(chosen, attempt.tier.name).inc()
@@ -254,18 +284,14 @@ class ProxyService:
     def _failed(self, attempt: Attempt, exc: GatewayError, now: float) -> GatewayError:
         ep = attempt.endpoint
         ep.breaker.failure(now)
-        self.metrics.breaker_state.labels(ep.name).set(
-            {"closed": 0, "half_open": 1, "open": 2}[ep.breaker.state]
-        )
+        self.metrics.breaker(ep.name, _BREAKER_GAUGE[ep.breaker.state])
         self.metrics.upstream_failures.labels(attempt.tier.name, ep.name, exc.code or "").inc()
         return exc
 
-    def _headers(self, attempt: Attempt, decision: Decision) -> dict[str, str]:
-        reason = (
-            decision.reason
-            if attempt.why not in ("spill", "fallback")
-            else (f"{decision.reason}+{attempt.why}")
-        )
+    @staticmethod
+    def _headers(attempt: Attempt, decision: Decision) -> dict[str, str]:
+        why = attempt.why
+        reason = decision.reason if why not in ("spill", "fallback") else f"{decision.reason}+{why}"
         return {
             "x-tiergate-tier": attempt.tier.name,
             "x-tiergate-reason": reason,
@@ -281,95 +307,85 @@ class ProxyService:
         model: str,
         decision: Decision,
         started: float,
-    ) -> Response:
+    ) -> Unary:
         attempt, response, body = await self._attempts(
             attempts,
             path,
-            lambda a: self._body(a, payload, raw),
+            lambda a: self._body(a, payload, raw, usage=False),
             read_first=False,
             chosen=decision.tier,
         )
         self._leave(attempt.endpoint)
-        await response.aclose()
-        self._record(
-            attempt.tier, attempt, model, path, str(response.status_code), usage_of(body), started
-        )
-        return Response(
-            body,
-            status_code=response.status_code,
-            media_type="application/json",
-            headers=self._headers(attempt, decision),
-        )
+        response.release()
+        self._record(attempt, model, path, response.status, usage_of(body), started)
+        return Unary(response.status, body, self._headers(attempt, decision))
 
     async def _stream(
         self,
         attempts: list[Attempt],
         path: str,
+        raw: bytes,
         payload: dict[str, Any],
         model: str,
         decision: Decision,
         started: float,
-    ) -> Response:
+    ) -> Streamed:
         options = payload.get("stream_options") or {}
-        drop_usage = not options.get("include_usage")
-        if drop_usage:  # ask for usage anyway so token metrics are exact; hidden below
-            payload = {**payload, "stream_options": {**options, "include_usage": True}}
-        attempt, response, (first, chunks) = await self._attempts(
+        drop_usage = not options.get("include_usage")  # asked for anyway; hidden below
+        attempt, response, first = await self._attempts(
             attempts,
             path,
-            lambda a: self._body(a, payload, None),
+            lambda a: self._body(a, payload, raw, usage=drop_usage),
             read_first=True,
             chosen=decision.tier,
         )
         outcome = StreamOutcome(started=started, first_byte=time.perf_counter())
+        relay = Relay(response, outcome, drop_usage)
+        finished = False
 
-        def on_close(disconnected: bool) -> None:
+        def abort() -> None:
+            outcome.disconnected = True
+            response.close()  # the pending read fails at once; vLLM sees the close
+
+        def finish() -> None:
+            nonlocal finished
+            if finished:
+                return
+            finished = True
             self._leave(attempt.endpoint)
-            self._record(
-                attempt.tier,
-                attempt,
-                model,
-                path,
-                "200",
-                outcome.usage,
-                started,
-                outcome.first_byte,
-            )
+            self._record(attempt, model, path, 200, outcome.usage, started, outcome.first_byte)
             if outcome.error:
                 self.metrics.stream_errors.labels(model, outcome.error).inc()
-            if disconnected:
+            if outcome.disconnected:
                 self.metrics.client_disconnects.labels(model).inc()
 
-        return ProxyStreamResponse(
-            relay(response, first, chunks, outcome, drop_usage),
-            on_close,
-            headers=self._headers(attempt, decision),
-        )
+        return Streamed(self._headers(attempt, decision), relay.run(first), outcome, abort, finish)
 
     def _record(
         self,
-        tier: Tier,
         attempt: Attempt,
         model: str,
         path: str,
-        status: str,
+        status: int,
         usage: dict | None,
         started: float,
         first_byte: float | None = None,
     ) -> None:
+        tier = attempt.tier
         m = self.metrics
-        m.requests.labels(model, path, status).inc()
-        m.tier_requests.labels(tier.name, attempt.endpoint.name, status).inc()
-        if first_byte is not None:
-            m.ttft.labels(model).observe(first_byte - started)
-        m.e2e.labels(model).observe(time.perf_counter() - started)
-        m.record_usage(model, usage)
-        m.cost.labels(tier.name).inc(tier.cost(usage))
+        m.request_done(model, path, status)
+        m.tier_done(tier.name, attempt.endpoint.name, status)
+        m.latency(
+            model, first_byte - started if first_byte else None, time.perf_counter() - started
+        )
+        if usage:
+            m.record_usage(model, usage)
+            m.cost_of(tier.name, tier.cost(usage))
 
     def _enter(self, endpoint: Endpoint) -> None:
         endpoint.in_flight += 1
-        self.metrics.in_flight.labels(endpoint.name).inc()
+        self.metrics.in_flight_add(endpoint.name, 1)
 
     def _leave(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
-        self.metrics.in_flight.labels(endpoint.name).dec()
+        self.metrics.in_flight_add(endpoint.name, -1)

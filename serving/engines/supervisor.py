@@ -18,12 +18,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
 from serving.config import EngineSettings, Settings
 from serving.engines import cpu, process
 from serving.metrics import GatewayMetrics
 from serving.router.registry import Endpoint, EngineRegistry
+from serving.upstream.client import UpstreamClient
 from serving.upstream.health import probe
 
 log = logging.getLogger("tiergate.supervisor")
@@ -59,7 +58,7 @@ class EngineRunner:
         self.started = asyncio.get_running_loop().create_future()
         self.stopping = False
 
-    async def run(self, http: httpx.AsyncClient) -> None:
+    async def run(self, http: UpstreamClient) -> None:
         restart = self.settings.restart
         backoff, failures = restart.initial_backoff, 0
         while not self.stopping:
@@ -90,7 +89,7 @@ class EngineRunner:
             self.endpoint.restarts += 1
             self.metrics.engine_restarts.labels(self.engine.name).inc()
 
-    async def _run_once(self, http: httpx.AsyncClient) -> tuple[str, bool]:
+    async def _run_once(self, http: UpstreamClient) -> tuple[str, bool]:
         """Run the engine until it exits; return why it ended and if it was ever ready."""
         port = process.free_port()
         cmd = process.vllm_command(self.model_dir, self.endpoint.model, port, self.args)
@@ -117,7 +116,7 @@ class EngineRunner:
             await asyncio.wait({pump}, timeout=2)
             pump.cancel()
 
-    async def _wait_healthy(self, http: httpx.AsyncClient, url: str) -> bool:
+    async def _wait_healthy(self, http: UpstreamClient, url: str) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.timeouts.engine_start
         assert self.proc is not None
@@ -151,7 +150,7 @@ class Supervisor:
         self.runners: list[EngineRunner] = []
         self.tasks: list[asyncio.Task] = []
 
-    def start(self, http: httpx.AsyncClient) -> None:
+    def start(self, http: UpstreamClient) -> None:
         """Launch every supervised engine in the background."""
         for engine in self.settings.engines:
             if engine.url is not None:

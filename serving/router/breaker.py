@@ -35,6 +35,10 @@ class CircuitBreaker:
             return now - self.opened_at >= self.cooldown
         return not (self.state == HALF_OPEN and self.probing)
 
+    def abandon(self) -> None:
+        """An attempt ended with no verdict (its client left): free the probe slot."""
+        self.probing = False
+
     def success(self) -> None:
         self.state, self.failures, self.probing = CLOSED, 0, False
 

@@ -1,9 +1,113 @@
-"""Prompt tokens counted with each tier's own tokenizer (never guessed from characters)."""
+"""Prompt tokens counted with each tier's own tokenizer (never guessed from characters).
+
+The `tokenizers` library and the model's chat template compiled once with jinja2, as
+transformers renders it (sandboxed, trim_blocks, lstrip_blocks, `tojson`), but without
+importing transformers, and torch with it, into the gateway (600 MB of RSS otherwise).
+tests/test_router_units.py checks the counts against transformers' own.
+
+The cost is bounded: text past `exact_chars` is not tokenized; its tokens are estimated
+from the tokens-per-character of the part that was, and the count says so (`estimated`).
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+EXACT_CHARS = 32_000  # ~8k tokens: about 2 ms to tokenize on one core
+CHEAP_CHARS = 2_000  # below this, counting inline costs less than a thread hop
+
+
+class TemplateError(Exception):
+    """The chat template refused the messages (its own raise_exception)."""
+
+
+@dataclass(frozen=True)
+class Count:
+    tokens: int
+    estimated: bool = False
+
+
+def _special(config: dict[str, Any], name: str) -> str:
+    value = config.get(name) or ""
+    return value.get("content", "") if isinstance(value, dict) else str(value)
+
+
+class _Tokenizer:
+    """One tokenizer folder: tokenizer.json, tokenizer_config.json, chat template."""
+
+    def __init__(self, folder: Path) -> None:
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        source = config.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            source = (folder / "chat_template.jinja").read_text()
+        if isinstance(source, list):  # named templates: the default one
+            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        self.specials = {
+            name: _special(config, name)
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+        }
+        self.template = None
+        if source:
+
+            def raise_exception(message: str) -> None:
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+            )
+            env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, sort_keys=False: (
+                json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+            )
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self.template = env.from_string(source)
+
+    def encode_len(self, text: str, special: bool) -> Count:
+        if len(text) <= EXACT_CHARS:
+            return Count(len(self.tokenizer.encode(text, add_special_tokens=special).ids))
+        head = len(self.tokenizer.encode(text[:EXACT_CHARS], add_special_tokens=special).ids)
+        return Count(round(head * len(text) / EXACT_CHARS), estimated=True)
+
+    def chat(self, payload: dict[str, Any]) -> Count:
+        if self.template is None:
+            raise TemplateError("the tokenizer has no chat template")
+        text = self.template.render(
+            messages=[_flat(m) for m in payload["messages"]],
+            tools=payload.get("tools"),
+            add_generation_prompt=True,
+            **self.specials,
+        )
+        return self.encode_len(text, special=False)  # the template holds the specials
+
+
+def _flat(message: Any) -> Any:
+    """OpenAI content parts -> one string, as engines do for text-only models."""
+    if isinstance(message, dict) and isinstance(message.get("content"), list):
+        text = "".join(p.get("text", "") for p in message["content"] if isinstance(p, dict))
+        return {**message, "content": text}
+    return message
+
+
+def prompt_chars(payload: dict[str, Any]) -> int:
+    """A cheap size of the prompt, to decide where counting runs."""
+    if "messages" in payload:
+        return sum(
+            len(m.get("content") or "") if isinstance(m.get("content"), str) else 1000
+            for m in payload["messages"]
+            if isinstance(m, dict)
+        )
+    prompt = payload.get("prompt", "")
+    return len(prompt) if isinstance(prompt, str) else 1000 * len(prompt)
 
 
 class TokenCounter:
@@ -11,45 +115,46 @@ class TokenCounter:
 
     def __init__(self, paths: dict[str, Path]) -> None:
         self.paths = {tier: str(p) for tier, p in paths.items()}
-        self._tokenizers: dict[str, Any] = {}
+        self._tokenizers: dict[str, _Tokenizer] = {}
 
-    def _tokenizer(self, path: str) -> Any:
+    def _tokenizer(self, path: str) -> _Tokenizer:
         if path not in self._tokenizers:
-            from transformers import AutoTokenizer
-
-            self._tokenizers[path] = AutoTokenizer.from_pretrained(path)
+            self._tokenizers[path] = _Tokenizer(Path(path))
         return self._tokenizers[path]
 
     def warm(self) -> None:
         for path in set(self.paths.values()):
             self._tokenizer(path)
 
-    def count(self, tier: str, payload: dict[str, Any]) -> int:
+    def is_cheap(self, payload: dict[str, Any]) -> bool:
+        return prompt_chars(payload) <= CHEAP_CHARS
+
+    def measure(self, tier: str, payload: dict[str, Any]) -> Count:
         tok = self._tokenizer(self.paths[tier])
         if "messages" in payload:
-            ids = tok.apply_chat_template(
-                payload["messages"], tokenize=True, add_generation_prompt=True, return_dict=False
-            )
-            return len(ids)
+            return tok.chat(payload)
         prompt = payload.get("prompt", "")
         if isinstance(prompt, str):
-            return len(tok.encode(prompt, add_special_tokens=True))
+            return tok.encode_len(prompt, special=True)
         if prompt and isinstance(prompt[0], int):
-            return len(prompt)
-        return max(
-            (
-                len(p) if isinstance(p[0] if p else None, int) else len(tok.encode(p))
-                for p in prompt
-            ),
-            default=0,
-        )
+            return Count(len(prompt))
+        counts = [
+            Count(len(p)) if isinstance(p[0] if p else None, int) else tok.encode_len(p, True)
+            for p in prompt
+        ]
+        longest = max(counts, key=lambda c: c.tokens, default=Count(0))
+        return longest
 
-    def count_all(self, payload: dict[str, Any]) -> dict[str, int]:
-        """Per tier; tiers sharing a tokenizer folder share the work."""
-        by_path: dict[str, int] = {}
-        counts = {}
+    def count(self, tier: str, payload: dict[str, Any]) -> int:
+        return self.measure(tier, payload).tokens
+
+    def count_all(self, payload: dict[str, Any]) -> tuple[dict[str, int], bool]:
+        """Tokens per tier, and whether any count is an estimate (a prompt past
+        EXACT_CHARS). Tiers sharing a tokenizer folder share the work."""
+        by_path: dict[str, Count] = {}
+        counts: dict[str, int] = {}
         for tier, path in self.paths.items():
             if path not in by_path:
-                by_path[path] = self.count(tier, payload)
-            counts[tier] = by_path[path]
-        return counts
+                by_path[path] = self.measure(tier, payload)
+            counts[tier] = by_path[path].tokens
+        return counts, any(c.estimated for c in by_path.values())

@@ -1,57 +1,90 @@
-"""The one shared HTTP client to the engines, and prime-then-stream.
+"""The one shared HTTP client to the engines: aiohttp, picked by measurement.
+
+benchmarks/RESULTS.md ("Data plane: the client to the engines") has the side-by-side
+figures: per streamed request, httpx's pool scans every connection and its stream
+runs through anyio, while aiohttp's StreamReader hands over what the socket gave.
 
 `open` returns only once the engine has answered with a success status, so the
-caller can still fail cleanly (or, later, fail over) before a byte reaches the
-client. Errors come back as GatewayError subclasses.
+caller can still fail over before a byte reaches the client. Errors come back as
+GatewayError subclasses. The pool's keep-alive (4 s) is shorter than uvicorn's (5 s,
+which vLLM uses), so a connection the engine is about to close is never reused.
 """
 
 from __future__ import annotations
 
-import httpx
+import aiohttp
 
 from serving.config import TimeoutSettings
 from serving.errors import NoEngineReady, UpstreamError, UpstreamTimeout, from_upstream
 
-
-def build_http_client(
-    timeouts: TimeoutSettings, max_connections: int, transport: httpx.AsyncBaseTransport | None
-) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=timeouts.pool
-        ),
-        limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        ),
-        transport=transport,
-    )
+_JSON = {"content-type": "application/json"}
+KEEPALIVE_S = 4.0
 
 
 class UpstreamClient:
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self.http = http
+    """One aiohttp session for every request, probe and scrape to the engines."""
 
-    async def open(self, url: str, path: str, body: bytes) -> httpx.Response:
-        """POST `body` and return the streaming response once its status is a success."""
-        request = self.http.build_request(
-            "POST", url + path, content=body, headers={"content-type": "application/json"}
+    def __init__(self, timeouts: TimeoutSettings, max_connections: int) -> None:
+        self.timeouts = timeouts
+        self.max_connections = max_connections
+        # connect: TCP connect; pool: waiting for a free connection; read: first byte and
+        # between chunks (sock_read). No total: a stream may last as long as it streams.
+        self.stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=timeouts.connect + timeouts.pool,
+            sock_connect=timeouts.connect,
+            sock_read=timeouts.read,
         )
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.max_connections,
+                limit_per_host=0,
+                keepalive_timeout=KEEPALIVE_S,
+                ttl_dns_cache=None,
+            ),
+            timeout=self.stream_timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def open(self, url: str, path: str, body: bytes) -> aiohttp.ClientResponse:
+        """POST `body` and return the response (body unread) once its status is a success."""
+        assert self.session is not None, "UpstreamClient.start() first"
         try:
-            response = await self.http.send(request, stream=True)
-        except httpx.ConnectError as exc:
+            response = await self.session.post(url + path, data=body, headers=_JSON)
+        except aiohttp.ClientConnectorError as exc:
             raise NoEngineReady(f"The engine at {url} is unreachable; retry shortly.") from exc
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"The engine did not answer in time ({type(exc).__name__})."
             ) from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise UpstreamError(f"The engine failed: {type(exc).__name__}: {exc}") from exc
-        if response.status_code >= 400:
+        if response.status >= 400:
             try:
-                body = await response.aread()
-            except httpx.HTTPError:
-                body = b""
+                data = await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                data = b""
             finally:
-                await response.aclose()
-            raise from_upstream(response.status_code, body)
+                response.release()
+            raise from_upstream(response.status, data)
         return response
+
+    async def get(self, url: str, timeout: float) -> tuple[int, bytes] | None:
+        """A small GET (health, metrics, models); None if it failed in any way."""
+        assert self.session is not None, "UpstreamClient.start() first"
+        try:
+            async with self.session.get(
+                url, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                return response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return None

@@ -1,39 +1,39 @@
-"""Polls every engine's /health so readiness follows reality, supervised or not."""
+"""Polls every engine's /health so readiness follows reality, supervised or not, and
+scrapes each ready engine's /metrics for its load. Both use the one shared client."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-
-import httpx
 
 from serving.metrics import GatewayMetrics
 from serving.router.load import EngineLoad, parse_vllm_metrics
 from serving.router.registry import Endpoint, EngineRegistry
+from serving.upstream.client import UpstreamClient
 
 log = logging.getLogger("tiergate.health")
 
 
-async def probe(http: httpx.AsyncClient, url: str, timeout: float) -> bool:
-    try:
-        response = await http.get(url + "/health", timeout=timeout)
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200
+async def probe(http: UpstreamClient, url: str, timeout: float) -> bool:
+    answer = await http.get(url + "/health", timeout)
+    return answer is not None and answer[0] == 200
 
 
-async def fetch_max_model_len(http: httpx.AsyncClient, ep: Endpoint, timeout: float) -> None:
+async def fetch_max_model_len(http: UpstreamClient, ep: Endpoint, timeout: float) -> None:
+    answer = await http.get(f"{ep.url}/v1/models", timeout)
+    if answer is None or answer[0] != 200:
+        return
     try:
-        response = await http.get(f"{ep.url}/v1/models", timeout=timeout)
-        for card in response.json().get("data", []):
+        for card in json.loads(answer[1]).get("data", []):
             if card.get("id") == ep.model and card.get("max_model_len"):
                 ep.max_model_len = int(card["max_model_len"])
-    except (httpx.HTTPError, ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         pass
 
 
 async def check_once(
-    http: httpx.AsyncClient, registry: EngineRegistry, metrics: GatewayMetrics, timeout: float
+    http: UpstreamClient, registry: EngineRegistry, metrics: GatewayMetrics, timeout: float
 ) -> None:
     async def one(ep: Endpoint) -> None:
         if not ep.url:
@@ -57,7 +57,7 @@ async def check_once(
 
 
 async def health_loop(
-    http: httpx.AsyncClient,
+    http: UpstreamClient,
     registry: EngineRegistry,
     metrics: GatewayMetrics,
     interval: float,
@@ -69,7 +69,7 @@ async def health_loop(
 
 
 async def scrape_loop(
-    http: httpx.AsyncClient, registry: EngineRegistry, interval: float, timeout: float
+    http: UpstreamClient, registry: EngineRegistry, interval: float, timeout: float
 ) -> None:
     """Keep each ready engine's load (queue, running, KV use) from its /metrics."""
 
@@ -77,11 +77,10 @@ async def scrape_loop(
         if not (ep.ready and ep.url):
             ep.load = EngineLoad()
             return
-        try:
-            response = await http.get(ep.url + "/metrics", timeout=timeout)
-            ep.load = parse_vllm_metrics(response.text)
-        except httpx.HTTPError:
-            pass  # readiness is the health loop's job; keep the last load
+        answer = await http.get(ep.url + "/metrics", timeout)
+        if answer is not None and answer[0] == 200:
+            ep.load = parse_vllm_metrics(answer[1].decode(errors="replace"))
+        # else: readiness is the health loop's job; keep the last load
 
     while True:
         await asyncio.gather(*(one(ep) for ep in registry.endpoints))

@@ -1,28 +1,28 @@
-"""Relaying a server-sent event stream from an engine, event by event.
+"""Relaying a server-sent event stream from an engine, chunk by chunk.
 
-Nothing is buffered beyond one partial event. Errors after the first byte end
-the stream with one error event and `data: [DONE]`. A client disconnect closes
-the upstream response, which makes vLLM abort the request and free its KV cache.
+Bytes go through as the socket gave them; the relay only looks for event boundaries
+to find the usage event (for metrics), to hide it when the client did not ask for it,
+and to see `[DONE]`. Errors after the first byte end the stream with one error event
+and `data: [DONE]`. Closing the upstream response (client gone) makes vLLM abort the
+request and free its KV cache.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-import httpx
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+import aiohttp
 
 from serving.errors import GatewayError, UpstreamError, UpstreamTimeout, sse_error_event
 
 _DONE = b"data: [DONE]"
+_USAGE = b'"prompt_tokens"'
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamOutcome:
     """What happened to one stream; read by the caller's metrics hook."""
 
@@ -45,7 +45,7 @@ def split_events(buffer: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
 
 def usage_of(event: bytes) -> dict[str, Any] | None:
     """The usage object of an event, if it carries one (cheap check before parsing)."""
-    if b'"prompt_tokens"' not in event:
+    if _USAGE not in event:
         return None
     try:
         usage = json.loads(event.removeprefix(b"data: ")).get("usage")
@@ -58,120 +58,75 @@ def is_usage_only(event: bytes) -> bool:
     return b'"choices":[]' in event
 
 
-async def prime(response: httpx.Response) -> tuple[bytes, AsyncIterator[bytes]]:
+async def prime(response: aiohttp.ClientResponse) -> bytes:
     """Wait for the first body bytes; until then the caller may still fail over."""
-    chunks = response.aiter_raw()
-    try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        first = b""
-    return first, chunks
+    return await response.content.readany()
 
 
-async def relay(
-    response: httpx.Response,
-    first: bytes,
-    chunks: AsyncIterator[bytes],
-    outcome: StreamOutcome,
-    drop_usage_event: bool,
-) -> AsyncIterator[bytes]:
-    """Yield the engine's SSE events; end with an error event if the engine fails."""
-    buffer = b""
+class Relay:
+    """Yields the engine's stream with its usage captured, ending in an error event if the
+    engine fails. Chunks pass whole when they hold no usage and no [DONE] (the common
+    case: one token event), so the per-chunk cost is two substring searches."""
 
-    def whole_events(chunk: bytes) -> bytes:
-        """The complete events in `chunk` (plus what was buffered), as bytes to send."""
-        nonlocal buffer
-        events, buffer = split_events(buffer, chunk)
+    __slots__ = ("buffer", "drop_usage", "eof", "outcome", "response")
+
+    def __init__(
+        self, response: aiohttp.ClientResponse, outcome: StreamOutcome, drop_usage: bool
+    ) -> None:
+        self.response = response
+        self.outcome = outcome
+        self.drop_usage = drop_usage
+        self.buffer = b""
+        self.eof = False
+
+    def _tail(self, chunk: bytes) -> bytes:
+        """Chunks near the end of a stream: parse them event by event."""
+        events, self.buffer = split_events(self.buffer, chunk)
         out = []
         for event in events:
             usage = usage_of(event)
             if usage is not None:
-                outcome.usage = usage
-                if drop_usage_event and is_usage_only(event):
+                self.outcome.usage = usage
+                if self.drop_usage and is_usage_only(event):
                     continue  # we asked for it for metrics; the client did not
             if event.startswith(_DONE):
-                outcome.done = True
+                self.outcome.done = True
             out.append(event + b"\n\n")
         return b"".join(out)
 
-    try:
-        if out := whole_events(first):
-            yield out
-        async for chunk in chunks:
-            if out := whole_events(chunk):
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.buffer and _USAGE not in chunk and _DONE not in chunk:
+            if chunk.endswith(b"\n\n"):
+                return chunk  # whole events, nothing to look at
+        return self._tail(chunk)
+
+    async def run(self, first: bytes) -> AsyncIterator[bytes]:
+        try:
+            if out := self.feed(first):
                 yield out
-        if not outcome.done:
-            raise UpstreamError("The engine ended the stream before [DONE].")
-    except (GatewayError, httpx.HTTPError) as exc:
-        err = _as_gateway_error(exc)
-        outcome.error = err.code or type(err).__name__
-        yield sse_error_event(err)
-    finally:
-        await response.aclose()
+            read = self.response.content.readany
+            while chunk := await read():
+                if out := self.feed(chunk):
+                    yield out
+            self.eof = True
+            if not self.outcome.done:
+                raise UpstreamError("The engine ended the stream before [DONE].")
+        except (GatewayError, aiohttp.ClientError, TimeoutError) as exc:
+            if self.outcome.disconnected:
+                return  # we closed it because the client left
+            err = as_gateway_error(exc)
+            self.outcome.error = err.code or type(err).__name__
+            yield sse_error_event(err)
+        finally:
+            if self.eof and self.outcome.done:
+                self.response.release()  # read to the end: the connection is reusable
+            else:
+                self.response.close()  # mid-stream: vLLM sees the close and aborts
 
 
-def _as_gateway_error(exc: Exception) -> GatewayError:
+def as_gateway_error(exc: BaseException) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return UpstreamTimeout("The engine stalled mid-stream.")
     return UpstreamError(f"The engine failed mid-stream: {type(exc).__name__}")
-
-
-class ProxyStreamResponse(Response):
-    """Streams `body` and stops it as soon as the client disconnects.
-
-    Unlike starlette's StreamingResponse under ASGI 2.4, it watches for the
-    disconnect message, so a stalled upstream is closed too, and it always closes
-    the body iterator (and so the upstream response) on the way out.
-    """
-
-    media_type = "text/event-stream"
-
-    def __init__(
-        self,
-        body: AsyncIterator[bytes],
-        on_close: Callable[[bool], None],
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(content=None, status_code=200, headers=headers)
-        self.body_iterator = body
-        self.on_close = on_close
-        self.headers["cache-control"] = "no-cache"
-        self.headers["x-accel-buffering"] = "no"
-        if "content-length" in self.headers:
-            del self.headers["content-length"]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        disconnected = False
-
-        async def watch_disconnect(cancel: anyio.CancelScope) -> None:
-            nonlocal disconnected
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    disconnected = True
-                    cancel.cancel()
-                    return
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_disconnect, tg.cancel_scope)
-                try:
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": self.status_code,
-                            "headers": self.raw_headers,
-                        }
-                    )
-                    async for chunk in self.body_iterator:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-                except OSError:
-                    disconnected = True
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()  # closes the upstream response
-                self.on_close(disconnected)

@@ -1,0 +1,319 @@
+"""What one gateway core relays: streamed requests/s, events/s, added latency, CPU per
+1,000 events and the share of 429s, over a sweep of concurrency, next to a yardstick.
+
+    python -m benchmarks.gateway_capacity --concurrency 32 128 512 --duration 10 \\
+        --out benchmarks/out/capacity.json
+
+Layout on a 2-core host (change with --gateway-cpu / --load-cpu):
+- core 0: the proxy under test, alone: tiergate (`tiergate serve`, routing, metrics and an
+  API key on) or the yardstick relay (benchmarks/yardstick.py);
+- core 1: a FAKE upstream (benchmarks/fake_server.py: 16 chat events 5 ms apart, like
+  decode steps, then usage and [DONE]) and the load generator, `wrk` (Debian's package).
+"upstream" is the fake alone, for the added latency. Targets run interleaved at each
+concurrency, so drift hits each alike. `--overload` also runs tiergate at 4x the
+concurrency of its best point, with a probe that times the 429s apart from the 200s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+from benchmarks.launch import REPO, exit_on_sigterm, free_port
+
+EVENTS = 16
+KEY = "bench-key"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (the gateway runs no children with external engines)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], cpu: str, ready_url: str, env: dict | None = None) -> Iterator[int]:
+    """Run `cmd` pinned to `cpu` until the block ends; yields its pid once ready_url is 200."""
+    log = tempfile.NamedTemporaryFile(prefix="capacity-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        ["taskset", "-c", cpu, *cmd],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited: {Path(log.name).read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready_url, timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{cmd[:4]} not ready: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield proc.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wrk_script(model: str, folder: Path) -> Path:
+    body = json.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": EVENTS,
+            "stream": True,
+        }
+    )
+    path = folder / "chat.lua"
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {KEY}"\n'
+    )
+    return path
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def parse_wrk(text: str) -> dict:
+    """wrk --latency output -> figures (latency in ms)."""
+
+    def ms(value: str) -> float:
+        number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()
+        return float(number) * _UNITS[unit]
+
+    total = int(re.search(r"(\d+) requests in", text).group(1))
+    seconds = ms(re.search(r"requests in ([\d.]+\w+),", text).group(1)) / 1000
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    dist = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)$", text, re.MULTILINE))
+    refused = int(non2xx.group(1)) if non2xx else 0
+    return {
+        "requests": total,
+        "seconds": seconds,
+        "req_s": total / seconds,
+        "ok_req_s": (total - refused) / seconds,
+        "non_2xx": refused,
+        "socket_errors": sum(map(int, errors.groups()[:3])) if errors else 0,
+        "timeouts": int(errors.group(4)) if errors else 0,
+        "p50_ms": ms(dist["50"]) if "50" in dist else None,
+        "p99_ms": ms(dist["99"]) if "99" in dist else None,
+    }
+
+
+def run_wrk(url: str, script: Path, concurrency: int, duration: float, cpu: str) -> dict:
+    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s"]
+    cmd += ["--latency", "--timeout", "10s", "-s", str(script), url + "/v1/chat/completions"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def gateway_config(folder: Path, upstream: str, tokenizer: Path | None) -> Path:
+    tier = {"name": "fake", "model": "fake", "engines": ["fake"]}
+    if tokenizer:
+        tier["tokenizer"] = str(tokenizer)
+    config = {
+        "server": {"api_keys": [KEY], "log_level": "warning"},
+        "engines": [{"name": "fake", "model": "fake", "url": upstream}],
+        "tiers": [tier],
+        "router": {"rules": {"default_tier": "fake"}},
+    }
+    path = folder / "tiergate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def probe_statuses(url: str, model: str, seconds: float) -> dict[int, list[float]]:
+    """One request at a time during an overload: latency (ms) by status."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    out: dict[int, list[float]] = {}
+    async with httpx.AsyncClient(timeout=15, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url + "/v1/chat/completions", json=body)
+                status = r.status_code
+            except httpx.HTTPError:
+                status = 0
+            out.setdefault(status, []).append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0.005)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def cpu_flags() -> str:
+    from serving.engines.cpu import cpu_flags as flags
+
+    wanted = {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"}
+    return " ".join(sorted(flags() & wanted))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128, 512])
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--targets", nargs="+", default=["upstream", "yardstick", "tiergate"])
+    p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
+    p.add_argument("--tokenizer", type=Path, help="for --model auto (a prepared model folder)")
+    p.add_argument("--overload", action="store_true", help="also tiergate at 4x its best point")
+    p.add_argument("--gateway-cpu", default="0")
+    p.add_argument("--load-cpu", default="1")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    if not shutil.which("wrk"):
+        print("gateway_capacity needs wrk: apt-get install wrk", file=sys.stderr)
+        return 2
+    exit_on_sigterm()
+    os.sched_setaffinity(0, {int(a.load_cpu)})
+    py = sys.executable
+    work = Path(tempfile.mkdtemp(prefix="tiergate-capacity-"))
+    script = wrk_script(a.model, work)
+    ports = {t: free_port() for t in ("upstream", "yardstick", "tiergate")}
+    urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
+    fake = [py, "-m", "benchmarks.fake_server", "--port", str(ports["upstream"])]
+    fake += ["--events", str(EVENTS), "--gap-ms", "5"]
+    yard = [py, "-m", "benchmarks.yardstick", "--port", str(ports["yardstick"])]
+    yard += ["--upstream", urls["upstream"]]
+    config = gateway_config(work, urls["upstream"], a.tokenizer)
+    gate = [py, "-m", "serving.cli", "serve", "--config", str(config)]
+    gate += ["--port", str(ports["tiergate"])]
+    rows: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        pids = {
+            "upstream": stack.enter_context(started(fake, a.load_cpu, urls["upstream"] + "/health"))
+        }
+        if "yardstick" in a.targets:
+            pids["yardstick"] = stack.enter_context(
+                started(yard, a.gateway_cpu, urls["yardstick"] + "/health")
+            )
+        if "tiergate" in a.targets:
+            pids["tiergate"] = stack.enter_context(
+                started(gate, a.gateway_cpu, urls["tiergate"] + "/ready")
+            )
+        for i, c in enumerate(a.concurrency):
+            order = a.targets if i % 2 == 0 else a.targets[::-1]
+            for target in order:
+                pid = pids[target]
+                cpu0 = cpu_seconds(pid)
+                r = run_wrk(urls[target], script, c, a.duration, a.load_cpu)
+                r |= {"target": target, "concurrency": c, "cpu_s": cpu_seconds(pid) - cpu0}
+                ok = r["ok_req_s"] * r["seconds"]
+                r["events_s"] = r["ok_req_s"] * EVENTS
+                r["cpu_ms_per_1k_events"] = (
+                    r["cpu_s"] * 1000 / (ok * EVENTS / 1000)
+                    if ok and target != "upstream"
+                    else None
+                )
+                r["share_429"] = r["non_2xx"] / r["requests"] if r["requests"] else 0.0
+                r["rss_mb"] = rss_mb(pid)
+                rows.append(r)
+                print(
+                    f"c={c:<4} {target:<9} {r['req_s']:8.0f} req/s  ok {r['ok_req_s']:8.0f}  "
+                    f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
+                    f"429 {r['share_429']:5.1%}  timeouts {r['timeouts']}  "
+                    f"cpu/1k ev {r['cpu_ms_per_1k_events'] or 0:5.1f} ms",
+                    flush=True,
+                )
+        overload = None
+        if a.overload and "tiergate" in pids:
+            best = max((r for r in rows if r["target"] == "tiergate"), key=lambda r: r["ok_req_s"])
+            c = best["concurrency"] * 4
+            loop = asyncio.new_event_loop()
+            probe = loop.run_in_executor(
+                None, lambda: asyncio.run(probe_statuses(urls["tiergate"], a.model, a.duration))
+            )
+            r = run_wrk(urls["tiergate"], script, c, a.duration, a.load_cpu)
+            statuses = loop.run_until_complete(probe)
+            loop.close()
+            overload = {
+                "concurrency": c,
+                "peak_ok_req_s": best["ok_req_s"],
+                **r,
+                "goodput_vs_peak": r["ok_req_s"] / best["ok_req_s"],
+                "probe": {
+                    str(s): {
+                        "n": len(v),
+                        "p50_ms": percentile(v, 0.5),
+                        "p99_ms": percentile(v, 0.99),
+                    }
+                    for s, v in statuses.items()
+                },
+            }
+            print(f"overload c={c}: {json.dumps(overload)}", flush=True)
+    print_table(rows)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "cpu_flags": cpu_flags(),
+            "command": " ".join(["python -m benchmarks.gateway_capacity", *(argv or sys.argv[1:])]),
+        }
+        a.out.write_text(json.dumps({"meta": meta, "rows": rows, "overload": overload}, indent=1))
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    upstream = {r["concurrency"]: r for r in rows if r["target"] == "upstream"}
+    print(
+        "| c | target | req/s (2xx) | events/s | p50 ms (+ over upstream) | p99 ms | 429 | "
+        "timeouts | CPU ms / 1k events | RSS MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["concurrency"], r["target"])):
+        base = upstream.get(r["concurrency"])
+        added = f" (+{r['p50_ms'] - base['p50_ms']:.2f})" if base and r is not base else ""
+        cpu = r["cpu_ms_per_1k_events"]
+        print(
+            f"| {r['concurrency']} | {r['target']} | {r['ok_req_s']:,.0f} | {r['events_s']:,.0f} | "
+            f"{r['p50_ms']:.2f}{added} | {r['p99_ms']:.2f} | {r['share_429']:.1%} | "
+            f"{r['timeouts']} | {'' if cpu is None else f'{cpu:.1f}'} | {r['rss_mb']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

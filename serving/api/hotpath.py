@@ -1,0 +1,205 @@
+"""The hot path: POST /v1/chat/completions and /v1/completions as bare ASGI.
+
+Every request and every streamed token crosses this code, so it skips what FastAPI
+and starlette add per request (middleware stack, routing, request objects, a task
+group per stream) and keeps every behaviour: admission, auth, body limits, the proxy
+service (validation, routing, retries before the first byte), the SSE error rule,
+client disconnect -> upstream close (vLLM aborts), metrics. Other routes stay in FastAPI.
+
+Admission refuses, before any upstream work and in microseconds, what the gateway
+cannot serve: more requests in flight than `server.max_in_flight`, or an event loop
+lagging more than `server.max_loop_lag_ms` (the gateway's own core is saturated).
+The replicas' own limits (router.spill) are the planner's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Iterable
+
+from serving.api.protocol import Kind
+from serving.api.serving import PATHS, ProxyService, Streamed, Unary
+from serving.errors import GatewayError, PayloadTooLarge, Saturated, Unauthorized, error_payload
+from serving.metrics import GatewayMetrics
+
+log = logging.getLogger("tiergate.hotpath")
+
+ROUTES: dict[str, Kind] = {path: kind for kind, path in PATHS.items()}
+_WANTED = frozenset({b"authorization", b"content-length", b"x-tiergate-tier", b"x-session-id"})
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_END = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request was read."""
+
+
+class LoopLag:
+    """How late the event loop wakes a 50 ms timer: the gateway core's saturation."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.lag_ms = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(self.interval)
+            late = (loop.time() - t0 - self.interval) * 1000
+            # fast up, slow down: one late tick counts, recovery needs a few good ones
+            self.lag_ms = late if late > self.lag_ms else 0.7 * self.lag_ms + 0.3 * late
+
+
+class HotPath:
+    def __init__(
+        self,
+        proxy: ProxyService,
+        metrics: GatewayMetrics,
+        api_keys: Iterable[str],
+        max_body_bytes: int,
+        max_in_flight: int,
+        max_loop_lag_ms: float,
+        retry_after_s: int,
+        lag: LoopLag | None = None,
+    ) -> None:
+        self.proxy = proxy
+        self.metrics = metrics
+        self.keys = [k.encode() for k in api_keys]
+        self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.max_loop_lag_ms = max_loop_lag_ms
+        self.retry_after_s = retry_after_s
+        self.lag = lag or LoopLag()
+        self.in_flight = 0
+
+    def _admit(self) -> Saturated | None:
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            why = "in_flight"
+        elif self.max_loop_lag_ms and self.lag.lag_ms > self.max_loop_lag_ms:
+            why = "loop_lag"
+        else:
+            return None
+        self.metrics.admission_refused(why)
+        return Saturated(
+            f"The gateway is at capacity ({why}); retry after {self.retry_after_s}s.",
+            self.retry_after_s,
+        )
+
+    def _check_key(self, headers: dict[str, str]) -> None:
+        if not self.keys:
+            return
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        given = token.encode()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self.keys):
+            raise Unauthorized(
+                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."
+            )
+
+    async def _read(self, receive, headers: dict[str, str]) -> bytes:
+        limit = self.max_body_bytes
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(
+                f"Request body of {declared} bytes exceeds the {limit}-byte limit."
+            )
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"Request body exceeds the {limit}-byte limit.")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def __call__(self, kind: Kind, scope, receive, send) -> None:
+        refused = self._admit()
+        if refused is not None:
+            self.metrics.request_done("unknown", PATHS[kind], refused.status)
+            await _send_error(send, refused)
+            return
+        self.in_flight += 1
+        try:
+            headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
+            self._check_key(headers)
+            try:
+                body = await self._read(receive, headers)
+            except PayloadTooLarge as exc:
+                self.metrics.request_done("unknown", PATHS[kind], exc.status)
+                raise
+            reply = await self.proxy.handle(kind, body, headers)
+            if isinstance(reply, Unary):
+                await _send_unary(send, reply)
+            else:
+                await _send_stream(send, receive, reply)
+        except GatewayError as exc:
+            await _send_error(send, exc)
+        except ClientGone:
+            pass
+        except Exception as exc:  # a bug: answer in the OpenAI shape, keep serving
+            log.exception("unexpected error on %s", scope["path"])
+            await _send_error(send, GatewayError(f"internal error: {type(exc).__name__}"))
+        finally:
+            self.in_flight -= 1
+
+
+def _extra(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode(), v.encode()) for k, v in headers.items()]
+
+
+async def _send_error(send, exc: GatewayError) -> None:
+    body = json.dumps(error_payload(exc)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": _JSON + _extra(exc.headers or {}),
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_unary(send, reply: Unary) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": reply.status,
+            "headers": _JSON + _extra(reply.headers),
+        }
+    )
+    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+
+
+async def _send_stream(send, receive, reply: Streamed) -> None:
+    """Relay the stream; a disconnect closes the upstream even while it is silent."""
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        reply.abort()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": _SSE + _extra(reply.headers)}
+        )
+        async for chunk in reply.body:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        watcher.cancel()
+        await send(_END)
+    finally:
+        watcher.cancel()
+        await reply.body.aclose()
+        reply.finish()
