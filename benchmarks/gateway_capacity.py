@@ -57,16 +57,15 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def started(cmd: list[str], cpu: str, ready_url: str, env: dict | None = None) -> Iterator[int]:
+def started(cmd: list[str], cpu: str, ready_url: str, cwd: Path = REPO) -> Iterator[int]:
     """Run `cmd` pinned to `cpu` until the block ends; yields its pid once ready_url is 200."""
     log = tempfile.NamedTemporaryFile(prefix="capacity-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         ["taskset", "-c", cpu, *cmd],
-        cwd=REPO,
+        cwd=cwd,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, **(env or {})},
     )
     try:
         deadline = time.monotonic() + 120
@@ -153,7 +152,8 @@ def gateway_config(folder: Path, upstream: str, tokenizer: Path | None) -> Path:
         "server": {"api_keys": [KEY], "log_level": "warning"},
         "engines": [{"name": "fake", "model": "fake", "url": upstream}],
         "tiers": [tier],
-        "router": {"rules": {"default_tier": "fake"}},
+        # the fake holds any number of streams; the default 128 per replica is for vLLM
+        "router": {"rules": {"default_tier": "fake"}, "spill": {"max_in_flight": 1024}},
     }
     path = folder / "tiergate.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -196,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128, 512])
     p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--targets", nargs="+", default=["upstream", "yardstick", "tiergate"])
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        default=["upstream", "yardstick", "tiergate"],
+        help="upstream, yardstick, tiergate, and `before`: tiergate from --before-repo",
+    )
+    p.add_argument("--before-repo", type=Path, help="another checkout (e.g. a git worktree)")
     p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
     p.add_argument("--tokenizer", type=Path, help="for --model auto (a prepared model folder)")
     p.add_argument("--overload", action="store_true", help="also tiergate at 4x its best point")
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="tiergate-capacity-"))
     script = wrk_script(a.model, work)
-    ports = {t: free_port() for t in ("upstream", "yardstick", "tiergate")}
+    ports = {t: free_port() for t in ("upstream", "yardstick", "tiergate", "before")}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
     fake = [py, "-m", "benchmarks.fake_server", "--port", str(ports["upstream"])]
     fake += ["--events", str(EVENTS), "--gap-ms", "5"]
@@ -233,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         if "tiergate" in a.targets:
             pids["tiergate"] = stack.enter_context(
                 started(gate, a.gateway_cpu, urls["tiergate"] + "/ready")
+            )
+        if "before" in a.targets:
+            before = [*gate[:-1], str(ports["before"])]
+            pids["before"] = stack.enter_context(
+                started(before, a.gateway_cpu, urls["before"] + "/ready", cwd=a.before_repo)
             )
         for i, c in enumerate(a.concurrency):
             order = a.targets if i % 2 == 0 else a.targets[::-1]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -48,6 +49,7 @@ class BatchResult:
     concurrency: int
     wall: float
     requests: list[RequestResult] = field(default_factory=list)
+    gateway_cpu_s: float | None = None  # CPU the gateway process spent on this batch
 
     @property
     def output_tps(self) -> float:
@@ -135,6 +137,10 @@ def summarize(batches: list[BatchResult], pair: tuple[str, str]) -> list[dict]:
                 "output_tps_median": statistics.median(b.output_tps for b in mine),
                 "output_tps_rounds": [round(b.output_tps, 1) for b in mine],
             }
+            cpu = [b.gateway_cpu_s for b in mine if b.gateway_cpu_s is not None]
+            if cpu:
+                tokens = sum(r.completion_tokens for b in mine for r in b.requests if r.ok)
+                side[target]["gateway_cpu_ms_per_1k_tokens"] = sum(cpu) * 1e6 / max(tokens, 1)
         g, e = side[pair[0]], side[pair[1]]
         rows.append(
             {
@@ -161,13 +167,26 @@ def print_table(rows: list[dict], pair: tuple[str, str]) -> None:
             f"{r[f'output_tps_median_{b}']:.1f} | {r[f'output_tps_median_{a}']:.1f} | "
             f"{r['throughput_ratio']:.3f} | {r[f'errors_{a}'] + r[f'errors_{b}']} |"
         )
+    for r in rows:
+        cpu = r.get(f"gateway_cpu_ms_per_1k_tokens_{a}")
+        if cpu is not None:
+            print(f"C={r['concurrency']}: gateway CPU {cpu:.1f} ms per 1,000 streamed tokens")
 
 
 Target = tuple[str, str]  # (base URL, model)
 
 
-async def measure(targets: dict[str, Target], args: argparse.Namespace) -> list[BatchResult]:
-    """Interleave the two targets round by round (ABBA...), after an unmeasured warm-up."""
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    targets: dict[str, Target], args: argparse.Namespace, gateway_pid: int | None = None
+) -> list[BatchResult]:
+    """Interleave the two targets round by round (ABBA...), after an unmeasured warm-up.
+    With `gateway_pid`, the gateway process's CPU is read over each of its batches."""
     rng = random.Random(args.seed)
     batches: list[BatchResult] = []
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
@@ -181,9 +200,12 @@ async def measure(targets: dict[str, Target], args: argparse.Namespace) -> list[
             for i in range(args.rounds):
                 for name in names if i % 2 == 0 else names[::-1]:
                     url, model = targets[name]
+                    cpu0 = cpu_seconds(gateway_pid) if gateway_pid else None
                     batch = await run_batch(
                         client, name, url, model, c, n, tokens, rng, args.prompt_words
                     )
+                    if cpu0 is not None and name in ("gateway", "auto", "direct"):
+                        batch.gateway_cpu_s = cpu_seconds(gateway_pid) - cpu0
                     batches.append(batch)
                     print(
                         f"C={c} round {i + 1} {name}: {batch.output_tps:.1f} out tok/s, "
@@ -203,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gateway-url", help="use a running gateway instead of starting one")
     p.add_argument("--engine-url", help="its engine (default: from /tiergate/engines)")
+    p.add_argument("--gateway-pid", type=int, help="a running gateway's pid, for its CPU")
     p.add_argument(
         "--compare",
         choices=["engine", "auto"],
@@ -223,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     exit_on_sigterm()
 
-    with GatewayUnderTest(args) as gateway_url:
+    gateway = GatewayUnderTest(args)
+    with gateway as gateway_url:
         model = (
             args.model or httpx.get(gateway_url + "/v1/models", timeout=10).json()["data"][0]["id"]
         )
@@ -236,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             }
         else:
             targets = {"auto": (gateway_url, "auto"), "direct": (gateway_url, model)}
-        batches = asyncio.run(measure(targets, args))
+        pid = gateway.proc.proc.pid if gateway.proc is not None else args.gateway_pid
+        batches = asyncio.run(measure(targets, args, pid))
     pair = tuple(targets)
     rows = summarize(batches, pair)
     print_table(rows, pair)

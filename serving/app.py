@@ -103,8 +103,7 @@ def create_app(
         await http.start()
         proxy = ProxyService(registry, http, metrics, settings.router, tokens)
         server = settings.server
-        lag = LoopLag()
-        metrics.loop_lag.set_function(lambda: lag.lag_ms)
+        lag = LoopLag(report=metrics.loop_lag.set)
         app.state.hot = HotPath(
             proxy,
             metrics,

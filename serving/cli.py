@@ -145,6 +145,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
+        if settings.server.workers > 1:
+            from serving.workers import run_workers
+
+            return runner.run(run_workers(settings, model_dirs))
         return runner.run(run_server(settings, model_dirs))
 
 

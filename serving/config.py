@@ -38,6 +38,13 @@ class ServerSettings(_Strict):
         description="Bearer keys accepted on /v1/*; empty: no auth. In Kubernetes, set "
         'TIERGATE_SERVER__API_KEYS (a JSON list, e.g. \'["k1","k2"]\') from a Secret.',
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway processes on one port (SO_REUSEPORT) beside one engine "
+        "supervisor; one per core the gateway may use (serving/workers.py).",
+    )
     max_in_flight: int = Field(
         2048,
         ge=0,

@@ -1,10 +1,24 @@
-"""Prometheus metrics of the gateway, on a registry owned by the app (no globals)."""
+"""Prometheus metrics of the gateway, on a registry owned by the app (no globals).
+
+With `server.workers` > 1 every worker process writes its values to files under
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set up by
+serving/workers.py) and `/metrics`, whichever worker answers it, sums them all.
+Gauges say how to combine workers: in-flight counts add up, states take the max.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -62,12 +76,14 @@ class GatewayMetrics:
             "Requests being proxied now.",
             ["engine"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.engine_ready = Gauge(
             "tiergate_engine_ready",
             "1 when the engine answers /health.",
             ["engine"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.engine_restarts = Counter(
             "tiergate_engine_restarts",
@@ -123,6 +139,7 @@ class GatewayMetrics:
             "Circuit breaker: 0 closed, 1 half-open, 2 open.",
             ["replica"],
             registry=r,
+            multiprocess_mode="max",
         )
         self.cost = Counter(
             "tiergate_estimated_cost",
@@ -141,6 +158,7 @@ class GatewayMetrics:
             "tiergate_event_loop_lag_milliseconds",
             "How late the gateway's event loop runs (admission refuses past a limit).",
             registry=r,
+            multiprocess_mode="max",
         )
 
         # Label lookups cost a lock and a tuple hash each; the hot path asks for the same
@@ -153,6 +171,14 @@ class GatewayMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this process's registry, or every worker's."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def admission_refused(self, reason: str) -> None:
         self._child(self.admission, reason).inc()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from openai import OpenAI
@@ -39,6 +40,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
     with GatewayProcess(DEFAULT_CONFIG, log) as gw:
         gw.wait_ready()
         yield gw
+        assert gw.stop(signal.SIGINT) in (0, 130), gw.log_tail()  # a terminal's Ctrl-C
     assert not gw.survivors(), f"processes left after stop: {gw.survivors()}"
 
 

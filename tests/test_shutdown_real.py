@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import httpx
 
 from tests.utils import GatewayProcess, default_engine, write_config
 
@@ -14,16 +17,45 @@ def _assert_no_survivors(gw: GatewayProcess) -> None:
     assert not gw.survivors(), f"orphans: {gw.survivors()}\n{gw.log_tail()}"
 
 
-def test_ctrl_c_after_ready_stops_every_engine_process(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml")
+def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    # server.workers: 2 gateway processes on one port beside the engine's supervisor.
+    # (One worker's Ctrl-C is the session gateway's teardown, tests/conftest.py.)
+    config = write_config(tmp_path / "c.yaml", server={"workers": 2})
     with GatewayProcess(config, tmp_path / "serve.log") as gw:
         gw.wait_ready()
-        assert len(gw.descendants()) >= 2  # the API server and its EngineCore
+        workers = [p for p in gw.descendants() if "serving.workers" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        assert len(gw.descendants()) >= 4  # 2 workers, the API server and its EngineCore
+        body = {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 4,
+        }
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(
+                pool.map(
+                    lambda i: httpx.post(
+                        gw.url + "/v1/chat/completions",
+                        json={**body, "stream": i % 2 == 0},
+                        timeout=120,
+                    ),
+                    range(16),
+                )
+            )
+        assert [r.status_code for r in replies] == [200] * 16
+        metrics = gw.get("/metrics").text  # any worker's answer sums both workers
+        served = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("tiergate_requests_total{") and 'status="200"' in line
+        )
+        assert served == 16
         os.killpg(gw.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
         gw.proc.wait(60)
         assert gw.proc.returncode in (0, 130)
         _assert_no_survivors(gw)
         assert "tiergate is ready on" in gw.log_tail(400)
+        assert "2 gateway workers on port" in gw.log_tail(400)
 
 
 def test_sigterm_during_start_up_stops_the_starting_engine(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from serving.api.protocol import Kind
 from serving.api.serving import PATHS, ProxyService, Streamed, Unary
@@ -45,8 +45,9 @@ class ClientGone(Exception):
 class LoopLag:
     """How late the event loop wakes a 50 ms timer: the gateway core's saturation."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.05, report: Callable[[float], None] | None = None):
         self.interval = interval
+        self.report = report
         self.lag_ms = 0.0
 
     async def run(self) -> None:
@@ -57,6 +58,8 @@ class LoopLag:
             late = (loop.time() - t0 - self.interval) * 1000
             # fast up, slow down: one late tick counts, recovery needs a few good ones
             self.lag_ms = late if late > self.lag_ms else 0.7 * self.lag_ms + 0.3 * late
+            if self.report is not None:
+                self.report(self.lag_ms)
 
 
 class HotPath:
@@ -161,24 +164,21 @@ def _extra(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 async def _send_error(send, exc: GatewayError) -> None:
     body = json.dumps(error_payload(exc)).encode()
+    length = [(b"content-length", str(len(body)).encode())]
     await send(
         {
             "type": "http.response.start",
             "status": exc.status,
-            "headers": _JSON + _extra(exc.headers or {}),
+            "headers": _JSON + length + _extra(exc.headers or {}),
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _send_unary(send, reply: Unary) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": reply.status,
-            "headers": _JSON + _extra(reply.headers),
-        }
-    )
+    length = [(b"content-length", str(len(reply.body)).encode())]
+    headers = _JSON + length + _extra(reply.headers)
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 

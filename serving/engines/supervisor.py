@@ -41,8 +41,10 @@ class EngineRunner:
         settings: Settings,
         metrics: GatewayMetrics,
         write_log: Callable[[str], None],
+        port: int | None = None,
     ) -> None:
         self.engine = engine
+        self.port = port  # fixed across restarts (workers reach it by URL), else a free one
         self.endpoint = endpoint
         self.model_dir = model_dir
         self.settings = settings
@@ -91,7 +93,7 @@ class EngineRunner:
 
     async def _run_once(self, http: UpstreamClient) -> tuple[str, bool]:
         """Run the engine until it exits; return why it ended and if it was ever ready."""
-        port = process.free_port()
+        port = self.port or process.free_port()
         cmd = process.vllm_command(self.model_dir, self.endpoint.model, port, self.args)
         self.endpoint.state = "starting"
         log.info("engine %s: starting on port %d: %s", self.engine.name, port, " ".join(cmd))
@@ -141,8 +143,10 @@ class Supervisor:
         model_dirs: dict[str, Path],
         metrics: GatewayMetrics,
         write_log: Callable[[str], None] | None = None,
+        ports: dict[str, int] | None = None,
     ) -> None:
         self.settings = settings
+        self.ports = ports or {}
         self.registry = registry
         self.model_dirs = model_dirs
         self.metrics = metrics
@@ -162,6 +166,7 @@ class Supervisor:
                 self.settings,
                 self.metrics,
                 self.write_log,
+                self.ports.get(engine.name),
             )
             self.runners.append(runner)
             self.tasks.append(asyncio.create_task(runner.run(http), name=f"engine-{engine.name}"))

@@ -1,0 +1,202 @@
+"""`server.workers` > 1: N gateway processes on one port beside one engine supervisor.
+
+A Python process relays on one core at most, so a host with more cores runs one
+gateway worker per core. Each worker binds the same port with SO_REUSEPORT and the
+kernel spreads connections across them; this process starts the engines, then the
+workers, restarts a worker that dies, and stops everything on SIGTERM/SIGINT.
+
+What is shared between workers, and what stays per worker (and why):
+- Engines: one supervisor here runs them, each on a port fixed for its lifetime, so
+  workers reach them as external URLs, exactly like engines on a Kubernetes Service.
+  Readiness and load come from each worker's own /health polls and /metrics scrapes:
+  an engine's load is what the engine reports, the same for every worker, at most one
+  scrape interval old.
+- Admission (`server.max_in_flight`) and the per-replica in-flight limit
+  (`router.spill.max_in_flight`) are divided by N: each worker holds its share, so
+  together they hold the configured totals with no shared counter (no lock, no IPC) on
+  the hot path. SO_REUSEPORT hashes connections evenly, so the shares stay balanced; a
+  worker that gets more than its share refuses early rather than overfilling an engine.
+- Circuit breakers and retry budgets stay per worker: each learns a replica's failures
+  from its own traffic. The cost is up to N x `breaker.failures` failed attempts before
+  every worker has opened; the gain is no cross-process state to corrupt or wait on.
+- Metrics: prometheus_client's multiprocess mode (files in a folder made here); any
+  worker's /metrics sums every worker's counters (serving/metrics.py). The supervisor's
+  own series (engine restarts) are in its log and not on /metrics in this mode.
+- Affinity rings are computed from the same config by each worker, so a session key
+  maps to the same replica whichever worker takes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import pickle
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from serving.config import Settings
+
+log = logging.getLogger("tiergate.workers")
+
+
+def worker_settings(settings: Settings, urls: dict[str, str], workers: int) -> Settings:
+    """One worker's settings: every engine by URL, admission limits divided by N."""
+
+    def share(limit: int) -> int:
+        return math.ceil(limit / workers) if limit else 0
+
+    server = settings.server.model_copy(
+        update={"workers": 1, "max_in_flight": share(settings.server.max_in_flight)}
+    )
+    spill = settings.router.spill.model_copy(
+        update={"max_in_flight": share(settings.router.spill.max_in_flight)}
+    )
+    return settings.model_copy(
+        update={
+            "engines": [e.model_copy(update={"url": urls[e.name]}) for e in settings.engines],
+            "server": server,
+            "router": settings.router.model_copy(update={"spill": spill}),
+            "validate_engine_args": False,
+        }
+    )
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
+    """The parent: engines, then N workers; returns the exit code."""
+    from serving.app import build_registry
+    from serving.cli import banner
+    from serving.engines import process
+    from serving.engines.supervisor import EngineStartError, Supervisor
+    from serving.metrics import GatewayMetrics
+    from serving.upstream.client import UpstreamClient
+
+    n = settings.server.workers
+    host = settings.server.host
+    registry = build_registry(settings)
+    ports = {e.name: process.free_port() for e in settings.engines if e.url is None}
+    supervisor = Supervisor(settings, registry, model_dirs, GatewayMetrics(), ports=ports)
+    http = UpstreamClient(settings.timeouts, 16)
+    await http.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    work = Path(tempfile.mkdtemp(prefix="tiergate-workers-"))
+    procs: dict[int, asyncio.subprocess.Process] = {}
+    pumps: list[asyncio.Task] = []
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        supervisor.start(http)
+        started = asyncio.ensure_future(supervisor.wait_started())
+        await asyncio.wait({started, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            started.cancel()
+            return 0
+        try:
+            started.result()
+        except EngineStartError as exc:
+            log.error("start-up failed, stopping everything: %s", exc)
+            return 1
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        urls |= {e.name: e.url for e in settings.engines if e.url is not None}
+        port = settings.server.port or process.free_port(host)
+        job = work / "worker.pickle"
+        job.write_bytes(pickle.dumps((worker_settings(settings, urls, n), model_dirs, host, port)))
+        job.chmod(0o600)  # it holds the API keys
+        (work / "metrics").mkdir()
+        env = {"PROMETHEUS_MULTIPROC_DIR": str(work / "metrics")}
+
+        async def spawn(i: int) -> None:
+            cmd = [sys.executable, "-m", "serving.workers", str(job)]
+            procs[i] = await process.spawn(cmd, {**env, "TIERGATE_WORKER": str(i)})
+            pumps.append(
+                asyncio.create_task(process.pump_log(procs[i], f"[worker {i}]", sys.stderr.write))
+            )
+
+        for i in range(n):
+            await spawn(i)
+        base = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        while not stop.is_set():
+            answer = await http.get(base + "/health", 1.0)
+            if answer is not None and answer[0] == 200:
+                break
+            if any(p.returncode is not None for p in procs.values()):
+                log.error("a worker exited during start-up")
+                return 1
+            await asyncio.sleep(0.2)
+        else:
+            return 0
+        print(banner(host, port, registry.models()), flush=True)
+        log.info("%d gateway workers on port %d", n, port)
+        while not stop.is_set():
+            waits = {asyncio.ensure_future(p.wait()): i for i, p in procs.items()}
+            done, _ = await asyncio.wait({*waits, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+            if stop.is_set():
+                break
+            for finished in done & set(waits):
+                i = waits[finished]
+                log.error("worker %d exited (%s); restarting it", i, procs[i].returncode)
+                await asyncio.sleep(1.0)
+                await spawn(i)
+        return 0
+    finally:
+        stopping.cancel()
+        await asyncio.gather(
+            *(process.terminate(p, settings.timeouts.engine_stop) for p in procs.values()),
+            return_exceptions=True,
+        )
+        for pump in pumps:
+            pump.cancel()
+        await supervisor.stop()
+        await http.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def worker_main(job: Path) -> int:
+    """One worker: the gateway app on the shared port, engines by URL."""
+    import uvicorn
+
+    from serving.app import create_app
+
+    settings, model_dirs, host, port = pickle.loads(job.read_bytes())
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    app = create_app(settings, model_dirs=model_dirs)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level=settings.server.log_level,
+            timeout_graceful_shutdown=5,
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+            backlog=4096,
+        )
+    )
+    sock = reuse_port_socket(host, port)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(server.serve(sockets=[sock]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(Path(sys.argv[1])))

@@ -1,0 +1,88 @@
+"""server.workers: N gateway processes on one port, against a FAKE engine (no vLLM start,
+so this runs in seconds): every request is served, /metrics sums all workers, limits
+are shared out, a killed worker is replaced, and SIGTERM leaves nothing running."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import yaml
+
+from serving.config import Settings
+from serving.workers import worker_settings
+from tests.fake_engine import FakeEngine
+from tests.utils import GatewayProcess
+
+
+def _workers(gw: GatewayProcess) -> list[psutil.Process]:
+    return [p for p in gw.descendants() if "serving.workers" in " ".join(p.cmdline())]
+
+
+def test_worker_settings_share_the_limits() -> None:
+    settings = Settings(
+        engines=[{"name": "e", "model": "m"}],
+        server={"workers": 3, "max_in_flight": 100},
+        router={"spill": {"max_in_flight": 10}},
+    )
+    one = worker_settings(settings, {"e": "http://127.0.0.1:1"}, 3)
+    assert one.engines[0].url == "http://127.0.0.1:1"
+    assert (one.server.workers, one.server.max_in_flight) == (1, 34)
+    assert one.router.spill.max_in_flight == 4
+    assert settings.engines[0].url is None  # the parent's settings are untouched
+
+
+def test_two_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    with FakeEngine(force="ok") as fake:
+        config = tmp_path / "w.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {"workers": 2},
+                    "engines": [{"name": "fake", "model": "m", "url": fake.url}],
+                    "timeouts": {"health_interval": 0.2},
+                }
+            )
+        )
+        with GatewayProcess(config, tmp_path / "serve.log") as gw:
+            gw.wait_ready(60)
+            first = _workers(gw)
+            assert len(first) == 2
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            with ThreadPoolExecutor(16) as pool:
+                replies = list(
+                    pool.map(
+                        lambda i: httpx.post(
+                            gw.url + "/v1/chat/completions",
+                            json={**body, "stream": i % 2 == 0},
+                            timeout=30,
+                        ),
+                        range(200),
+                    )
+                )
+            assert [r.status_code for r in replies] == [200] * 200
+            assert len(fake.app.state.seen) == 200
+            metrics = gw.get("/metrics").text
+            served = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("tiergate_requests_total{") and 'status="200"' in line
+            )
+            assert served == 200  # both workers' counts, whichever answered
+            # both workers took connections (SO_REUSEPORT spreads them)
+            assert all(p.cpu_times().user + p.cpu_times().system > 0.2 for p in first)
+
+            os.kill(first[0].pid, signal.SIGKILL)  # a worker dies: it is replaced
+            gw.wait_for(
+                lambda: len(_workers(gw)) == 2 and first[0] not in _workers(gw), 30, "a new worker"
+            )
+            assert (
+                httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=30).status_code
+                == 200
+            )
+            assert gw.stop(signal.SIGTERM, timeout=30) == 0
+        assert gw.seen and not gw.survivors(), gw.log_tail()
