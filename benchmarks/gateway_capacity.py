@@ -132,8 +132,9 @@ def parse_wrk(text: str) -> dict:
         "non_2xx": refused,
         "socket_errors": sum(map(int, errors.groups()[:3])) if errors else 0,
         "timeouts": int(errors.group(4)) if errors else 0,
-        "p50_ms": ms(dist["50"]) if "50" in dist else None,
-        "p99_ms": ms(dist["99"]) if "99" in dist else None,
+        "p50_ms": ms(dist["50"]) if "50" in dist else float("nan"),
+        "p99_ms": ms(dist["99"]) if "99" in dist else float("nan"),
+        "raw": text if "50" not in dist else None,
     }
 
 

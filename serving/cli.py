@@ -86,7 +86,7 @@ messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)"
 async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
     import uvicorn
 
-    from serving.app import build_registry, create_app
+    from serving.app import build_registry, create_app, uvicorn_config
     from serving.engines.supervisor import EngineStartError, Supervisor
     from serving.metrics import GatewayMetrics
 
@@ -95,14 +95,7 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
     supervisor = Supervisor(settings, registry, model_dirs, metrics)
     app = create_app(settings, registry, metrics, supervisor, model_dirs=model_dirs)
     server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=settings.server.host,
-            port=settings.server.port,
-            log_level=settings.server.log_level,
-            timeout_graceful_shutdown=5,
-            access_log=False,
-        )
+        uvicorn_config(app, settings, host=settings.server.host, port=settings.server.port)
     )
     failed = False
 

@@ -173,7 +173,7 @@ def worker_main(job: Path) -> int:
     """One worker: the gateway app on the shared port, engines by URL."""
     import uvicorn
 
-    from serving.app import create_app
+    from serving.app import create_app, uvicorn_config
 
     settings, model_dirs, host, port = pickle.loads(job.read_bytes())
     logging.basicConfig(
@@ -181,17 +181,7 @@ def worker_main(job: Path) -> int:
     )
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     app = create_app(settings, model_dirs=model_dirs)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            log_level=settings.server.log_level,
-            timeout_graceful_shutdown=5,
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-            backlog=4096,
-        )
-    )
+    server = uvicorn.Server(uvicorn_config(app, settings))
     sock = reuse_port_socket(host, port)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve(sockets=[sock]))

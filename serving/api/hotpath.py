@@ -192,14 +192,12 @@ async def _send_stream(send, receive, reply: Streamed) -> None:
 
     watcher = asyncio.ensure_future(watch())
     try:
-        await send(
-            {"type": "http.response.start", "status": 200, "headers": _SSE + _extra(reply.headers)}
-        )
-        async for chunk in reply.body:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        headers = _SSE + _extra(reply.headers)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await reply.relay.pump(send)
         watcher.cancel()
         await send(_END)
     finally:
         watcher.cancel()
-        await reply.body.aclose()
+        reply.relay.close()
         reply.finish()

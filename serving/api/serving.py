@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,7 @@ class Unary:
 @dataclass(slots=True)
 class Streamed:
     headers: dict[str, str]
-    body: AsyncIterator[bytes]
+    relay: Relay  # .pump(send) streams it; .close() frees the upstream
     outcome: StreamOutcome
     abort: Callable[[], None]  # close the upstream now (the client left)
     finish: Callable[[], None]  # account for the stream; called exactly once
@@ -340,7 +340,7 @@ class ProxyService:
             chosen=decision.tier,
         )
         outcome = StreamOutcome(started=started, first_byte=time.perf_counter())
-        relay = Relay(response, outcome, drop_usage)
+        relay = Relay(response, outcome, drop_usage)(first)
         finished = False
 
         def abort() -> None:
@@ -359,7 +359,7 @@ class ProxyService:
             if outcome.disconnected:
                 self.metrics.client_disconnects.labels(model).inc()
 
-        return Streamed(self._headers(attempt, decision), relay.run(first), outcome, abort, finish)
+        return Streamed(self._headers(attempt, decision), relay, outcome, abort, finish)
 
     def _record(
         self,

@@ -36,9 +36,13 @@ def _views(tier: Tier, now: float) -> list[ReplicaView]:
 
 
 def _ranked(
-    tier: Tier, limits: Limits, now: float, key: str | None, turn: int
+    tier: Tier,
+    views: list[ReplicaView],
+    limits: Limits,
+    key: str | None,
+    turn: int,
 ) -> tuple[list[Endpoint], str]:
-    names, why = rank(_views(tier, now), limits, tier.ring.order(key) if key else None, turn)
+    names, why = rank(views, limits, tier.ring.order(key) if key else None, turn)
     by_name = {ep.name: ep for ep in tier.endpoints}
     return [by_name[n] for n in names], why
 
@@ -71,8 +75,8 @@ def plan(
     full = 0  # available but saturated replicas seen
     chosen_full = False
     for i, tier in enumerate(sequence):
-        ranked, why = _ranked(tier, limits, now, affinity_key, turn)
         views = _views(tier, now)
+        ranked, why = _ranked(tier, views, limits, affinity_key, turn)
         full += sum(v.available and is_saturated(v, limits) for v in views)
         if i == 0:
             # Room nowhere in the chosen tier, though it is up: spill, not fallback.

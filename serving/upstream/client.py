@@ -13,6 +13,7 @@ which vLLM uses), so a connection the engine is about to close is never reused.
 from __future__ import annotations
 
 import aiohttp
+from yarl import URL
 
 from serving.config import TimeoutSettings
 from serving.errors import NoEngineReady, UpstreamError, UpstreamTimeout, from_upstream
@@ -36,6 +37,7 @@ class UpstreamClient:
             sock_read=timeouts.read,
         )
         self.session: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple[str, str], URL] = {}  # parsed once: URL parsing costs per call
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(
@@ -58,8 +60,11 @@ class UpstreamClient:
     async def open(self, url: str, path: str, body: bytes) -> aiohttp.ClientResponse:
         """POST `body` and return the response (body unread) once its status is a success."""
         assert self.session is not None, "UpstreamClient.start() first"
+        target = self._urls.get((url, path))
+        if target is None:
+            target = self._urls[(url, path)] = URL(url + path)
         try:
-            response = await self.session.post(url + path, data=body, headers=_JSON)
+            response = await self.session.post(target, data=body, headers=_JSON)
         except aiohttp.ClientConnectorError as exc:
             raise NoEngineReady(f"The engine at {url} is unreachable; retry shortly.") from exc
         except TimeoutError as exc:

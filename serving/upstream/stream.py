@@ -10,7 +10,7 @@ request and free its KV cache.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,11 +64,11 @@ async def prime(response: aiohttp.ClientResponse) -> bytes:
 
 
 class Relay:
-    """Yields the engine's stream with its usage captured, ending in an error event if the
-    engine fails. Chunks pass whole when they hold no usage and no [DONE] (the common
+    """Sends the engine's stream on with its usage captured, ending in an error event if
+    the engine fails. Chunks pass whole when they hold no usage and no [DONE] (the common
     case: one token event), so the per-chunk cost is two substring searches."""
 
-    __slots__ = ("buffer", "drop_usage", "eof", "outcome", "response")
+    __slots__ = ("buffer", "drop_usage", "eof", "first", "outcome", "response")
 
     def __init__(
         self, response: aiohttp.ClientResponse, outcome: StreamOutcome, drop_usage: bool
@@ -78,6 +78,7 @@ class Relay:
         self.drop_usage = drop_usage
         self.buffer = b""
         self.eof = False
+        self.first = b""
 
     def _tail(self, chunk: bytes) -> bytes:
         """Chunks near the end of a stream: parse them event by event."""
@@ -100,14 +101,20 @@ class Relay:
                 return chunk  # whole events, nothing to look at
         return self._tail(chunk)
 
-    async def run(self, first: bytes) -> AsyncIterator[bytes]:
+    def __call__(self, first: bytes) -> Relay:
+        self.first = first
+        return self
+
+    async def pump(self, send: Callable[[dict], Awaitable[None]]) -> None:
+        """Send the stream as ASGI body messages: the hot loop, with no generator between
+        the socket read and the client write."""
         try:
-            if out := self.feed(first):
-                yield out
+            if out := self.feed(self.first):
+                await send({"type": "http.response.body", "body": out, "more_body": True})
             read = self.response.content.readany
             while chunk := await read():
                 if out := self.feed(chunk):
-                    yield out
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
             self.eof = True
             if not self.outcome.done:
                 raise UpstreamError("The engine ended the stream before [DONE].")
@@ -116,12 +123,17 @@ class Relay:
                 return  # we closed it because the client left
             err = as_gateway_error(exc)
             self.outcome.error = err.code or type(err).__name__
-            yield sse_error_event(err)
+            await send(
+                {"type": "http.response.body", "body": sse_error_event(err), "more_body": True}
+            )
         finally:
-            if self.eof and self.outcome.done:
-                self.response.release()  # read to the end: the connection is reusable
-            else:
-                self.response.close()  # mid-stream: vLLM sees the close and aborts
+            self.close()
+
+    def close(self) -> None:
+        if self.eof and self.outcome.done:
+            self.response.release()  # read to the end: the connection is reusable
+        else:
+            self.response.close()  # mid-stream: vLLM sees the close and aborts
 
 
 def as_gateway_error(exc: BaseException) -> GatewayError:
