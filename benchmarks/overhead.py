@@ -251,13 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         model = (
             args.model or httpx.get(gateway_url + "/v1/models", timeout=10).json()["data"][0]["id"]
         )
-        if args.compare == "engine":
+        if args.compare == "engine" and args.engine_url:  # any relay in front of an engine
+            targets = {"gateway": (gateway_url, model), "engine": (args.engine_url, model)}
+        elif args.compare == "engine":
             engines = httpx.get(gateway_url + "/tiergate/engines", timeout=10).json()["engines"]
             engine = next(e for e in engines if e["model"] == model or e["name"] == model)
-            targets = {
-                "gateway": (gateway_url, model),
-                "engine": (args.engine_url or engine["url"], engine["model"]),
-            }
+            targets = {"gateway": (gateway_url, model), "engine": (engine["url"], engine["model"])}
         else:
             targets = {"auto": (gateway_url, "auto"), "direct": (gateway_url, model)}
         pid = gateway.proc.proc.pid if gateway.proc is not None else args.gateway_pid

@@ -52,10 +52,11 @@ class ServerSettings(_Strict):
         "work (0: no limit). Per replica, router.spill.max_in_flight applies as well.",
     )
     max_loop_lag_ms: float = Field(
-        100.0,
+        0.0,
         ge=0,
         description="Refuse new requests (429) while the event loop runs this late: the "
-        "gateway's own core is saturated (0: off).",
+        "gateway's own core is saturated (0: off, the default: against clients that retry "
+        "at once it cost goodput, benchmarks/RESULTS.md).",
     )
 
 

@@ -273,6 +273,13 @@ def test_token_counts_match_transformers_without_importing_it() -> None:
     assert counter.count("t", parts) == counter.count(
         "t", {"messages": [{"role": "user", "content": "Hi there"}]}
     )
+    # under every threshold that matters, a byte bound stands in for the count
+    short = {"messages": [{"role": "user", "content": "Héllo wörld"}]}
+    exact = counter.count("t", short)
+    bound = counter.measure("t", short, below=1000)
+    assert bound.bounded and exact <= bound.tokens < 1000
+    assert not counter.measure("t", short, below=exact).bounded  # near it: counted exactly
+    assert counter.measure("t", short, below=exact).tokens == exact
     # a huge prompt is counted on a prefix and flagged as an estimate
     huge = {"prompt": "word " * (EXACT_CHARS // 2)}
     counts, estimated = counter.count_all(huge)

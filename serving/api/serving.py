@@ -134,9 +134,10 @@ class ProxyService:
             tier = self.registry.tier(decision.tier)
             await self._check_limits(tier, payload, counts)
             self.metrics.decision(tier.name, decision.reason)
+            # affinity matters only where there is a choice of replica
             key = (
                 affinity_key(headers, payload, self.router.affinity_prefix_chars)
-                if self.router.affinity
+                if self.router.affinity and (len(tier.endpoints) > 1 or self.router.order)
                 else None
             )
             attempts = plan(
@@ -166,15 +167,25 @@ class ProxyService:
                 "tiers[].tokenizer for tiers whose engines are external.",
                 param="model",
             )
+        below = self._decisive(payload)
         try:
             if self.tokens.is_cheap(payload):
-                return self.tokens.count_all(payload)
-            return await asyncio.to_thread(self.tokens.count_all, payload)
+                return self.tokens.count_all(payload, below)
+            return await asyncio.to_thread(self.tokens.count_all, payload, below)
         except Exception as exc:  # the chat template refused these messages
             raise InvalidRequest(
                 f"Could not apply the model's chat template to 'messages': {exc}",
                 param="messages",
             ) from exc
+
+    def _decisive(self, payload: dict[str, Any]) -> int:
+        """The smallest prompt size any routing rule or tier limit compares with: counts
+        below it change no decision, so an upper bound will do (serving/router/tokens.py)."""
+        max_out = payload.get("max_completion_tokens") or payload.get("max_tokens") or 1
+        limits = [t.max_context - max_out for t in self.registry.tiers if t.max_context]
+        if self.router.rules.long_prompt_tier:
+            limits.append(self.router.rules.long_prompt_tokens)
+        return max(0, min(limits, default=1 << 30))
 
     async def _check_limits(
         self, tier: Tier, payload: dict[str, Any], counts: dict[str, int] | None

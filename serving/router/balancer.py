@@ -39,13 +39,15 @@ def rank(
     With an affinity order (from the hash ring), the session's home replica comes
     first unless it is saturated; the rest follow by load.
     """
-    n = len(replicas)
-    position = {r.name: (i - turn) % n for i, r in enumerate(replicas)}
     usable = [r for r in replicas if r.available and not is_saturated(r, limits)]
-    by_load = sorted(usable, key=lambda r: (load_score(r.load, r.in_flight), position[r.name]))
-    names = [r.name for r in by_load]
+    if len(usable) > 1:
+        n = len(replicas)
+        position = {r.name: (i - turn) % n for i, r in enumerate(replicas)}
+        usable.sort(key=lambda r: (load_score(r.load, r.in_flight), position[r.name]))
+    names = [r.name for r in usable]
     if affinity_order:
-        home = next((n for n in affinity_order if n in {r.name for r in replicas}), None)
+        known = {r.name for r in replicas}
+        home = next((n for n in affinity_order if n in known), None)
         if home in names:
             return [home, *[n for n in names if n != home]], "affinity"
         if names:

@@ -7,6 +7,12 @@ tests/test_router_units.py checks the counts against transformers' own.
 
 The cost is bounded: text past `exact_chars` is not tokenized; its tokens are estimated
 from the tokens-per-character of the part that was, and the count says so (`estimated`).
+
+And most prompts need no tokenizing at all: a token covers at least one byte (byte-level
+BPE, SentencePiece with byte fallback), so a text's UTF-8 length (plus a margin for a
+BOS added outside it) bounds its token count from above. When that bound is below every
+threshold the router compares counts with (`below`), the decision cannot change and
+the bound is returned instead (`bounded`): 35 us instead of 145 for a short chat.
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ class TemplateError(Exception):
     """The chat template refused the messages (its own raise_exception)."""
 
 
+BOUND_MARGIN = 4  # tokens a tokenizer may add that cover no byte of the text (BOS)
+
+
 @dataclass(frozen=True)
 class Count:
     tokens: int
-    estimated: bool = False
+    estimated: bool = False  # a huge prompt's tail was estimated
+    bounded: bool = False  # an upper bound, below every threshold that matters
 
 
 def _special(config: dict[str, Any], name: str) -> str:
@@ -72,13 +82,17 @@ class _Tokenizer:
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self.template = env.from_string(source)
 
-    def encode_len(self, text: str, special: bool) -> Count:
+    def encode_len(self, text: str, special: bool, below: int = 0) -> Count:
+        if below and len(text) + BOUND_MARGIN < below:  # chars <= bytes: cheap pre-check
+            bound = len(text.encode()) + BOUND_MARGIN
+            if bound < below:
+                return Count(bound, bounded=True)
         if len(text) <= EXACT_CHARS:
             return Count(len(self.tokenizer.encode(text, add_special_tokens=special).ids))
         head = len(self.tokenizer.encode(text[:EXACT_CHARS], add_special_tokens=special).ids)
         return Count(round(head * len(text) / EXACT_CHARS), estimated=True)
 
-    def chat(self, payload: dict[str, Any]) -> Count:
+    def chat(self, payload: dict[str, Any], below: int = 0) -> Count:
         if self.template is None:
             raise TemplateError("the tokenizer has no chat template")
         text = self.template.render(
@@ -87,7 +101,7 @@ class _Tokenizer:
             add_generation_prompt=True,
             **self.specials,
         )
-        return self.encode_len(text, special=False)  # the template holds the specials
+        return self.encode_len(text, special=False, below=below)  # specials are in the text
 
 
 def _flat(message: Any) -> Any:
@@ -129,13 +143,14 @@ class TokenCounter:
     def is_cheap(self, payload: dict[str, Any]) -> bool:
         return prompt_chars(payload) <= CHEAP_CHARS
 
-    def measure(self, tier: str, payload: dict[str, Any]) -> Count:
+    def measure(self, tier: str, payload: dict[str, Any], below: int = 0) -> Count:
+        """Prompt tokens of `payload` for `tier`; an upper bound where it is under `below`."""
         tok = self._tokenizer(self.paths[tier])
         if "messages" in payload:
-            return tok.chat(payload)
+            return tok.chat(payload, below)
         prompt = payload.get("prompt", "")
         if isinstance(prompt, str):
-            return tok.encode_len(prompt, special=True)
+            return tok.encode_len(prompt, special=True, below=below)
         if prompt and isinstance(prompt[0], int):
             return Count(len(prompt))
         counts = [
@@ -148,13 +163,13 @@ class TokenCounter:
     def count(self, tier: str, payload: dict[str, Any]) -> int:
         return self.measure(tier, payload).tokens
 
-    def count_all(self, payload: dict[str, Any]) -> tuple[dict[str, int], bool]:
-        """Tokens per tier, and whether any count is an estimate (a prompt past
-        EXACT_CHARS). Tiers sharing a tokenizer folder share the work."""
+    def count_all(self, payload: dict[str, Any], below: int = 0) -> tuple[dict[str, int], bool]:
+        """Tokens per tier (upper bounds where under `below`), and whether any count is
+        an estimate (a prompt past EXACT_CHARS). Tiers sharing a tokenizer share the work."""
         by_path: dict[str, Count] = {}
         counts: dict[str, int] = {}
         for tier, path in self.paths.items():
             if path not in by_path:
-                by_path[path] = self.measure(tier, payload)
+                by_path[path] = self.measure(tier, payload, below)
             counts[tier] = by_path[path].tokens
         return counts, any(c.estimated for c in by_path.values())

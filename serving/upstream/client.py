@@ -13,12 +13,13 @@ which vLLM uses), so a connection the engine is about to close is never reused.
 from __future__ import annotations
 
 import aiohttp
+from multidict import CIMultiDict
 from yarl import URL
 
 from serving.config import TimeoutSettings
 from serving.errors import NoEngineReady, UpstreamError, UpstreamTimeout, from_upstream
 
-_JSON = {"content-type": "application/json"}
+_JSON = CIMultiDict({"Content-Type": "application/json"})  # built once, not per request
 KEEPALIVE_S = 4.0
 
 
