@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for spec in a.engine:
         name, url = spec.split("=", 1)
-        runs[name] = asyncio.run(answers(url, MODEL, items, a.tokens, 8, None, 300))
+        runs[name] = asyncio.run(answers(url, MODEL, items, a.tokens, 8, None, 300, True))
     truth = runs["hf-float32"]
     rows = {}
     for name, got in runs.items():

@@ -31,16 +31,22 @@ class EvalError(Exception):
 
 
 async def ask(
-    http: httpx.AsyncClient, base_url: str, model: str, item: GoldenItem, max_tokens: int
+    http: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    item: GoldenItem,
+    max_tokens: int,
+    token_ids: bool = False,
 ) -> dict[str, Any]:
-    """One greedy answer: its text and, where the server gives them (vLLM), token ids."""
-    body = {
+    """One greedy answer: its text and, if asked for and the server gives them, token ids."""
+    body: dict[str, Any] = {
         "model": model,
         "messages": item.messages(),
         "max_tokens": max_tokens,
         "temperature": 0,
-        "return_token_ids": True,  # vLLM's extension; other servers ignore it
     }
+    if token_ids:
+        body["return_token_ids"] = True  # vLLM's extension; strict servers refuse it
     try:
         r = await http.post(base_url.rstrip("/") + "/v1/chat/completions", json=body)
     except httpx.HTTPError as exc:
@@ -63,6 +69,7 @@ async def answers(
     concurrency: int,
     api_key: str | None,
     timeout: float,
+    token_ids: bool = False,
 ) -> list[dict[str, Any]]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = asyncio.Semaphore(concurrency)
@@ -70,7 +77,7 @@ async def answers(
 
         async def one(item: GoldenItem) -> dict[str, Any]:
             async with limit:
-                return await ask(http, base_url, model, item, max_tokens)
+                return await ask(http, base_url, model, item, max_tokens, token_ids)
 
         return await asyncio.gather(*(one(item) for item in items))
 
@@ -170,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-model")
     p.add_argument("--min-first-token", type=float, default=0.8)
     p.add_argument("--min-prefix", type=float, default=4.0, help="mean matching prefix")
+    p.add_argument(
+        "--no-token-ids",
+        action="store_true",
+        help="agreement in words: for servers that refuse vLLM's return_token_ids",
+    )
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--quiet", action="store_true", help="print only the last line")
     return p
@@ -179,11 +191,14 @@ def evaluate(a: argparse.Namespace) -> dict[str, Any]:
     items = load_golden(a.golden) if a.golden else load_golden()
     items = items[: a.limit] if a.limit else items
     common = (a.max_tokens, a.concurrency, a.api_key, a.timeout)
-    test = asyncio.run(answers(a.base_url, a.model, items, *common))
     if not a.reference_url:
+        test = asyncio.run(answers(a.base_url, a.model, items, *common))
         report = golden_report(items, test, a.threshold)
     else:
-        ref = asyncio.run(answers(a.reference_url, a.reference_model or a.model, items, *common))
+        ids = not a.no_token_ids
+        test = asyncio.run(answers(a.base_url, a.model, items, *common, ids))
+        ref_model = a.reference_model or a.model
+        ref = asyncio.run(answers(a.reference_url, ref_model, items, *common, ids))
         report = agreement_report(ref, test, a.min_first_token, a.min_prefix)
     return {"base_url": a.base_url, "model": a.model, **report}
 
