@@ -161,7 +161,7 @@ def uvicorn_config(app: GatewayApp, settings: Settings, **bind: Any) -> Any:
     return uvicorn.Config(
         app,
         log_level=settings.server.log_level,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.server.drain_timeout,
         access_log=False,
         proxy_headers=False,
         server_header=False,

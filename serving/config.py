@@ -38,6 +38,13 @@ class ServerSettings(_Strict):
         description="Bearer keys accepted on /v1/*; empty: no auth. In Kubernetes, set "
         'TIERGATE_SERVER__API_KEYS (a JSON list, e.g. \'["k1","k2"]\') from a Secret.',
     )
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM/Ctrl-C: stop accepting at once, let requests in flight "
+        "finish for this long, then end each remaining stream with an error event and "
+        "[DONE]. Keep it under Kubernetes' terminationGracePeriodSeconds.",
+    )
     workers: int = Field(
         1,
         ge=1,

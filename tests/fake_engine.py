@@ -38,6 +38,7 @@ BEHAVIOURS = (
     "slow",
     "stall-body",
     "drip",
+    "trickle",
 )
 
 
@@ -97,13 +98,14 @@ async def _chat(request: Request) -> Response:
             }
         )
 
-    if mode == "drip":  # 20 token events 10 ms apart, usage, [DONE]: like decode steps
+    if mode in ("drip", "trickle"):  # token events like decode steps, usage, [DONE]
+        count, gap = (20, 0.01) if mode == "drip" else (60, 0.1)  # trickle: 6 s
 
         async def drip():
-            for _ in range(20):
-                await asyncio.sleep(0.01)
+            for _ in range(count):
+                await asyncio.sleep(gap)
                 yield _chunk("tok")
-            usage = {"prompt_tokens": 3, "completion_tokens": 20, "total_tokens": 23}
+            usage = {"prompt_tokens": 3, "completion_tokens": count, "total_tokens": 3 + count}
             yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
             yield b"data: [DONE]\n\n"
 

@@ -104,3 +104,26 @@ async def test_full_tier_spills_to_the_next_in_order() -> None:
         assert r.headers["x-tiergate-reason"] == "explicit+spill"
         assert busy.app.state.seen == []
         assert 'tiergate_spills_total{from_tier="small",to_tier="large"} 1.0' in metrics
+
+
+async def test_an_engine_that_becomes_ready_again_starts_with_a_closed_breaker() -> None:
+    from serving.metrics import GatewayMetrics
+    from serving.router.breaker import CircuitBreaker
+    from serving.router.registry import Endpoint, EngineRegistry
+    from serving.upstream.client import UpstreamClient
+    from serving.upstream.health import check_once
+
+    with FakeEngine(force="ok") as fake:
+        registry = EngineRegistry()
+        ep = Endpoint(name="e", model="m", url=fake.url, state="external")
+        ep.breaker = CircuitBreaker(1, cooldown=600)
+        registry.add(ep)
+        ep.breaker.failure(0.0)  # opened by failures while the engine was down
+        assert ep.breaker.state == "open" and not ep.ready
+        http = UpstreamClient(Settings(engines=[{"name": "e", "model": "m"}]).timeouts, 4)
+        await http.start()
+        try:
+            await check_once(http, registry, GatewayMetrics(), 2.0)  # its /health answers
+        finally:
+            await http.close()
+        assert ep.ready and ep.breaker.state == "closed"

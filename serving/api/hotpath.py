@@ -22,7 +22,15 @@ from collections.abc import Callable, Iterable
 
 from serving.api.protocol import Kind
 from serving.api.serving import PATHS, ProxyService, Streamed, Unary
-from serving.errors import GatewayError, PayloadTooLarge, Saturated, Unauthorized, error_payload
+from serving.errors import (
+    GatewayError,
+    NoEngineReady,
+    PayloadTooLarge,
+    Saturated,
+    Unauthorized,
+    error_payload,
+    sse_error_event,
+)
 from serving.metrics import GatewayMetrics
 
 log = logging.getLogger("tiergate.hotpath")
@@ -36,6 +44,9 @@ _SSE = [
     (b"x-accel-buffering", b"no"),
 ]
 _END = {"type": "http.response.body", "body": b"", "more_body": False}
+_SHUTDOWN = sse_error_event(
+    NoEngineReady("The gateway is shutting down; retry the request.", code="shutting_down")
+)
 
 
 class ClientGone(Exception):
@@ -197,6 +208,13 @@ async def _send_stream(send, receive, reply: Streamed) -> None:
         await reply.relay.pump(send)
         watcher.cancel()
         await send(_END)
+    except asyncio.CancelledError:
+        # The server is shutting down and the drain time is over: end the stream the
+        # way the SSE error rule says, rather than cutting it mid-event.
+        if not reply.outcome.disconnected:
+            reply.outcome.error = "shutting_down"
+            await send({"type": "http.response.body", "body": _SHUTDOWN, "more_body": False})
+        raise
     finally:
         watcher.cancel()
         reply.relay.close()

@@ -44,6 +44,9 @@ async def check_once(
             ready = healthy and (not ep.supervised or ep.state == "ready")
             if ready and not ep.ready:
                 log.info("engine %s is ready at %s", ep.name, ep.url)
+                # Failures from before it (re)started say nothing about it now; a breaker
+                # left open or half-open would refuse a healthy engine.
+                ep.breaker.success()
                 if ep.max_model_len is None:
                     await fetch_max_model_len(http, ep, timeout)
             elif ep.ready and not ready:

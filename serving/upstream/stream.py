@@ -55,7 +55,7 @@ def usage_of(event: bytes) -> dict[str, Any] | None:
 
 
 def is_usage_only(event: bytes) -> bool:
-    return b'"choices":[]' in event
+    return b'"choices":[]' in event or b'"choices": []' in event  # compact (vLLM) or not
 
 
 async def prime(response: aiohttp.ClientResponse) -> bytes:
