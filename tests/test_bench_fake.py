@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench
-from benchmarks.client_ceiling import start_fake
 from benchmarks.launch import free_port
+from benchmarks.studies.client_ceiling import start_fake
 from models.manifest import load_manifest
 from models.prepare import prepare
 from serving.config import Settings

@@ -1,8 +1,8 @@
 """The bench client's own ceiling: an open-loop rate sweep against the zero-latency FAKE
-server (benchmarks/fake_server.py), to find the rate past which the client, not the
+server (benchmarks/studies/fake_server.py), to find the rate past which the client, not the
 server, is the bottleneck, and to show that the verdict says so there.
 
-    python -m benchmarks.client_ceiling --rates 500 1000 1500 2000 2500 3000 \\
+    python -m benchmarks.studies.client_ceiling --rates 500 1000 1500 2000 2500 3000 \\
         --out benchmarks/out/ceiling
 
 The fake server runs pinned to the last CPU and the client to the others (when there
@@ -27,7 +27,7 @@ from benchmarks.launch import exit_on_sigterm, free_port
 def start_fake(port: int) -> subprocess.Popen:
     cpus = sorted(os.sched_getaffinity(0))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.fake_server", "--port", str(port)],
+        [sys.executable, "-m", "benchmarks.studies.fake_server", "--port", str(port)],
         preexec_fn=(lambda: os.sched_setaffinity(0, {cpus[-1]})) if len(cpus) > 1 else None,
     )
     deadline = time.monotonic() + 30

@@ -1,6 +1,6 @@
 """Added latency of the `auto` policy per request: token counting plus the rules.
 
-    python -m benchmarks.policy_latency --config configs/tiers-cpu.yaml
+    python -m benchmarks.studies.policy_latency --config configs/tiers-cpu.yaml
 
 Needs the tiers' tokenizers (prepared models); talks to no server.
 """

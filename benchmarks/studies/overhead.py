@@ -4,7 +4,8 @@ Runs are interleaved (gateway, engine, engine, gateway, ...) in one sitting so
 that drift on a noisy machine hits both sides alike. Reports median TTFT and
 median per-round output throughput for each side, and their difference/ratio.
 
-    python -m benchmarks.overhead --config configs/default.yaml --out benchmarks/out/overhead.json
+    python -m benchmarks.studies.overhead --config configs/default.yaml \\
+        --out benchmarks/out/overhead.json
 
 Tokens come from the server's `usage`, never from counting chunks. TTFT is the
 time from sending the request to the first chunk that carries text.

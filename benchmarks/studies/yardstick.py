@@ -1,9 +1,9 @@
 """A yardstick relay, not a product: the least a Python proxy can do per streamed request
 (bare ASGI on uvicorn with uvloop + httptools, one shared aiohttp session, bytes passed
-through untouched). benchmarks/gateway_capacity.py runs it in the same sweep as tiergate,
+through untouched). benchmarks/studies/gateway_capacity.py runs it in the same sweep as tiergate,
 so that tiergate's figures read as a ratio that means something on any machine.
 
-    python -m benchmarks.yardstick --port 9200 --upstream http://127.0.0.1:9100
+    python -m benchmarks.studies.yardstick --port 9200 --upstream http://127.0.0.1:9100
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 transformers (float32 and bfloat16, same weights, same chat template) and from running
 engines, each scored by the golden set and compared with transformers-float32 as truth.
 
-    python -m benchmarks.dtype_study --engine vllm-fp32=http://127.0.0.1:8101 \\
+    python -m benchmarks.studies.dtype_study --engine vllm-fp32=http://127.0.0.1:8101 \\
         --engine vllm-bf16=http://127.0.0.1:8102 --out benchmarks/out/dtype_study.json
 
 If an engine's bf16 strays from the float32 truth about as far as transformers' own bf16

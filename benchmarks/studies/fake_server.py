@@ -1,12 +1,12 @@
 """A FAKE OpenAI-compatible server: for measuring the bench client's own ceiling, and a
-gateway's relay capacity (benchmarks/gateway_capacity.py).
+gateway's relay capacity (benchmarks/studies/gateway_capacity.py).
 
 Streams `max_tokens` one-word chunks (or `--events`), with no delay or `--gap-ms`
 between them like decode steps, then usage and [DONE]. Answers /health and an empty
 /metrics so a gateway treats it as a ready engine. A bare ASGI app on uvicorn, so the
 server costs as little as possible per request.
 
-    python -m benchmarks.fake_server --port 9100 [--events 16 --gap-ms 5]
+    python -m benchmarks.studies.fake_server --port 9100 [--events 16 --gap-ms 5]
 """
 
 from __future__ import annotations

