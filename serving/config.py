@@ -196,6 +196,12 @@ class RouterSettings(_Strict):
     affinity: bool = True
     affinity_prefix_chars: int = Field(512, gt=0)
     scrape_interval: float = Field(1.0, gt=0)
+    wait_ready_s: float = Field(
+        0.0,
+        ge=0,
+        description="Hold a request up to this long for a replica of its tier to become "
+        "ready (an engine restarting) instead of an instant 503; 0: answer at once.",
+    )
 
 
 class Settings(BaseSettings):

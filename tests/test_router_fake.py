@@ -127,3 +127,30 @@ async def test_an_engine_that_becomes_ready_again_starts_with_a_closed_breaker()
         finally:
             await http.close()
         assert ep.ready and ep.breaker.state == "closed"
+
+
+async def test_a_request_waits_for_a_restarting_engine_when_asked() -> None:
+    # The FAKE engine's port is known, but nothing listens there until 1 s in.
+    late = FakeEngine(force="ok")
+    base = {"engines": [{"name": "late", "model": "m", "url": late.url}]}
+    base["timeouts"] = {"health_interval": 0.1}
+    async with in_process_gateway(Settings(**base)) as client:  # default: answer at once
+        r = await client.post("/v1/chat/completions", json=_chat())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_engine_ready"
+    waiting = Settings(**base, router={"wait_ready_s": 10})
+    async with in_process_gateway(waiting) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        loop.call_later(1.0, late.__enter__)  # the engine comes back
+        try:
+            r = await client.post("/v1/chat/completions", json=_chat(), timeout=20)
+        finally:
+            late.__exit__()
+        assert r.status_code == 200, r.text
+        assert 0.9 < loop.time() - started < 5
+    short = Settings(**base, router={"wait_ready_s": 0.3})
+    async with in_process_gateway(short) as client:  # it never comes back: 503 in time
+        started = asyncio.get_running_loop().time()
+        r = await client.post("/v1/chat/completions", json=_chat())
+        assert r.status_code == 503
+        assert asyncio.get_running_loop().time() - started < 2

@@ -140,17 +140,7 @@ class ProxyService:
                 if self.router.affinity and (len(tier.endpoints) > 1 or self.router.order)
                 else None
             )
-            attempts = plan(
-                tier,
-                self.registry.tiers,
-                self.router.order,
-                self.limits,
-                self.clock(),
-                key,
-                self.router.retry.max_attempts,
-                self.router.spill.retry_after_s,
-                turn=next(self.turns),
-            )
+            attempts = await self._plan(tier, key)
             self.budget.record_request(self.clock())
             if checked.stream:
                 return await self._stream(attempts, path, raw, payload, model, decision, started)
@@ -158,6 +148,28 @@ class ProxyService:
         except GatewayError as exc:
             self.metrics.request_done(model, path, exc.status)
             raise
+
+    async def _plan(self, tier: Tier, key: str | None) -> list[Attempt]:
+        """The attempts for this request; with router.wait_ready_s, wait that long for a
+        replica to become ready rather than answer 503 at once (a full tier is still 429)."""
+        deadline = self.clock() + self.router.wait_ready_s
+        while True:
+            try:
+                return plan(
+                    tier,
+                    self.registry.tiers,
+                    self.router.order,
+                    self.limits,
+                    self.clock(),
+                    key,
+                    self.router.retry.max_attempts,
+                    self.router.spill.retry_after_s,
+                    turn=next(self.turns),
+                )
+            except NoEngineReady:
+                if self.clock() >= deadline:
+                    raise
+            await asyncio.sleep(min(0.1, max(0.0, deadline - self.clock())))
 
     async def _count(self, payload: dict[str, Any]) -> tuple[dict[str, int], bool]:
         """Prompt tokens per tier (and whether estimated); long prompts off the loop."""
