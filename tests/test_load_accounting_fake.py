@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -32,6 +34,30 @@ def _metric(text: str, prefix: str) -> float:
     )
 
 
+@contextlib.asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[tuple[Any, str]]:
+    """The gateway on a real uvicorn server (real TCP closes); yields (app, url) once ready."""
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, port=port, log_level="error", timeout_graceful_shutdown=2)
+    )
+    serving = asyncio.create_task(server.serve())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(url + "/ready") as r:
+                        if r.status == 200:
+                            break
+                await asyncio.sleep(0.05)
+        yield app, url
+    finally:
+        server.should_exit = True
+        await serving
+
+
 async def test_counts_return_to_zero_after_random_disconnects() -> None:
     with FakeEngine(force="drip") as fake:
         settings = Settings(
@@ -40,54 +66,40 @@ async def test_counts_return_to_zero_after_random_disconnects() -> None:
             router={"affinity": False, "spill": {"max_in_flight": 100000}},
             server={"max_loop_lag_ms": 0},
         )
-        app = create_app(settings)
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, port=port, log_level="error", timeout_graceful_shutdown=2)
-        )
-        serving = asyncio.create_task(server.serve())
-        url = f"http://127.0.0.1:{port}"
         rng = random.Random(7)
         outcomes = {"done": 0, "cut": 0}
-        try:
-            async with aiohttp.ClientSession() as http:
-                for _ in range(200):
-                    with contextlib.suppress(aiohttp.ClientError):
-                        async with http.get(url + "/ready") as r:
-                            if r.status == 200:
-                                break
-                    await asyncio.sleep(0.05)
-                limit = asyncio.Semaphore(64)
+        async with served(settings) as (app, url), aiohttp.ClientSession() as http:
+            limit = asyncio.Semaphore(64)
 
-                async def one(i: int) -> None:
-                    body = {
-                        "model": "m",
-                        "messages": [{"role": "user", "content": f"hi {i}"}],
-                        "stream": i % 4 != 0,
-                    }
+            async def one(i: int) -> None:
+                body = {
+                    "model": "m",
+                    "messages": [{"role": "user", "content": f"hi {i}"}],
+                    "stream": i % 4 != 0,
+                }
 
-                    async def call() -> None:
-                        async with http.post(url + "/v1/chat/completions", json=body) as r:
-                            assert r.status == 200, await r.text()
-                            await r.read()
+                async def call() -> None:
+                    async with http.post(url + "/v1/chat/completions", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        await r.read()
 
-                    async with limit:
-                        try:  # a stream takes ~200 ms unloaded: leave anywhere in 0-600 ms
-                            await asyncio.wait_for(call(), timeout=rng.uniform(0, 0.6))
-                            outcomes["done"] += 1
-                        except TimeoutError:
-                            outcomes["cut"] += 1
+                async with limit:
+                    try:  # a stream takes ~200 ms unloaded: leave anywhere in 0-600 ms
+                        await asyncio.wait_for(call(), timeout=rng.uniform(0, 0.6))
+                        outcomes["done"] += 1
+                    except TimeoutError:
+                        outcomes["cut"] += 1
 
-                await asyncio.gather(*(one(i) for i in range(2000)))
-                await asyncio.sleep(0.5)  # let the gateway see the last closes
-                async with http.get(url + "/metrics") as r:
-                    metrics = await r.text()
-                # a fresh request still works: nothing is wedged (breaker, slots)
-                async with http.post(
-                    url + "/v1/chat/completions",
-                    json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
-                ) as r:
-                    assert r.status == 200
+            await asyncio.gather(*(one(i) for i in range(2000)))
+            await asyncio.sleep(0.5)  # let the gateway see the last closes
+            async with http.get(url + "/metrics") as r:
+                metrics = await r.text()
+            # a fresh request still works: nothing is wedged (breaker, slots)
+            async with http.post(
+                url + "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+            ) as r:
+                assert r.status == 200
             assert outcomes["done"] > 50 and outcomes["cut"] > 300, outcomes
             registry = app.state.registry
             assert [ep.in_flight for ep in registry.endpoints] == [0]
@@ -95,9 +107,6 @@ async def test_counts_return_to_zero_after_random_disconnects() -> None:
             assert registry.get("e").breaker.state == "closed"
             assert _metric(metrics, "tiergate_requests_in_flight{") == 0
             assert _metric(metrics, "tiergate_client_disconnects_total{") > 0
-        finally:
-            server.should_exit = True
-            await serving
 
 
 async def test_a_client_leaving_a_silent_stream_frees_it_at_once() -> None:
@@ -107,35 +116,17 @@ async def test_a_client_leaving_a_silent_stream_frees_it_at_once() -> None:
             engines=[{"name": "e", "model": "m", "url": fake.url}],
             timeouts={"health_interval": 0.1},
         )
-        app = create_app(settings)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="error"))
-        serving = asyncio.create_task(server.serve())
-        url = f"http://127.0.0.1:{port}"
-        try:
-            async with aiohttp.ClientSession() as http:
-                for _ in range(200):
-                    with contextlib.suppress(aiohttp.ClientError):
-                        async with http.get(url + "/ready") as r:
-                            if r.status == 200:
-                                break
-                    await asyncio.sleep(0.05)
-                body = {
-                    "model": "m",
-                    "messages": [{"role": "user", "content": "x"}],
-                    "stream": True,
-                }
-                async with http.post(url + "/v1/chat/completions", json=body) as r:
-                    assert r.status == 200
-                    assert b"one" in await r.content.readuntil(b"\n\n")
-                    assert app.state.registry.get("e").in_flight == 1
-                # the response is closed here: the client has gone
-                for _ in range(40):
-                    if app.state.registry.get("e").in_flight == 0:
-                        break
-                    await asyncio.sleep(0.05)
-            assert app.state.registry.get("e").in_flight == 0  # within 2 s, not 30
+        async with served(settings) as (app, url), aiohttp.ClientSession() as http:
+            endpoint = app.state.registry.get("e")
+            body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+            async with http.post(url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                assert b"one" in await r.content.readuntil(b"\n\n")
+                assert endpoint.in_flight == 1
+            # the response is closed here: the client has gone
+            for _ in range(40):
+                if endpoint.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert endpoint.in_flight == 0  # within 2 s, not 30
             assert app.state.hot.in_flight == 0
-        finally:
-            server.should_exit = True
-            await serving

@@ -95,10 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     global EVENTS, GAP_S
     EVENTS, GAP_S = a.events, a.gap_ms / 1000
+    run_bare(app, a.host, a.port)
+
+
+def run_bare(asgi, host: str, port: int) -> None:
+    """Serve a bare ASGI app as cheaply as uvicorn can (uvloop, httptools, no access log)."""
     uvicorn.run(
-        app,
-        host=a.host,
-        port=a.port,
+        asgi,
+        host=host,
+        port=port,
         log_level="warning",
         access_log=False,
         backlog=4096,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 
 import aiohttp
-import uvicorn
+
+from benchmarks.studies.fake_server import run_bare
 
 
 def build(upstream: str):
@@ -59,16 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=9200)
     p.add_argument("--upstream", required=True)
     a = p.parse_args(argv)
-    uvicorn.run(
-        build(a.upstream.rstrip("/")),
-        host="127.0.0.1",
-        port=a.port,
-        log_level="warning",
-        access_log=False,
-        backlog=4096,
-        loop="uvloop",
-        http="httptools",
-    )
+    run_bare(build(a.upstream.rstrip("/")), "127.0.0.1", a.port)
 
 
 if __name__ == "__main__":
