@@ -72,7 +72,6 @@ class TimeoutSettings(_Strict):
 
     connect: float = Field(5.0, gt=0)
     read: float = Field(300.0, gt=0)
-    write: float = Field(30.0, gt=0)
     pool: float = Field(5.0, gt=0)
     engine_start: float = Field(600.0, gt=0, description="Wait for an engine's /health.")
     engine_stop: float = Field(20.0, gt=0, description="Grace after SIGTERM before SIGKILL.")

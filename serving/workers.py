@@ -159,7 +159,8 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
     finally:
         stopping.cancel()
         await asyncio.gather(
-            *(process.terminate(p, settings.timeouts.engine_stop) for p in procs.values()),
+            # each worker drains its streams first (server.drain_timeout)
+            *(process.terminate(p, settings.server.drain_timeout + 5) for p in procs.values()),
             return_exceptions=True,
         )
         for pump in pumps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -50,9 +51,30 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
             if line.startswith("tiergate_requests_total{") and 'status="200"' in line
         )
         assert served == 16
+        # A long stream is in flight when Ctrl-C comes: it drains to its end
+        # (server.drain_timeout, 30 s) before the workers and the engine stop.
+        events: list[str] = []
+        first = threading.Event()
+
+        def long_stream() -> None:
+            long = {**body, "max_tokens": 120, "ignore_eos": True, "stream": True}
+            long["stream_options"] = {"include_usage": True}
+            with httpx.stream("POST", gw.url + "/v1/chat/completions", json=long, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        first.set()
+
+        client = threading.Thread(target=long_stream)
+        client.start()
+        assert first.wait(60)
         os.killpg(gw.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        gw.proc.wait(60)
+        client.join(90)
+        gw.proc.wait(90)
         assert gw.proc.returncode in (0, 130)
+        assert events[-1] == "data: [DONE]"
+        assert not any('"error"' in e for e in events)
+        assert '"completion_tokens":120' in events[-2]  # every token, then usage
         _assert_no_survivors(gw)
         assert "tiergate is ready on" in gw.log_tail(400)
         assert "2 gateway workers on port" in gw.log_tail(400)

@@ -27,12 +27,7 @@ async def app(scope, receive, send) -> None:
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
         return
-    body = b""
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_all(receive)
     if scope["path"] == "/health":
         await _send(send, 200, b"")
         return
@@ -73,6 +68,16 @@ async def app(scope, receive, send) -> None:
     else:
         await send({"type": "http.response.body", "body": piece * n, "more_body": True})
     await send({"type": "http.response.body", "body": b"data: " + usage + b"\n\ndata: [DONE]\n\n"})
+
+
+async def read_all(receive) -> bytes:
+    """A request's whole body from ASGI receive()."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
 
 
 async def _send(send, status: int, body: bytes) -> None:

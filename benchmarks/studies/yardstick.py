@@ -12,7 +12,7 @@ import argparse
 
 import aiohttp
 
-from benchmarks.studies.fake_server import run_bare
+from benchmarks.studies.fake_server import read_all, run_bare
 
 
 def build(upstream: str):
@@ -32,12 +32,7 @@ def build(upstream: str):
                     await session.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_all(receive)
         async with session.post(
             upstream + scope["path"], data=body, headers={"content-type": "application/json"}
         ) as r:

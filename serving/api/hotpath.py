@@ -15,19 +15,17 @@ The replicas' own limits (router.spill) are the planner's job.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from collections.abc import Callable, Iterable
 
-from serving.api.protocol import Kind
+from serving.api.protocol import Kind, check_api_key
 from serving.api.serving import PATHS, ProxyService, Streamed, Unary
 from serving.errors import (
     GatewayError,
     NoEngineReady,
     PayloadTooLarge,
     Saturated,
-    Unauthorized,
     error_payload,
     sse_error_event,
 )
@@ -108,16 +106,6 @@ class HotPath:
             self.retry_after_s,
         )
 
-    def _check_key(self, headers: dict[str, str]) -> None:
-        if not self.keys:
-            return
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        given = token.encode()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in self.keys):
-            raise Unauthorized(
-                "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'."
-            )
-
     async def _read(self, receive, headers: dict[str, str]) -> bytes:
         limit = self.max_body_bytes
         declared = headers.get("content-length")
@@ -147,7 +135,7 @@ class HotPath:
         self.in_flight += 1
         try:
             headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
-            self._check_key(headers)
+            check_api_key(headers.get("authorization", ""), self.keys)
             try:
                 body = await self._read(receive, headers)
             except PayloadTooLarge as exc:
@@ -199,7 +187,7 @@ async def _send_stream(send, receive, reply: Streamed) -> None:
     async def watch() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        reply.abort()
+        reply.relay.abort()
 
     watcher = asyncio.ensure_future(watch())
     try:
@@ -211,8 +199,8 @@ async def _send_stream(send, receive, reply: Streamed) -> None:
     except asyncio.CancelledError:
         # The server is shutting down and the drain time is over: end the stream the
         # way the SSE error rule says, rather than cutting it mid-event.
-        if not reply.outcome.disconnected:
-            reply.outcome.error = "shutting_down"
+        if not reply.relay.outcome.disconnected:
+            reply.relay.outcome.error = "shutting_down"
             await send({"type": "http.response.body", "body": _SHUTDOWN, "more_body": False})
         raise
     finally:

@@ -5,27 +5,21 @@ POST /v1/chat/completions and /v1/completions are not here: they are the hot pat
 
 from __future__ import annotations
 
-import hmac
 import time
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from serving.errors import NoEngineReady, Unauthorized, error_payload
+from serving.api.protocol import check_api_key
+from serving.errors import NoEngineReady, error_payload
 
 
 def require_api_key(request: Request) -> None:
     """Bearer auth on the OpenAI routes when keys are configured (health and metrics stay open
-    for probes and Prometheus)."""
-    keys = request.app.state.settings.server.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not any(
-        hmac.compare_digest(token.encode(), k.get_secret_value().encode()) for k in keys
-    ):
-        raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.")
+    for probes and Prometheus); the same check as the hot path's."""
+    keys = [k.get_secret_value().encode() for k in request.app.state.settings.server.api_keys]
+    check_api_key(request.headers.get("authorization", ""), keys)
 
 
 router = APIRouter()

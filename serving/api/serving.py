@@ -55,9 +55,7 @@ class Unary:
 @dataclass(slots=True)
 class Streamed:
     headers: dict[str, str]
-    relay: Relay  # .pump(send) streams it; .close() frees the upstream
-    outcome: StreamOutcome
-    abort: Callable[[], None]  # close the upstream now (the client left)
+    relay: Relay  # .pump(send) streams it, .abort() when the client left, .close() frees it
     finish: Callable[[], None]  # account for the stream; called exactly once
 
 
@@ -363,12 +361,8 @@ class ProxyService:
             chosen=decision.tier,
         )
         outcome = StreamOutcome(started=started, first_byte=time.perf_counter())
-        relay = Relay(response, outcome, drop_usage)(first)
+        relay = Relay(response, outcome, drop_usage, first)
         finished = False
-
-        def abort() -> None:
-            outcome.disconnected = True
-            response.close()  # the pending read fails at once; vLLM sees the close
 
         def finish() -> None:
             nonlocal finished
@@ -382,7 +376,7 @@ class ProxyService:
             if outcome.disconnected:
                 self.metrics.client_disconnects.labels(model).inc()
 
-        return Streamed(self._headers(attempt, decision), relay, outcome, abort, finish)
+        return Streamed(self._headers(attempt, decision), relay, finish)
 
     def _record(
         self,

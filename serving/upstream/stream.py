@@ -71,14 +71,18 @@ class Relay:
     __slots__ = ("buffer", "drop_usage", "eof", "first", "outcome", "response")
 
     def __init__(
-        self, response: aiohttp.ClientResponse, outcome: StreamOutcome, drop_usage: bool
+        self,
+        response: aiohttp.ClientResponse,
+        outcome: StreamOutcome,
+        drop_usage: bool,
+        first: bytes,
     ) -> None:
         self.response = response
         self.outcome = outcome
         self.drop_usage = drop_usage
+        self.first = first  # what prime() read before the reply was committed
         self.buffer = b""
         self.eof = False
-        self.first = b""
 
     def _tail(self, chunk: bytes) -> bytes:
         """Chunks near the end of a stream: parse them event by event."""
@@ -100,10 +104,6 @@ class Relay:
             if chunk.endswith(b"\n\n"):
                 return chunk  # whole events, nothing to look at
         return self._tail(chunk)
-
-    def __call__(self, first: bytes) -> Relay:
-        self.first = first
-        return self
 
     async def pump(self, send: Callable[[dict], Awaitable[None]]) -> None:
         """Send the stream as ASGI body messages: the hot loop, with no generator between
@@ -128,6 +128,11 @@ class Relay:
             )
         finally:
             self.close()
+
+    def abort(self) -> None:
+        """The client left: close the upstream now; the pending read fails at once."""
+        self.outcome.disconnected = True
+        self.response.close()
 
     def close(self) -> None:
         if self.eof and self.outcome.done:
