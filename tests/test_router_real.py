@@ -202,6 +202,10 @@ def _one(url: str, i: int, counts: dict, lock: threading.Lock) -> None:
         counts[kind][outcome] += 1
 
 
+def _in_flight_on(gw: GatewayProcess, name: str) -> bool:
+    return any(e["name"] == name and e["in_flight"] > 0 for e in gw.engines())
+
+
 def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -> None:
     n, concurrency = 200, 8
     url = tiers.url + "/v1/chat/completions"
@@ -211,9 +215,10 @@ def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -
     done = 0
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(_one, url, i, counts, lock) for i in range(n)]
-        while done < 40:
+        # kill it with requests on it, so that there is something to fail over
+        while done < 40 or not _in_flight_on(tiers, "smollm2-a"):
             done = sum(f.done() for f in futures)
-            time.sleep(0.05)
+            time.sleep(0.02)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = done
         for f in futures:
