@@ -22,7 +22,7 @@ def prepare_engine_models(settings: Settings, force: bool = False) -> dict[str, 
     cpu_build = cpu.is_cpu_build()
     dirs: dict[str, Path] = {}
     for i, engine in enumerate(settings.engines):
-        if engine.url is not None:
+        if not engine.supervised:
             continue
         try:
             manifest = load_manifest(engine.model)
@@ -52,7 +52,7 @@ def check_engines(settings: Settings, model_dirs: dict[str, Path]) -> None:
     if settings.validate_engine_args:
         jobs = []
         for i, engine in enumerate(settings.engines):
-            if engine.url is not None:
+            if not engine.supervised:
                 continue
             args = engine.args
             if cpu_build:
@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_models_prepare(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     names = (
-        [args.name] if args.name else sorted({e.model for e in settings.engines if e.url is None})
+        [args.name] if args.name else sorted({e.model for e in settings.engines if e.supervised})
     )
     for name in names:
         path = prepare(load_manifest(name), settings.model_cache, force=args.force)

@@ -98,13 +98,29 @@ class EnginePlan(_Strict):
     )
 
 
+class DiscoverSettings(_Strict):
+    """A set of replicas found in DNS: each A/AAAA record of `dns` is one engine pod (in
+    Kubernetes, a headless Service per tier). Re-resolved every `interval_s`."""
+
+    dns: str = Field(min_length=1, description="e.g. tier-small-engines.ns.svc.cluster.local")
+    port: int = Field(8000, gt=0, le=65535)
+    interval_s: float = Field(5.0, gt=0)
+    nameserver: str | None = Field(
+        None, description="'host' or 'host:port'; default: the system's resolver."
+    )
+
+
 class EngineSettings(_Strict):
-    """One vLLM OpenAI server: started by the supervisor, or reached at `url`."""
+    """One vLLM OpenAI server: started by the supervisor, reached at `url`, or a set of
+    them found through `discover`."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: str = Field(description="Manifest name under models/manifests, or a served name.")
     served_model_name: str | None = None
     url: str | None = Field(None, description="External engine; nothing is started.")
+    discover: DiscoverSettings | None = Field(
+        None, description="External engines found in DNS (one per record); nothing is started."
+    )
     args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args.")
     env: dict[str, str] = Field(default_factory=dict)
     host_variant: bool = Field(
@@ -121,8 +137,15 @@ class EngineSettings(_Strict):
         """The name clients put in `model`."""
         return self.served_model_name or self.model
 
+    @property
+    def supervised(self) -> bool:
+        """Started and watched by tiergate's supervisor (neither `url` nor `discover`)."""
+        return self.url is None and self.discover is None
+
     @model_validator(mode="after")
     def _args_are_vllm_names(self) -> EngineSettings:
+        if self.url is not None and self.discover is not None:
+            raise ValueError("set url or discover, not both")
         reserved = {"model", "host", "port", "served_model_name"}
         for key in self.args:
             norm = key.replace("-", "_")

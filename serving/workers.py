@@ -59,7 +59,10 @@ def worker_settings(settings: Settings, urls: dict[str, str], workers: int) -> S
     )
     return settings.model_copy(
         update={
-            "engines": [e.model_copy(update={"url": urls[e.name]}) for e in settings.engines],
+            "engines": [
+                e.model_copy(update={"url": urls[e.name]}) if e.name in urls else e
+                for e in settings.engines
+            ],
             "server": server,
             "router": settings.router.model_copy(update={"spill": spill}),
             "validate_engine_args": False,
@@ -88,7 +91,7 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
     n = settings.server.workers
     host = settings.server.host
     registry = build_registry(settings)
-    ports = {e.name: process.free_port() for e in settings.engines if e.url is None}
+    ports = {e.name: process.free_port() for e in settings.engines if e.supervised}
     supervisor = Supervisor(settings, registry, model_dirs, GatewayMetrics(), ports=ports)
     http = UpstreamClient(settings.timeouts, 16)
     await http.start()

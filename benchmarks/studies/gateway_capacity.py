@@ -89,7 +89,24 @@ def started(cmd: list[str], cpu: str, ready_url: str, cwd: Path = REPO) -> Itera
             proc.wait()
 
 
-def wrk_script(model: str, folder: Path) -> Path:
+# Clients that honour Retry-After, as the `openai` SDK does: after a 429 this connection
+# waits that long before its next request (wrk calls delay() right after response()).
+HONOUR_RETRY_AFTER = """
+local wait = 0
+response = function(status, headers, body)
+  if status == 429 then
+    wait = (tonumber(headers["retry-after"] or headers["Retry-After"]) or 1) * 1000
+  end
+end
+delay = function()
+  local d = wait
+  wait = 0
+  return d
+end
+"""
+
+
+def wrk_script(model: str, folder: Path, honour_retry_after: bool = False) -> Path:
     body = json.dumps(
         {
             "model": model,
@@ -98,12 +115,13 @@ def wrk_script(model: str, folder: Path) -> Path:
             "stream": True,
         }
     )
-    path = folder / "chat.lua"
+    path = folder / ("chat-retry.lua" if honour_retry_after else "chat.lua")
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body)}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {KEY}"\n'
+        + (HONOUR_RETRY_AFTER if honour_retry_after else "")
     )
     return path
 
@@ -145,12 +163,15 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: float, cpu: str)
     return parse_wrk(out)
 
 
-def gateway_config(folder: Path, upstream: str, tokenizer: Path | None) -> Path:
+def gateway_config(
+    folder: Path, upstream: str, tokenizer: Path | None, max_in_flight: int = 0
+) -> Path:
     tier = {"name": "fake", "model": "fake", "engines": ["fake"]}
     if tokenizer:
         tier["tokenizer"] = str(tokenizer)
     config = {
-        "server": {"api_keys": [KEY], "log_level": "warning"},
+        "server": {"api_keys": [KEY], "log_level": "warning"}
+        | ({"max_in_flight": max_in_flight} if max_in_flight else {}),
         "engines": [{"name": "fake", "model": "fake", "url": upstream}],
         "tiers": [tier],
         # the fake holds any number of streams; the default 128 per replica is for vLLM
@@ -177,6 +198,17 @@ async def probe_statuses(url: str, model: str, seconds: float) -> dict[int, list
             out.setdefault(status, []).append((time.perf_counter() - t0) * 1000)
             await asyncio.sleep(0.005)
     return out
+
+
+def start_probe(url: str, model: str, seconds: float, cpu: str) -> subprocess.Popen:
+    """The probe in its own process. As root it runs SCHED_FIFO, so that the load core's
+    queue (wrk and the fake) does not add to the latencies it reports: they are the
+    gateway's."""
+    cmd = [sys.executable, "-m", "benchmarks.studies.gateway_capacity", "--probe", url]
+    cmd += ["--model", model, "--duration", str(seconds)]
+    if os.geteuid() == 0 and shutil.which("chrt"):
+        cmd = ["chrt", "-f", "10", *cmd]
+    return subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=subprocess.PIPE, text=True)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -207,10 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
     p.add_argument("--tokenizer", type=Path, help="for --model auto (a prepared model folder)")
     p.add_argument("--overload", action="store_true", help="also tiergate at 4x its best point")
+    p.add_argument(
+        "--clients",
+        choices=["instant", "retry-after"],
+        default="instant",
+        help="in the overload run: re-send at once (wrk's way) or honour Retry-After (the SDK's)",
+    )
+    p.add_argument(
+        "--max-in-flight", type=int, default=0, help="tiergate's server.max_in_flight (0: default)"
+    )
     p.add_argument("--gateway-cpu", default="0")
     p.add_argument("--load-cpu", default="1")
     p.add_argument("--out", type=Path)
+    p.add_argument("--probe", metavar="URL", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.probe:
+        print(json.dumps(asyncio.run(probe_statuses(a.probe, a.model, a.duration))))
+        return 0
     if not shutil.which("wrk"):
         print("gateway_capacity needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
@@ -218,14 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {int(a.load_cpu)})
     py = sys.executable
     work = Path(tempfile.mkdtemp(prefix="tiergate-capacity-"))
-    script = wrk_script(a.model, work)
+    # one script for every run, so that the Lua callbacks' cost on the load core is alike
+    script = wrk_script(a.model, work, honour_retry_after=a.clients == "retry-after")
     ports = {t: free_port() for t in ("upstream", "yardstick", "tiergate", "before")}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
     fake = [py, "-m", "benchmarks.studies.fake_server", "--port", str(ports["upstream"])]
     fake += ["--events", str(EVENTS), "--gap-ms", "5"]
     yard = [py, "-m", "benchmarks.studies.yardstick", "--port", str(ports["yardstick"])]
     yard += ["--upstream", urls["upstream"]]
-    config = gateway_config(work, urls["upstream"], a.tokenizer)
+    config = gateway_config(work, urls["upstream"], a.tokenizer, a.max_in_flight)
     gate = [py, "-m", "serving.cli", "serve", "--config", str(config)]
     gate += ["--port", str(ports["tiergate"])]
     rows: list[dict] = []
@@ -274,15 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         if a.overload and "tiergate" in pids:
             best = max((r for r in rows if r["target"] == "tiergate"), key=lambda r: r["ok_req_s"])
             c = best["concurrency"] * 4
-            loop = asyncio.new_event_loop()
-            probe = loop.run_in_executor(
-                None, lambda: asyncio.run(probe_statuses(urls["tiergate"], a.model, a.duration))
-            )
+            probe = start_probe(urls["tiergate"], a.model, a.duration, a.load_cpu)
+            cpu0 = cpu_seconds(pids["tiergate"])
             r = run_wrk(urls["tiergate"], script, c, a.duration, a.load_cpu)
-            statuses = loop.run_until_complete(probe)
-            loop.close()
+            r["gateway_cpu_share"] = (cpu_seconds(pids["tiergate"]) - cpu0) / r["seconds"]
+            out, _ = probe.communicate(timeout=a.duration + 30)
+            statuses = {int(k): v for k, v in json.loads(out).items()}
             overload = {
                 "concurrency": c,
+                "clients": a.clients,
                 "peak_ok_req_s": best["ok_req_s"],
                 **r,
                 "goodput_vs_peak": r["ok_req_s"] / best["ok_req_s"],

@@ -101,7 +101,7 @@ def check_settings(
             else:
                 problems.append(f"{where}.plan.model_spec: needed (no local config.json)")
                 continue
-        elif cpu_build and folder and engine.url is None and (folder / "config.json").is_file():
+        elif cpu_build and folder and engine.supervised and (folder / "config.json").is_file():
             if "VLLM_CPU_KVCACHE_SPACE" not in engine.env:
                 continue  # vLLM sizes it itself
             device, spec = _cpu_device(), ModelSpec.from_config_json(folder / "config.json")

@@ -157,7 +157,7 @@ class Supervisor:
     def start(self, http: UpstreamClient) -> None:
         """Launch every supervised engine in the background."""
         for engine in self.settings.engines:
-            if engine.url is not None:
+            if not engine.supervised:
                 continue
             runner = EngineRunner(
                 engine,
