@@ -22,6 +22,7 @@ from serving.router.breaker import CircuitBreaker
 from serving.router.registry import Endpoint, EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
 from serving.upstream.client import UpstreamClient
+from serving.upstream.discovery import Discovery
 from serving.upstream.health import health_loop, scrape_loop
 
 
@@ -29,7 +30,9 @@ def build_registry(settings: Settings) -> EngineRegistry:
     breaker = settings.router.breaker
     registry = EngineRegistry(auto_model=settings.router.auto_model)
     for engine in settings.engines:
-        supervised = engine.url is None
+        if engine.discover is not None:
+            continue  # its replicas come and go with DNS (serving/upstream/discovery.py)
+        supervised = engine.supervised
         registry.add(
             Endpoint(
                 name=engine.name,
@@ -41,11 +44,13 @@ def build_registry(settings: Settings) -> EngineRegistry:
                 breaker=CircuitBreaker(breaker.failures, breaker.cooldown),
             )
         )
+    discovered = {e.name for e in settings.engines if e.discover is not None}
     for tier in settings.effective_tiers():
-        endpoints = [registry.get(name) for name in tier.engines]
+        endpoints = [registry.get(name) for name in tier.engines if name not in discovered]
         registry.tiers.append(
             Tier(
                 name=tier.name,
+                sources=list(tier.engines),
                 model=tier.model,
                 endpoints=endpoints,
                 input_cost_per_1k=tier.cost.input_per_1k,
@@ -126,6 +131,13 @@ def create_app(
                 scrape_loop(http, registry, settings.router.scrape_interval, timeouts.connect)
             ),
             asyncio.create_task(lag.run()),
+            *(
+                asyncio.create_task(
+                    Discovery(engine, registry, settings.router.breaker, metrics).run()
+                )
+                for engine in settings.engines
+                if engine.discover is not None
+            ),
         ]
         if tokens is not None:
             await asyncio.to_thread(tokens.warm)  # load tokenizers before the first request

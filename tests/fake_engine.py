@@ -139,9 +139,9 @@ async def _metrics(request: Request) -> Response:
 class FakeEngine:
     """`force` fixes the behaviour whatever the model; `waiting` is what /metrics reports."""
 
-    def __init__(self, force: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, force: str | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port or free_port()
+        self.url = f"http://{host}:{self.port}"
         app = Starlette(
             routes=[
                 Route("/health", _health),
@@ -155,7 +155,12 @@ class FakeEngine:
         self.app = app
         self.server = uvicorn.Server(
             uvicorn.Config(
-                app, port=self.port, log_level="error", lifespan="off", timeout_graceful_shutdown=1
+                app,
+                host=host,
+                port=self.port,
+                log_level="error",
+                lifespan="off",
+                timeout_graceful_shutdown=1,
             )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)

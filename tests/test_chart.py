@@ -75,9 +75,19 @@ def test_router_configmap_loads_through_the_routers_own_loader(path, tmp_path) -
     settings = load_settings(config)  # raises ConfigError on any drift
     tiers = values.get("tiers") or yaml.safe_load((CHART / "values.yaml").read_text())["tiers"]
     assert [t.name for t in settings.effective_tiers()] == [t["name"] for t in tiers]
-    assert [e.url for e in settings.engines] == [
-        f"http://tg-tiergate-{t['name']}:8000" for t in tiers
+    # Each tier's pods are found through its headless Service, one replica per pod.
+    assert [(e.url, e.discover.dns, e.discover.port) for e in settings.engines] == [
+        (None, f"tg-tiergate-{t['name']}-pods.ai.svc.cluster.local", 8000) for t in tiers
     ]
+    headless = {
+        d["metadata"]["name"]: d["spec"]
+        for d in by_kind(docs, "Service")
+        if "pods" in d["metadata"]["name"]
+    }
+    for t in tiers:
+        spec = headless[f"tg-tiergate-{t['name']}-pods"]
+        assert spec["clusterIP"] == "None" and spec["publishNotReadyAddresses"] is False
+        assert spec["selector"]["tiergate.dev/tier"] == t["name"]
     assert settings.router.order == (
         values.get("router", {}).get("settings", {}).get("router", {}).get("order")
         or [t["name"] for t in tiers]
@@ -87,6 +97,17 @@ def test_router_configmap_loads_through_the_routers_own_loader(path, tmp_path) -
     assert [str(t.tokenizer) for t in settings.tiers] == [
         t.get("tokenizer", t["weights"]) for t in tiers
     ]
+
+
+def test_service_mode_keeps_one_clusterip_per_tier(tmp_path) -> None:
+    docs = render({"router": {"engineDiscovery": {"mode": "service"}}})
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("router")]
+    config = tmp_path / "config.yaml"
+    config.write_text(cm["data"]["config.yaml"])
+    settings = load_settings(config)
+    assert all(
+        e.discover is None and e.url.startswith("http://tg-tiergate-") for e in settings.engines
+    )
 
 
 def engine_containers(docs: list[dict]) -> list[tuple[dict, dict]]:

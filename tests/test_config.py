@@ -47,6 +47,12 @@ def test_cli_overrides_win(tmp_path: Path) -> None:
         ({"engines": []}, "engines"),
         ({"engines": [default_engine(), default_engine()]}, "engines"),
         ({"engines": [default_engine(args={"port": 1})]}, "args.port"),
+        (
+            {"engines": [default_engine(url="http://x:1", discover={"dns": "e.test"})]},
+            "url or discover",
+        ),
+        ({"engines": [default_engine(discover={"dns": "e.test", "port": 0})]}, "discover.port"),
+        ({"engines": [default_engine(discover={"dsn": "e.test"})]}, "discover.dsn"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, changes: dict, key: str) -> None:

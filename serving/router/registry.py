@@ -40,10 +40,17 @@ class Tier:
     output_cost_per_1k: float = 0.0
     max_context: int | None = None
     max_output_tokens: int | None = None
+    sources: list[str] = field(default_factory=list)  # configured engine names
     ring: HashRing = field(init=False)
 
     def __post_init__(self) -> None:
         self.ring = HashRing([ep.name for ep in self.endpoints])
+
+    def set_endpoints(self, endpoints: list[Endpoint]) -> None:
+        """Replace the replicas (a new list: a request already planning keeps its own);
+        the ring moves only the keys of replicas that came or went."""
+        self.endpoints = endpoints
+        self.ring = HashRing([ep.name for ep in endpoints])
 
     def cost(self, usage: dict | None) -> float:
         if not usage:
@@ -62,6 +69,11 @@ class EngineRegistry:
 
     def add(self, endpoint: Endpoint) -> None:
         self.endpoints.append(endpoint)
+
+    def remove(self, name: str) -> Endpoint:
+        ep = self.get(name)
+        self.endpoints = [e for e in self.endpoints if e is not ep]
+        return ep
 
     def get(self, name: str) -> Endpoint:
         for ep in self.endpoints:

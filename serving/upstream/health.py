@@ -40,6 +40,8 @@ async def check_once(
             ep.ready = False
         else:
             healthy = await probe(http, ep.url, timeout)
+            if ep.state == "removed":  # discovery dropped it while we asked
+                return
             # A supervised engine is ready only once its supervisor says it started.
             ready = healthy and (not ep.supervised or ep.state == "ready")
             if ready and not ep.ready:

@@ -1,0 +1,231 @@
+"""Per-pod discovery through DNS: a real DNS server on loopback (dnslib answers real DNS
+packets) and FAKE engines, one per loopback address, as pods behind a headless Service."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import pytest
+from dnslib import QTYPE, RR, A, DNSRecord
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+from serving.app import build_registry
+from serving.config import Settings
+from serving.metrics import GatewayMetrics
+from serving.upstream.discovery import (
+    Discovery,
+    DnsSource,
+    diff,
+    endpoint_name,
+    engine_url,
+    parse_nameserver,
+)
+from tests.fake_engine import FakeEngine, in_process_gateway
+from tests.utils import free_port
+
+pytestmark = pytest.mark.anyio
+NAME = "engines.small.test."
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Records(BaseResolver):
+    """A zone whose A records the test changes while the server runs."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self.queries = 0
+        self.lock = threading.Lock()
+
+    def resolve(self, request: DNSRecord, handler) -> DNSRecord:
+        reply = request.reply()
+        qname = request.q.qname
+        with self.lock:
+            self.queries += 1
+            addresses = list(self.addresses)
+        if str(qname) != NAME:
+            reply.header.rcode = 3  # NXDOMAIN
+        elif request.q.qtype == QTYPE.A:
+            for address in addresses:
+                reply.add_answer(RR(qname, QTYPE.A, rdata=A(address), ttl=1))
+        return reply
+
+    def set(self, *addresses: str) -> None:
+        with self.lock:
+            self.addresses = list(addresses)
+
+
+@contextlib.contextmanager
+def dns_server() -> Iterator[tuple[Records, str]]:
+    records = Records()
+    port = free_port()
+    quiet = DNSLogger("-request,-reply,-truncated,-error,-recv,-send,-data", prefix=False)
+    server = DNSServer(records, port=port, address="127.0.0.1", logger=quiet)
+    server.start_thread()
+    try:
+        yield records, f"127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def test_pure_helpers() -> None:
+    change = diff(["10.0.0.1", "10.0.0.2"], ["10.0.0.2", "10.0.0.3"])
+    assert (change.added, change.removed) == (["10.0.0.3"], ["10.0.0.1"])
+    assert diff([], []).added == []
+    assert parse_nameserver("10.0.0.10") == ("10.0.0.10", 53)
+    assert parse_nameserver("127.0.0.1:5353") == ("127.0.0.1", 5353)
+    assert parse_nameserver("[::1]:5353") == ("::1", 5353)
+    assert engine_url("10.1.2.3", 8000) == "http://10.1.2.3:8000"
+    assert engine_url("fd00::1", 8000) == "http://[fd00::1]:8000"
+
+
+def _settings(nameserver: str, port: int = 8000, interval: float = 5.0) -> Settings:
+    return Settings(
+        engines=[
+            {"name": "fixed", "model": "m", "url": "http://127.0.0.1:1"},
+            {
+                "name": "small",
+                "model": "m",
+                "discover": {
+                    "dns": NAME,
+                    "port": port,
+                    "interval_s": interval,
+                    "nameserver": nameserver,
+                },
+            },
+        ],
+        tiers=[{"name": "small", "model": "m", "engines": ["small"]}],
+        timeouts={"health_interval": 0.1},
+        router={"scrape_interval": 0.1},
+    )
+
+
+def test_apply_scales_one_three_two_and_moves_only_the_removed_keys() -> None:
+    settings = _settings("127.0.0.1:1")
+    registry = build_registry(settings)
+    tier = registry.tier("small")
+    assert tier.endpoints == []  # nothing until DNS answers
+    found = Discovery(settings.engines[1], registry, settings.router.breaker, GatewayMetrics())
+
+    found.apply({"10.0.0.1"})
+    assert [ep.url for ep in tier.endpoints] == ["http://10.0.0.1:8000"]
+    assert not tier.endpoints[0].ready  # probed by the health loop before any use
+
+    found.apply({"10.0.0.1", "10.0.0.2", "10.0.0.3"})
+    names = [ep.name for ep in tier.endpoints]
+    assert names == [endpoint_name("small", f"10.0.0.{i}") for i in (1, 2, 3)]
+    homes = {f"session-{i}": tier.ring.lookup(f"session-{i}") for i in range(300)}
+    assert len(set(homes.values())) == 3
+    leaving = next(ep for ep in tier.endpoints if ep.name.endswith("10.0.0.2"))
+    leaving.in_flight = 1  # a stream still on it
+
+    change = found.apply({"10.0.0.1", "10.0.0.3"})
+    assert change.removed == ["10.0.0.2"] and change.added == []
+    assert [ep.name for ep in tier.endpoints] == [names[0], names[2]]
+    assert leaving.name not in [ep.name for ep in registry.endpoints]
+    assert (leaving.state, leaving.ready, leaving.in_flight) == ("removed", False, 1)
+    # Sessions whose home stayed keep it; only the removed pod's sessions move.
+    for key, home in homes.items():
+        if home != leaving.name:
+            assert tier.ring.lookup(key) == home
+        else:
+            assert tier.ring.lookup(key) in (names[0], names[2])
+    # The fixed engine is untouched.
+    assert registry.get("fixed").url == "http://127.0.0.1:1"
+
+
+async def test_dns_source_reads_real_records_and_keeps_the_set_on_failure() -> None:
+    with dns_server() as (records, nameserver):
+        source = DnsSource(NAME, nameserver, timeout=1.0)
+        records.set("127.0.0.2", "127.0.0.3")
+        assert await source.addresses() == {"127.0.0.2", "127.0.0.3"}
+        records.set()
+        assert await source.addresses() == set()  # an authoritative empty answer
+        assert await DnsSource("other.test.", nameserver).addresses() == set()  # NXDOMAIN
+    # Nobody answers: a failure, not an empty set, so the caller keeps what it has.
+    silent = DnsSource(NAME, f"127.0.0.1:{free_port()}", timeout=0.5)
+    assert await silent.addresses() is None
+
+
+async def test_scale_one_three_two_under_load_nothing_fails() -> None:
+    port = free_port()
+    hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    with (
+        dns_server() as (records, nameserver),
+        # drip: streams last ~0.2 s, so some are on the pod when it goes
+        FakeEngine("drip", host=hosts[0], port=port) as a,
+        FakeEngine("drip", host=hosts[1], port=port) as b,
+        FakeEngine("drip", host=hosts[2], port=port) as c,
+    ):
+        fakes = {hosts[0]: a, hosts[1]: b, hosts[2]: c}
+        records.set(hosts[0])
+        settings = _settings(nameserver, port=port, interval=0.1)
+        statuses: collections.Counter[int] = collections.Counter()
+        async with in_process_gateway(settings) as client:
+            stop = asyncio.Event()
+
+            async def load(i: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    stream = i % 2 == 0
+                    body = {  # distinct prompts: no prefix affinity pins them to one pod
+                        "model": "m",
+                        "messages": [{"role": "user", "content": f"question {i}-{n}"}],
+                        "stream": stream,
+                    }
+                    r = await client.post("/v1/chat/completions", json=body)
+                    cut = stream and not r.text.rstrip().endswith("data: [DONE]")
+                    statuses[-1 if cut else r.status_code] += 1  # -1: a stream cut short
+
+            async def replicas_ready(n: int) -> list[str]:
+                for _ in range(100):
+                    listed = (await client.get("/tiergate/engines")).json()
+                    ready = [e["name"] for e in listed["engines"] if e["ready"]]
+                    if len(ready) == n and len(listed["engines"]) == n + 1:  # + "fixed"
+                        return ready
+                    await asyncio.sleep(0.05)
+                raise AssertionError(f"never {n} ready: {listed}")
+
+            removed: list[int] = []
+
+            async def scale() -> None:
+                await asyncio.sleep(0.3)
+                records.set(*hosts)  # scale 1 -> 3
+                await replicas_ready(3)
+                seen = {h: len(f.app.state.seen) for h, f in fakes.items()}
+                await asyncio.sleep(0.6)
+                grew = {h: len(f.app.state.seen) - seen[h] for h, f in fakes.items()}
+                assert all(n > 0 for n in grew.values()), grew  # the load spreads over all
+                for _ in range(100):  # wait for a moment with a stream on the middle pod
+                    listed = (await client.get("/tiergate/engines")).json()["engines"]
+                    if any(
+                        e["url"].startswith(f"http://{hosts[1]}") and e["in_flight"] for e in listed
+                    ):
+                        break
+                    await asyncio.sleep(0.01)
+                else:
+                    raise AssertionError("no request ever in flight on the middle pod")
+                records.set(hosts[0], hosts[2])  # scale 3 -> 2: the middle pod goes
+                await replicas_ready(2)
+                await asyncio.sleep(0.1)  # requests routed just before the change finish
+                removed.append(len(b.app.state.seen))
+                await asyncio.sleep(0.6)
+
+            await replicas_ready(1)
+            workers = [asyncio.create_task(load(i)) for i in range(6)]
+            try:
+                await scale()
+            finally:
+                stop.set()
+                await asyncio.gather(*workers, return_exceptions=True)
+        assert len(b.app.state.seen) == removed[0]  # no new request on the removed pod
+        assert set(statuses) == {200}, statuses  # nothing failed through the changes
+        assert statuses[200] > 50
