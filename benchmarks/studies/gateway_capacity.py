@@ -89,19 +89,20 @@ def started(cmd: list[str], cpu: str, ready_url: str, cwd: Path = REPO) -> Itera
             proc.wait()
 
 
-# Clients that honour Retry-After, as the `openai` SDK does: after a 429 this connection
-# waits that long before its next request (wrk calls delay() right after response()).
+# Clients that honour Retry-After, as the `openai` SDK does. wrk's delay() is asked when
+# a connection is next writable, not right after its response(), and cannot tell which
+# connection asks; so each 429 owes one wait of Retry-After, paid by the next request
+# that wrk sends. In a closed loop the count of delayed re-sends is what matters.
 HONOUR_RETRY_AFTER = """
-local wait = 0
+local owed = {}
 response = function(status, headers, body)
   if status == 429 then
-    wait = (tonumber(headers["retry-after"] or headers["Retry-After"]) or 1) * 1000
+    owed[#owed + 1] = (tonumber(headers["retry-after"] or headers["Retry-After"]) or 1) * 1000
   end
 end
 delay = function()
-  local d = wait
-  wait = 0
-  return d
+  if #owed == 0 then return 0 end
+  return table.remove(owed)
 end
 """
 
