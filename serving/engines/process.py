@@ -48,7 +48,13 @@ def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
     return out
 
 
+# The gateway polls these every few seconds; one access-log line each would bury the
+# engine's own lines. Errors still log; `args` can set the flag to something else.
+POLLED_PATHS = "/health,/metrics"
+
+
 def vllm_command(model_dir: Path, served_name: str, port: int, args: dict[str, Any]) -> list[str]:
+    args = {"disable_access_log_for_endpoints": POLLED_PATHS, **args}
     return [
         sys.executable,
         "-m",
