@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -9,7 +10,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.utils import GatewayProcess
+from tests.utils import REPO, GatewayProcess
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -154,3 +155,41 @@ def test_metrics_count_requests_and_tokens(
         == 2
     )
     assert re.search(r'tiergate_engine_ready\{engine="smollm2-cpu"\} 1\.0', after)
+
+
+def _exposed_names(text: str) -> set[str]:
+    """Every metric name a scrape can query: samples, and declared families (a labelled
+    counter with no samples yet still declares itself) with their suffixes."""
+    names: set[str] = set()
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            names.add(name)
+            names.update(name.removesuffix("_total") + s for s in suffixes.get(kind, ()))
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
+def test_dashboard_queries_only_metrics_that_exist(
+    gateway: GatewayProcess, client: OpenAI, model: str
+) -> None:
+    list(client.chat.completions.create(model=model, messages=QUESTION, max_tokens=4, stream=True))
+    engine_url = gateway.get("/tiergate/engines").json()["engines"][0]["url"]
+    exposed = _exposed_names(gateway.get("/metrics").text)
+    exposed |= _exposed_names(httpx.get(engine_url + "/metrics", timeout=10).text)
+    board = json.loads((REPO / "k8s" / "tiergate" / "dashboards" / "tiergate.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    queried = {m for e in exprs for m in re.findall(r"\b(?:tiergate_\w+|vllm:\w+)", e)}
+    assert len(queried) > 15
+    assert queried - exposed == set()
+
+
+def test_engine_log_is_not_buried_in_polls(
+    gateway: GatewayProcess, client: OpenAI, model: str
+) -> None:
+    client.chat.completions.create(model=model, messages=QUESTION, max_tokens=2)
+    log = gateway.log_path.read_text(errors="replace")
+    assert '"POST /v1/chat/completions HTTP/1.1" 200' in log  # the engine's access log is on
+    assert '"GET /health HTTP/1.1"' not in log and '"GET /metrics HTTP/1.1"' not in log

@@ -163,6 +163,51 @@ def test_api_keys_only_from_a_secret() -> None:
         render({"router": {"apiKeys": {"existingSecret": "", "key": "keys", "value": "k"}}})
 
 
+def test_dashboard_ships_as_a_sidecar_configmap_and_matches_its_generator() -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("dashboard", REPO / "k8s" / "dashboard.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    shipped = (CHART / "dashboards" / "tiergate.json").read_text()
+    assert shipped == generator.render(), "run: python k8s/dashboard.py"
+    docs = render(None)
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(cm["data"]["tiergate.json"])
+    titles = [p["title"] for p in board["panels"]]
+    for needed in (
+        "TTFT",
+        "Inter-token",
+        "KV-cache",
+        "Prefix-cache",
+        "Spills",
+        "429",
+        "Breaker",
+        "cost",
+        "Queue depth",
+        "Output tokens",
+    ):
+        assert any(needed in t for t in titles), needed
+    assert not [
+        d
+        for d in by_kind(render({"dashboard": {"enabled": False}}), "ConfigMap")
+        if d["metadata"]["name"].endswith("dashboard")
+    ]
+
+
+def test_servicemonitor_scrapes_each_pod_once() -> None:
+    docs = render({"serviceMonitor": {"enabled": True}})
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    excluded = sm["spec"]["selector"]["matchExpressions"]
+    assert {"key": "tiergate.dev/discovery", "operator": "DoesNotExist"} in excluded
+    headless = [d for d in by_kind(docs, "Service") if d["spec"].get("clusterIP") == "None"]
+    assert headless and all(
+        d["metadata"]["labels"]["tiergate.dev/discovery"] == "true" for d in headless
+    )
+
+
 def test_keda_scales_on_waiting_requests() -> None:
     docs = render(values_of(REPO / "k8s" / "examples" / "values-h100.yaml"))
     (so,) = by_kind(docs, "ScaledObject")
