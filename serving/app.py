@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from serving.api.access_log import AccessLog
 from serving.api.hotpath import ROUTES, HotPath, LoopLag
 from serving.api.routes import router, v1
 from serving.api.serving import ProxyService
@@ -107,7 +108,8 @@ def create_app(
     async def lifespan(app: GatewayApp) -> AsyncIterator[None]:
         http = UpstreamClient(settings.timeouts, settings.server.max_upstream_connections)
         await http.start()
-        proxy = ProxyService(registry, http, metrics, settings.router, tokens)
+        access = AccessLog(enabled=settings.server.access_log == "json")
+        proxy = ProxyService(registry, http, metrics, settings.router, tokens, access=access)
         server = settings.server
         lag = LoopLag(report=metrics.loop_lag.set)
         app.state.hot = HotPath(

@@ -33,6 +33,9 @@ class ServerSettings(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
     max_upstream_connections: int = Field(1024, gt=0)
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    access_log: str = Field(
+        "off", pattern="^(off|json)$", description="json: one JSON line per request on stdout."
+    )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Bearer keys accepted on /v1/*; empty: no auth. In Kubernetes, set "

@@ -56,6 +56,7 @@ async def _chat(request: Request) -> Response:
     body = await request.json()
     mode = request.app.state.force or body["model"]
     request.app.state.seen.append(mode)
+    request.app.state.headers.append(dict(request.headers))
     if mode == "stall":
         await asyncio.sleep(30)
     if mode == "slow":
@@ -150,6 +151,7 @@ class FakeEngine:
             ]
         )
         app.state.seen = []
+        app.state.headers = []
         app.state.force = force
         app.state.waiting = 0.0
         self.app = app

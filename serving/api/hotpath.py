@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 
+from serving.api.access_log import request_id
 from serving.api.protocol import Kind, check_api_key
 from serving.api.serving import PATHS, ProxyService, Streamed, Unary
 from serving.errors import (
@@ -34,7 +35,16 @@ from serving.metrics import GatewayMetrics
 log = logging.getLogger("tiergate.hotpath")
 
 ROUTES: dict[str, Kind] = {path: kind for kind, path in PATHS.items()}
-_WANTED = frozenset({b"authorization", b"content-length", b"x-tiergate-tier", b"x-session-id"})
+_WANTED = frozenset(
+    {
+        b"authorization",
+        b"content-length",
+        b"x-tiergate-tier",
+        b"x-session-id",
+        b"x-request-id",
+        b"traceparent",
+    }
+)
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [
     (b"content-type", b"text/event-stream"),
@@ -130,11 +140,14 @@ class HotPath:
         refused = self._admit()
         if refused is not None:
             self.metrics.request_done("unknown", PATHS[kind], refused.status)
+            self.proxy.access.write(path=PATHS[kind], status=refused.status, error=refused.code)
             await _send_error(send, refused)
             return
         self.in_flight += 1
+        rid = None
         try:
             headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
+            headers["x-request-id"] = rid = request_id(headers.get("x-request-id"))
             check_api_key(headers.get("authorization", ""), self.keys)
             try:
                 body = await self._read(receive, headers)
@@ -147,12 +160,12 @@ class HotPath:
             else:
                 await _send_stream(send, receive, reply)
         except GatewayError as exc:
-            await _send_error(send, exc)
+            await _send_error(send, exc, rid)
         except ClientGone:
             pass
         except Exception as exc:  # a bug: answer in the OpenAI shape, keep serving
             log.exception("unexpected error on %s", scope["path"])
-            await _send_error(send, GatewayError(f"internal error: {type(exc).__name__}"))
+            await _send_error(send, GatewayError(f"internal error: {type(exc).__name__}"), rid)
         finally:
             self.in_flight -= 1
 
@@ -161,9 +174,11 @@ def _extra(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
-async def _send_error(send, exc: GatewayError) -> None:
+async def _send_error(send, exc: GatewayError, rid: str | None = None) -> None:
     body = json.dumps(error_payload(exc)).encode()
     length = [(b"content-length", str(len(body)).encode())]
+    if rid:
+        length.append((b"x-request-id", rid.encode()))
     await send(
         {
             "type": "http.response.start",

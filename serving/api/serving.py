@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from serving.api.access_log import AccessLog, valid_traceparent
 from serving.api.protocol import Kind, parse_request
 from serving.config import RouterSettings
 from serving.errors import (
@@ -57,6 +58,19 @@ class Streamed:
     headers: dict[str, str]
     relay: Relay  # .pump(send) streams it, .abort() when the client left, .close() frees it
     finish: Callable[[], None]  # account for the stream; called exactly once
+
+
+@dataclass(slots=True)
+class Call:
+    """One request's facts, once checked and routed."""
+
+    path: str
+    raw: bytes
+    payload: dict[str, Any]
+    model: str
+    decision: Decision
+    started: float
+    trace: dict[str, str]  # passed on to the engine: x-request-id, traceparent
 
 
 def features_of(headers: Mapping[str, str], payload: dict[str, Any], counts: dict) -> Features:
@@ -96,7 +110,9 @@ class ProxyService:
         router: RouterSettings,
         tokens: TokenCounter | None = None,
         clock: Callable[[], float] = time.monotonic,
+        access: AccessLog | None = None,
     ) -> None:
+        self.access = access or AccessLog(enabled=False)
         self.registry = registry
         self.upstream = upstream
         self.metrics = metrics
@@ -115,6 +131,11 @@ class ProxyService:
         started = time.perf_counter()
         path = PATHS[kind]
         model = "unknown"
+        rid = headers.get("x-request-id", "")
+        trace = {"x-request-id": rid} if rid else {}
+        if parent := valid_traceparent(headers.get("traceparent")):
+            trace["traceparent"] = parent
+        stream = False
         try:
             checked, payload = parse_request(kind, raw)
             tier = self.registry.tier_for_model(checked.model)
@@ -140,11 +161,22 @@ class ProxyService:
             )
             attempts = await self._plan(tier, key)
             self.budget.record_request(self.clock())
-            if checked.stream:
-                return await self._stream(attempts, path, raw, payload, model, decision, started)
-            return await self._unary(attempts, path, raw, payload, model, decision, started)
+            stream = bool(checked.stream)
+            call = Call(path, raw, payload, model, decision, started, trace)
+            if stream:
+                return await self._stream(attempts, call)
+            return await self._unary(attempts, call)
         except GatewayError as exc:
             self.metrics.request_done(model, path, exc.status)
+            self.access.write(
+                request_id=rid,
+                path=path,
+                model=model,
+                status=exc.status,
+                stream=stream,
+                error=exc.code or exc.type,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
             raise
 
     async def _plan(self, tier: Tier, key: str | None) -> list[Attempt]:
@@ -248,9 +280,11 @@ class ProxyService:
         body_for: Callable[[Attempt], bytes],
         read_first: bool,
         chosen: str,
-    ) -> tuple[Attempt, aiohttp.ClientResponse, bytes]:
-        """Try each attempt until one answers; returns it, its response and its first bytes
-        (the whole body when not streaming). The endpoint stays entered on success."""
+        trace: Mapping[str, str],
+    ) -> tuple[Attempt, aiohttp.ClientResponse, bytes, int]:
+        """Try each attempt until one answers; returns it, its response, its first bytes
+        (the whole body when not streaming) and the retries it took. The endpoint stays
+        entered on success."""
         last: GatewayError | None = None
         for i, attempt in enumerate(attempts):
             ep, now = attempt.endpoint, self.clock()
@@ -265,7 +299,7 @@ class ProxyService:
             self._enter(ep)
             entered = True
             try:
-                response = await self.upstream.open(ep.url or "", path, body_for(attempt))
+                response = await self.upstream.open(ep.url or "", path, body_for(attempt), trace)
                 try:
                     first = await (prime(response) if read_first else response.read())
                 except TimeoutError as exc:
@@ -299,7 +333,7 @@ class ProxyService:
             if attempt.why in ("spill", "fallback"):
                 counter = self.metrics.spills if attempt.why == "spill" else self.metrics.fallbacks
                 counter.labels(chosen, attempt.tier.name).inc()
-            return attempt, response, first
+            return attempt, response, first, i
         raise last or NoEngineReady("No replica could take the request; retry shortly.")
 
     def _failed(self, attempt: Attempt, exc: GatewayError, now: float) -> GatewayError:
@@ -310,57 +344,46 @@ class ProxyService:
         return exc
 
     @staticmethod
-    def _headers(attempt: Attempt, decision: Decision) -> dict[str, str]:
+    def _reason(attempt: Attempt, decision: Decision) -> str:
         why = attempt.why
-        reason = decision.reason if why not in ("spill", "fallback") else f"{decision.reason}+{why}"
-        return {
+        return decision.reason if why not in ("spill", "fallback") else f"{decision.reason}+{why}"
+
+    def _headers(self, attempt: Attempt, call: Call) -> dict[str, str]:
+        headers = {
             "x-tiergate-tier": attempt.tier.name,
-            "x-tiergate-reason": reason,
+            "x-tiergate-reason": self._reason(attempt, call.decision),
             "x-tiergate-replica": attempt.endpoint.name,
         }
+        if rid := call.trace.get("x-request-id"):
+            headers["x-request-id"] = rid
+        return headers
 
-    async def _unary(
-        self,
-        attempts: list[Attempt],
-        path: str,
-        raw: bytes,
-        payload: dict[str, Any],
-        model: str,
-        decision: Decision,
-        started: float,
-    ) -> Unary:
-        attempt, response, body = await self._attempts(
+    async def _unary(self, attempts: list[Attempt], call: Call) -> Unary:
+        attempt, response, body, retries = await self._attempts(
             attempts,
-            path,
-            lambda a: self._body(a, payload, raw, usage=False),
+            call.path,
+            lambda a: self._body(a, call.payload, call.raw, usage=False),
             read_first=False,
-            chosen=decision.tier,
+            chosen=call.decision.tier,
+            trace=call.trace,
         )
         self._leave(attempt.endpoint)
         response.release()
-        self._record(attempt, model, path, response.status, usage_of(body), started)
-        return Unary(response.status, body, self._headers(attempt, decision))
+        self._record(attempt, call, response.status, usage_of(body), retries)
+        return Unary(response.status, body, self._headers(attempt, call))
 
-    async def _stream(
-        self,
-        attempts: list[Attempt],
-        path: str,
-        raw: bytes,
-        payload: dict[str, Any],
-        model: str,
-        decision: Decision,
-        started: float,
-    ) -> Streamed:
-        options = payload.get("stream_options") or {}
+    async def _stream(self, attempts: list[Attempt], call: Call) -> Streamed:
+        options = call.payload.get("stream_options") or {}
         drop_usage = not options.get("include_usage")  # asked for anyway; hidden below
-        attempt, response, first = await self._attempts(
+        attempt, response, first, retries = await self._attempts(
             attempts,
-            path,
-            lambda a: self._body(a, payload, raw, usage=drop_usage),
+            call.path,
+            lambda a: self._body(a, call.payload, call.raw, usage=drop_usage),
             read_first=True,
-            chosen=decision.tier,
+            chosen=call.decision.tier,
+            trace=call.trace,
         )
-        outcome = StreamOutcome(started=started, first_byte=time.perf_counter())
+        outcome = StreamOutcome(started=call.started, first_byte=time.perf_counter())
         relay = Relay(response, outcome, drop_usage, first)
         finished = False
 
@@ -370,34 +393,53 @@ class ProxyService:
                 return
             finished = True
             self._leave(attempt.endpoint)
-            self._record(attempt, model, path, 200, outcome.usage, started, outcome.first_byte)
+            self._record(attempt, call, 200, outcome.usage, retries, outcome)
             if outcome.error:
-                self.metrics.stream_errors.labels(model, outcome.error).inc()
+                self.metrics.stream_errors.labels(call.model, outcome.error).inc()
             if outcome.disconnected:
-                self.metrics.client_disconnects.labels(model).inc()
+                self.metrics.client_disconnects.labels(call.model).inc()
 
-        return Streamed(self._headers(attempt, decision), relay, finish)
+        return Streamed(self._headers(attempt, call), relay, finish)
 
     def _record(
         self,
         attempt: Attempt,
-        model: str,
-        path: str,
+        call: Call,
         status: int,
         usage: dict | None,
-        started: float,
-        first_byte: float | None = None,
+        retries: int,
+        outcome: StreamOutcome | None = None,
     ) -> None:
-        tier = attempt.tier
+        tier, model = attempt.tier, call.model
         m = self.metrics
-        m.request_done(model, path, status)
+        m.request_done(model, call.path, status)
         m.tier_done(tier.name, attempt.endpoint.name, status)
-        m.latency(
-            model, first_byte - started if first_byte else None, time.perf_counter() - started
-        )
+        duration = time.perf_counter() - call.started
+        ttft = outcome.first_byte - call.started if outcome and outcome.first_byte else None
+        m.latency(model, ttft, duration)
         if usage:
             m.record_usage(model, usage)
             m.cost_of(tier.name, tier.cost(usage))
+        if self.access.enabled:
+            usage = usage or {}
+            error = outcome and ("client_disconnected" if outcome.disconnected else outcome.error)
+            self.access.write(
+                request_id=call.trace.get("x-request-id"),
+                path=call.path,
+                model=model,
+                tier=tier.name,
+                replica=attempt.endpoint.name,
+                reason=self._reason(attempt, call.decision),
+                status=status,
+                stream=outcome is not None,
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+                ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
+                duration_ms=round(duration * 1000, 2),
+                retries=retries,
+                error=error or None,
+                key=None,
+            )
 
     def _enter(self, endpoint: Endpoint) -> None:
         endpoint.in_flight += 1

@@ -12,6 +12,8 @@ which vLLM uses), so a connection the engine is about to close is never reused.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
@@ -58,14 +60,18 @@ class UpstreamClient:
         if self.session is not None:
             await self.session.close()
 
-    async def open(self, url: str, path: str, body: bytes) -> aiohttp.ClientResponse:
-        """POST `body` and return the response (body unread) once its status is a success."""
+    async def open(
+        self, url: str, path: str, body: bytes, trace: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """POST `body` and return the response (body unread) once its status is a success.
+        `trace`: headers passed on to the engine (x-request-id, traceparent)."""
         assert self.session is not None, "UpstreamClient.start() first"
         target = self._urls.get((url, path))
         if target is None:
             target = self._urls[(url, path)] = URL(url + path)
         try:
-            response = await self.session.post(target, data=body, headers=_JSON)
+            headers = _JSON if not trace else CIMultiDict(_JSON, **trace)
+            response = await self.session.post(target, data=body, headers=headers)
         except aiohttp.ClientConnectorError as exc:
             raise NoEngineReady(f"The engine at {url} is unreachable; retry shortly.") from exc
         except TimeoutError as exc:
