@@ -42,7 +42,7 @@ def build_registry(settings: Settings) -> EngineRegistry:
                 supervised=supervised,
                 state="starting" if supervised else "external",
                 max_model_len=engine.args.get("max_model_len"),
-                breaker=CircuitBreaker(breaker.failures, breaker.cooldown),
+                breaker=CircuitBreaker(breaker.failures, breaker.cooldown, breaker.half_open_share),
             )
         )
     discovered = {e.name for e in settings.engines if e.discover is not None}

@@ -209,6 +209,9 @@ class RetrySettings(_Strict):
 class BreakerSettings(_Strict):
     failures: int = Field(3, ge=1)
     cooldown: float = Field(10.0, gt=0)
+    half_open_share: float = Field(
+        0.25, gt=0, le=1, description="Share of requests a half-open replica takes."
+    )
 
 
 class RouterSettings(_Strict):

@@ -58,6 +58,7 @@ class PayloadTooLarge(GatewayError):
 
 class NoEngineReady(GatewayError):
     status, type, code = 503, "service_unavailable_error", "no_engine_ready"
+    headers = {"retry-after": "1"}  # engines come back in seconds (router.wait_ready_s)
 
 
 class Saturated(GatewayError):

@@ -137,6 +137,7 @@ async def test_a_request_waits_for_a_restarting_engine_when_asked() -> None:
     async with in_process_gateway(Settings(**base)) as client:  # default: answer at once
         r = await client.post("/v1/chat/completions", json=_chat())
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_engine_ready"
+        assert r.headers["retry-after"] == "1"
     waiting = Settings(**base, router={"wait_ready_s": 10})
     async with in_process_gateway(waiting) as client:
         loop = asyncio.get_running_loop()
@@ -154,3 +155,28 @@ async def test_a_request_waits_for_a_restarting_engine_when_asked() -> None:
         r = await client.post("/v1/chat/completions", json=_chat())
         assert r.status_code == 503
         assert asyncio.get_running_loop().time() - started < 2
+
+
+async def test_every_replica_ejected_is_tried_anyway_panic() -> None:
+    with FakeEngine(force="error-500") as a, FakeEngine(force="error-500") as b:
+        settings = Settings(
+            engines=[
+                {"name": "a", "model": "m", "url": a.url},
+                {"name": "b", "model": "m", "url": b.url},
+            ],
+            timeouts={"health_interval": 0.1},
+            router={"breaker": {"failures": 1, "cooldown": 600}, "affinity": False},
+        )
+        async with in_process_gateway(settings) as client:
+            failed = await client.post("/v1/chat/completions", json=_chat())
+            registry = client.app.state.registry
+            assert failed.status_code == 500  # the engines' own error, after a retry
+            assert {ep.breaker.state for ep in registry.endpoints} == {"open"}
+            a.app.state.force = b.app.state.force = "ok"  # they recover; breakers still open
+            results = [await client.post("/v1/chat/completions", json=_chat()) for _ in range(4)]
+        # Without panic routing these would be 503s for the 600 s cooldown.
+        assert [r.status_code for r in results] == [200] * 4
+        assert results[0].headers["x-tiergate-reason"] == "explicit+panic"
+        # its success closed that replica's breaker: the rest route normally to it
+        assert {r.headers["x-tiergate-reason"] for r in results[1:]} == {"explicit"}
+        assert len(a.app.state.seen) + len(b.app.state.seen) == 2 + 4

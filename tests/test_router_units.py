@@ -114,7 +114,7 @@ def test_breaker_states() -> None:
     b.failure(1)
     assert b.state == OPEN and not b.allows(2) and not b.peek(2)
     assert b.peek(6) and b.allows(6) and b.state == HALF_OPEN
-    assert not b.allows(6)  # a single probe at a time
+    assert not b.allows(6)  # one in flight: the next waits for its share
     b.failure(7)
     assert b.state == OPEN and not b.allows(8)
     assert b.allows(12)
@@ -173,11 +173,40 @@ def test_plan_skips_open_breakers_and_down_replicas() -> None:
     a, b = _ep("a"), _ep("b")
     for t in range(3):
         a.breaker.failure(t)
-    b.ready = False
-    with pytest.raises(NoEngineReady):
-        plan(_tier("small", a, b), [], [], limits, 3, None, 3, 1)
     b.ready = True
     assert [x.endpoint.name for x in plan(_tier("s", a, b), [], [], limits, 3, None, 3, 1)] == ["b"]
+    b.ready = False
+    a.ready = False
+    with pytest.raises(NoEngineReady):  # nothing ready at all
+        plan(_tier("small", a, b), [], [], limits, 3, None, 3, 1)
+
+
+def test_panic_when_every_ready_replica_is_ejected() -> None:
+    limits = Limits(8, 0.95, 100)
+    a, b, down = _ep("a"), _ep("b"), _ep("down")
+    down.ready = False
+    for ep in (a, b):
+        for t in range(3):
+            ep.breaker.failure(t)
+    attempts = plan(_tier("s", a, b, down), [], [], limits, 3, None, 3, 1)
+    assert sorted(x.endpoint.name for x in attempts) == ["a", "b"]  # never the one down
+    assert {x.why for x in attempts} == {"panic"}
+    b.breaker.success()  # one replica trusted again: no panic, only it
+    attempts = plan(_tier("s", a, b, down), [], [], limits, 3, None, 3, 1)
+    assert [(x.endpoint.name, x.why) for x in attempts] == [("b", "least_loaded")]
+
+
+def test_half_open_lets_a_share_through() -> None:
+    b = CircuitBreaker(failure_threshold=1, cooldown=5, half_open_share=0.25)
+    b.failure(0)
+    admitted = [b.allows(6) for _ in range(40)]
+    assert b.state == HALF_OPEN
+    assert admitted[0] and 9 <= sum(admitted) <= 11  # the first, then one in four
+    for _ in range(sum(admitted)):
+        b.abandon()
+    assert b.probing == 0 and b.allows(6)  # a freed slot is usable again
+    b.success()
+    assert b.state == CLOSED and all(b.allows(7) for _ in range(10))
 
 
 def test_affinity_is_stable_per_session() -> None:

@@ -294,7 +294,7 @@ class ProxyService:
                     break
                 reason = (last.code if last else None) or "unknown"
                 self.metrics.retries.labels(attempt.tier.name, ep.name, reason).inc()
-            if not ep.breaker.allows(now):
+            if attempt.why != "panic" and not ep.breaker.allows(now):
                 continue
             self._enter(ep)
             entered = True
@@ -346,7 +346,9 @@ class ProxyService:
     @staticmethod
     def _reason(attempt: Attempt, decision: Decision) -> str:
         why = attempt.why
-        return decision.reason if why not in ("spill", "fallback") else f"{decision.reason}+{why}"
+        if why in ("spill", "fallback", "panic"):
+            return f"{decision.reason}+{why}"
+        return decision.reason
 
     def _headers(self, attempt: Attempt, call: Call) -> dict[str, str]:
         headers = {

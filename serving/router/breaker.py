@@ -10,42 +10,54 @@ CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 @dataclass
 class CircuitBreaker:
     """closed --N failures--> open --cooldown--> half_open --success--> closed
-    ^------------------ failure ------------'"""
+    ^------------------ failure ------------'
+
+    Half-open lets `half_open_share` of the requests that ask through (at least one at a
+    time), not a single probe: on a replica whose answers take seconds, one probe at a
+    time would refuse nearly everything while it recovers.
+    """
 
     failure_threshold: int = 3
     cooldown: float = 10.0
+    half_open_share: float = 0.25
     state: str = CLOSED
     failures: int = 0
     opened_at: float = 0.0
-    probing: bool = False
+    probing: int = 0  # half-open requests in flight
+    credit: float = 0.0  # accrues half_open_share per request that asks
+
+    def _half_open_if_due(self, now: float) -> None:
+        if self.state == OPEN and now - self.opened_at >= self.cooldown:
+            self.state, self.probing, self.credit = HALF_OPEN, 0, 0.0
 
     def allows(self, now: float) -> bool:
-        if self.state == OPEN and now - self.opened_at >= self.cooldown:
-            self.state, self.probing = HALF_OPEN, False
+        self._half_open_if_due(now)
         if self.state == HALF_OPEN:
-            if self.probing:
-                return False  # one probe at a time
-            self.probing = True
+            self.credit += self.half_open_share
+            if self.probing and self.credit < 1.0:
+                return False
+            self.credit = max(0.0, self.credit - 1.0)
+            self.probing += 1
             return True
         return self.state == CLOSED
 
     def peek(self, now: float) -> bool:
-        """Would `allows` say yes? (does not take the half-open probe slot)"""
+        """Could `allows` say yes? (takes nothing)"""
         if self.state == OPEN:
             return now - self.opened_at >= self.cooldown
-        return not (self.state == HALF_OPEN and self.probing)
+        return True
 
     def abandon(self) -> None:
-        """An attempt ended with no verdict (its client left): free the probe slot."""
-        self.probing = False
+        """An attempt ended with no verdict (its client left): free its half-open slot."""
+        self.probing = max(0, self.probing - 1)
 
     def success(self) -> None:
-        self.state, self.failures, self.probing = CLOSED, 0, False
+        self.state, self.failures, self.probing, self.credit = CLOSED, 0, 0, 0.0
 
     def failure(self, now: float) -> None:
         self.failures += 1
         if self.state == HALF_OPEN or self.failures >= self.failure_threshold:
-            self.state, self.opened_at, self.probing = OPEN, now, False
+            self.state, self.opened_at, self.probing = OPEN, now, 0
 
 
 @dataclass

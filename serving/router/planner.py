@@ -4,6 +4,9 @@
 - Spill: if every available replica of the chosen tier is saturated, start at
   the next tier in `order` that has room.
 - Fallback: the next tiers' replicas follow, for retries after an error.
+- Panic: if every ready replica of a tier is ejected by its breaker, try them anyway
+  (Envoy's panic threshold at 100 %): a breaker that guesses wrong must not turn a tier
+  that answers into a tier that refuses.
 - Nothing usable anywhere: 429 if it is because everything is full, else 503.
 """
 
@@ -20,16 +23,16 @@ from serving.router.registry import Endpoint, Tier
 class Attempt:
     tier: Tier
     endpoint: Endpoint
-    why: str  # affinity | affinity_yielded | least_loaded | spill | fallback
+    why: str  # affinity | affinity_yielded | least_loaded | spill | fallback | panic
 
 
-def _views(tier: Tier, now: float) -> list[ReplicaView]:
+def _views(tier: Tier, now: float, panic: bool = False) -> list[ReplicaView]:
     return [
         ReplicaView(
             ep.name,
             ep.load,
             ep.in_flight,
-            available=bool(ep.ready and ep.url and ep.breaker.peek(now)),
+            available=bool(ep.ready and ep.url and (panic or ep.breaker.peek(now))),
         )
         for ep in tier.endpoints
     ]
@@ -76,12 +79,17 @@ def plan(
     chosen_full = False
     for i, tier in enumerate(sequence):
         views = _views(tier, now)
+        panic = not any(v.available for v in views) and any(ep.ready for ep in tier.endpoints)
+        if panic:
+            views = _views(tier, now, panic=True)
         ranked, why = _ranked(tier, views, limits, affinity_key, turn)
+        if panic:
+            why = "panic"
         full += sum(v.available and is_saturated(v, limits) for v in views)
         if i == 0:
             # Room nowhere in the chosen tier, though it is up: spill, not fallback.
             chosen_full = not ranked and any(v.available for v in views)
-        else:
+        elif not panic:
             why = "spill" if chosen_full else "fallback"
         attempts += [Attempt(tier, ep, why) for ep in ranked]
     if not attempts:

@@ -132,7 +132,9 @@ class Discovery:
                     url=engine_url(address, self.settings.port),
                     state="external",
                     max_model_len=self.engine.args.get("max_model_len"),
-                    breaker=CircuitBreaker(self.breaker.failures, self.breaker.cooldown),
+                    breaker=CircuitBreaker(
+                        self.breaker.failures, self.breaker.cooldown, self.breaker.half_open_share
+                    ),
                 )
             )
         gone = {endpoint_name(self.engine.name, a) for a in change.removed}
