@@ -226,6 +226,41 @@ async def test_scale_one_three_two_under_load_nothing_fails() -> None:
             finally:
                 stop.set()
                 await asyncio.gather(*workers, return_exceptions=True)
+        print("per-pod requests:", {h: len(f.app.state.seen) for h, f in fakes.items()})
         assert len(b.app.state.seen) == removed[0]  # no new request on the removed pod
         assert set(statuses) == {200}, statuses  # nothing failed through the changes
         assert statuses[200] > 50
+
+
+async def test_the_breaker_acts_on_one_discovered_pod() -> None:
+    port = free_port()
+    hosts = ["127.0.0.5", "127.0.0.6", "127.0.0.7"]
+    with (
+        dns_server() as (records, nameserver),
+        FakeEngine("ok", host=hosts[0], port=port) as good1,
+        FakeEngine("error-500", host=hosts[1], port=port) as bad,
+        FakeEngine("ok", host=hosts[2], port=port) as good2,
+    ):
+        records.set(*hosts)
+        settings = _settings(nameserver, port=port, interval=0.1)
+        settings.router.breaker.failures = 2
+        settings.router.breaker.cooldown = 600
+        async with in_process_gateway(settings) as client:
+            for _ in range(100):
+                listed = (await client.get("/tiergate/engines")).json()["engines"]
+                if sum(e["ready"] for e in listed) == 3:
+                    break
+                await asyncio.sleep(0.05)
+            results = []
+            for i in range(30):
+                body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}
+                results.append(await client.post("/v1/chat/completions", json=body))
+            metrics = (await client.get("/metrics")).text
+        counts = {"good1": len(good1.app.state.seen), "bad": len(bad.app.state.seen)}
+        counts["good2"] = len(good2.app.state.seen)
+        print("per-pod requests:", counts)
+        assert [r.status_code for r in results] == [200] * 30  # retried on the good pods
+        assert counts["bad"] == 2  # `failures` requests, then its breaker opened
+        assert counts["good1"] > 5 and counts["good2"] > 5
+        assert f'tiergate_circuit_state{{replica="small@{hosts[1]}"}} 2.0' in metrics
+        assert f'tiergate_circuit_state{{replica="small@{hosts[0]}"}} 0.0' in metrics
