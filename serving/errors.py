@@ -6,6 +6,7 @@ Hierarchy:
     ├── InvalidRequest          400   malformed JSON, wrong field type, bad value
     ├── ModelNotFound           404   `model` names nothing we serve
     ├── PayloadTooLarge         413   body over server.max_body_bytes
+    ├── NotFound / Conflict     404 / 409   admin routes: no such engine, or not now
     ├── NoEngineReady           503   no ready engine serves the model
     ├── Saturated               429   every replica of every eligible tier is full
     └── UpstreamError           502   the engine failed (connect error, bad answer)
@@ -54,6 +55,14 @@ class ModelNotFound(GatewayError):
 
 class PayloadTooLarge(GatewayError):
     status, type, code = 413, "invalid_request_error", "request_too_large"
+
+
+class NotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class Conflict(GatewayError):
+    status, type, code = 409, "invalid_request_error", "conflict"
 
 
 class NoEngineReady(GatewayError):

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.api.protocol import check_api_key
-from serving.errors import NoEngineReady, error_payload
+from serving.errors import Conflict, NoEngineReady, NotFound, error_payload
 
 
 def require_api_key(request: Request) -> None:
@@ -97,4 +97,34 @@ async def engines(request: Request) -> dict:
             {f: getattr(ep, f) for f in fields} for ep in request.app.state.registry.endpoints
         ],
         "time": time.time(),
+    }
+
+
+@v1.post("/tiergate/engines/{name}/restart")
+async def restart_engine(request: Request, name: str, drain_timeout: float | None = None) -> dict:
+    """A planned restart of one supervised engine, for rolling updates: it takes no new
+    requests, its requests in flight finish (up to `drain_timeout`, default
+    server.drain_timeout), then it is stopped, started and waited for. Answers once it
+    is ready again (or 409 if it did not come back)."""
+    settings, supervisor = request.app.state.settings, request.app.state.supervisor
+    try:
+        runner = supervisor.runner(name) if supervisor is not None else None
+    except KeyError:
+        runner = None
+    if runner is None:
+        raise NotFound(f"No engine named '{name}' is started by this gateway.", param="name")
+    drain = settings.server.drain_timeout if drain_timeout is None else max(0.0, drain_timeout)
+    started = time.monotonic()
+    try:
+        back = await runner.replace(drain, settings.timeouts.engine_start)
+    except RuntimeError as exc:
+        raise Conflict(f"Cannot restart it now: {exc}.", param="name") from exc
+    if not back:
+        raise Conflict(f"Engine '{name}' did not come back within timeouts.engine_start.")
+    ep = runner.endpoint
+    return {
+        "engine": name,
+        "state": ep.state,
+        "restarts": ep.restarts,
+        "seconds": round(time.monotonic() - started, 2),
     }

@@ -59,6 +59,8 @@ class EngineRunner:
         self.proc: asyncio.subprocess.Process | None = None
         self.started = asyncio.get_running_loop().create_future()
         self.stopping = False
+        self.replacing = False  # a planned restart (drain, stop, start), not a crash
+        self.back: asyncio.Event = asyncio.Event()  # set each time it becomes ready
 
     async def run(self, http: UpstreamClient) -> None:
         restart = self.settings.restart
@@ -67,6 +69,11 @@ class EngineRunner:
             error, reached_ready = await self._run_once(http)
             if self.stopping:
                 return
+            if self.replacing:  # asked for: start again at once, no backoff, no failure
+                self.replacing = False
+                self.endpoint.restarts += 1
+                self.metrics.engine_restarts.labels(self.engine.name).inc()
+                continue
             self.endpoint.ready, self.endpoint.url, self.endpoint.state = False, None, "down"
             self.endpoint.last_error = error
             log.error("engine %s: %s", self.engine.name, error)
@@ -109,6 +116,7 @@ class EngineRunner:
             if self.proc.returncode is not None:
                 return f"exited with code {self.proc.returncode} during start-up", False
             self.endpoint.url, self.endpoint.state, self.endpoint.ready = url, "ready", True
+            self.back.set()
             if not self.started.done():
                 self.started.set_result(None)
             code = await self.proc.wait()
@@ -127,6 +135,32 @@ class EngineRunner:
                 return True
             await asyncio.sleep(0.5)
         return self.proc.returncode is not None  # exited: reported by the caller
+
+    async def replace(self, drain_timeout: float, ready_timeout: float) -> bool:
+        """Drain, stop, start, ready: take no new requests, let the ones in flight finish
+        (up to `drain_timeout`; streams still open then end with an error event and
+        [DONE], as on any engine failure), stop the process, start a new one and wait
+        until it is ready. Returns whether it came back within `ready_timeout`."""
+        if self.proc is None or self.endpoint.state != "ready":
+            raise RuntimeError(f"engine {self.engine.name} is {self.endpoint.state}")
+        self.endpoint.ready, self.endpoint.state = False, "draining"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        while self.endpoint.in_flight and loop.time() < deadline:  # noqa: ASYNC110 (a plain counter)
+            await asyncio.sleep(0.05)
+        log.info(
+            "engine %s: drained (%d still in flight), restarting",
+            self.engine.name,
+            self.endpoint.in_flight,
+        )
+        self.back.clear()
+        self.replacing = True
+        await process.terminate(self.proc, self.settings.timeouts.engine_stop)
+        try:
+            await asyncio.wait_for(self.back.wait(), ready_timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         self.stopping = True
@@ -170,6 +204,12 @@ class Supervisor:
             )
             self.runners.append(runner)
             self.tasks.append(asyncio.create_task(runner.run(http), name=f"engine-{engine.name}"))
+
+    def runner(self, name: str) -> EngineRunner:
+        for r in self.runners:
+            if r.engine.name == name:
+                return r
+        raise KeyError(name)
 
     async def wait_started(self) -> None:
         """Return once every engine has been healthy once; raise EngineStartError if not."""
