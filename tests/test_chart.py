@@ -323,3 +323,23 @@ def test_dockerfile_passes_hadolint_and_keeps_its_promises() -> None:
     assert ":" in base and not base.endswith(":latest")  # a pinned base
     assert "USER ${TIERGATE_UID}" in text and "TIERGATE_UID=10001" in text
     assert "HEALTHCHECK" in text and 'VOLUME ["/models"]' in text
+
+
+def test_drain_is_wired_for_router_and_engines(tmp_path) -> None:
+    docs = render({"router": {"drainSeconds": 40}})
+    deployments = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    router = deployments["tg-tiergate-router"]["spec"]
+    pod = router["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > 40 + 5  # drain + preStop pause
+    assert pod["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("router")]
+    config = tmp_path / "config.yaml"
+    config.write_text(cm["data"]["config.yaml"])
+    assert load_settings(config).server.drain_timeout == 40
+    engine = deployments["tg-tiergate-default"]["spec"]
+    assert engine["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    spec = engine["template"]["spec"]
+    args = spec["containers"][0]["args"]
+    assert args[args.index("--shutdown-timeout") + 1] == "60"  # vLLM drains on SIGTERM
+    assert spec["terminationGracePeriodSeconds"] > 60 + 5
+    assert spec["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
