@@ -105,3 +105,14 @@ def test_validation_results_are_cached(tmp_path, monkeypatch) -> None:
 def test_errors_are_blamed_on_the_argument_they_name(message: str, key: str | None) -> None:
     args = {"kv_cache_dtype": "fp7", "max_model_len": 100000, "max_num_seqs": 4}
     assert validate._blame(message, args) == key
+
+
+def test_engines_start_on_their_bound_cores() -> None:
+    from serving.engines.process import bound_cpus
+
+    assert bound_cpus({"VLLM_CPU_OMP_THREADS_BIND": "1"}) == {1}
+    assert bound_cpus({"VLLM_CPU_OMP_THREADS_BIND": "0-1"}) == {0, 1}
+    assert bound_cpus({"VLLM_CPU_OMP_THREADS_BIND": "0,2-3"}) == {0, 2, 3}
+    for spec in ("auto", "all", "nobind", "0-1|2-3", ""):
+        assert bound_cpus({"VLLM_CPU_OMP_THREADS_BIND": spec}) is None
+    assert bound_cpus({}) is None

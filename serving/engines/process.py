@@ -76,7 +76,31 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def bound_cpus(env: dict[str, str]) -> set[int] | None:
+    """The cores in VLLM_CPU_OMP_THREADS_BIND ('1', '0-3', '0,2-3'), or None (auto, all,
+    nobind, several NUMA lists, or unset)."""
+    spec = env.get("VLLM_CPU_OMP_THREADS_BIND", "")
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            return None
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus or None
+
+
 async def spawn(cmd: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    cpus = bound_cpus(env)
+
+    def prepare() -> None:
+        _die_with_parent()
+        # Start the whole engine on its own cores. Its worker is spawned later and
+        # inherits this; left to inherit every core, a worker restarted under load was
+        # seen born on another engine's core and starved there (benchmarks/RESULTS.md).
+        if cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, cpus)
+
     return await asyncio.create_subprocess_exec(
         *cmd,
         stdin=asyncio.subprocess.DEVNULL,
@@ -84,7 +108,7 @@ async def spawn(cmd: list[str], env: dict[str, str]) -> asyncio.subprocess.Proce
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, **env},
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=prepare,
     )
 
 
