@@ -70,6 +70,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--percentiles", default="50,90,95,99")
     s.add_argument("--max-error-rate", type=float, default=0.01)
     s.add_argument("--out", type=Path, required=True, help="folder for the report files")
+    c = p.add_argument_group("capacity answer on the report (as `tiergate plan capacity`)")
+    c.add_argument("--goodput-target", type=float, default=0.95, help="share within the SLO")
+    c.add_argument("--peak-rps", type=float, help="peak traffic to plan for, requests/s")
+    c.add_argument("--headroom", type=float, default=0.3, help="spare share at peak")
+    c.add_argument("--gpus-per-replica", type=int, default=1)
+    c.add_argument("--usd-per-gpu-hour", type=float)
 
 
 def _auth(args: argparse.Namespace) -> dict[str, str]:
@@ -302,6 +308,13 @@ def main(args: argparse.Namespace) -> int:
             "load_kind": kind,
             "slo": slo.describe(),
             "slo_s": asdict(slo),
+            "plan": {
+                "goodput_target": args.goodput_target,
+                "peak_rps": args.peak_rps,
+                "headroom": args.headroom,
+                "gpus_per_replica": args.gpus_per_replica,
+                "usd_per_gpu_hour": args.usd_per_gpu_hour,
+            },
             "percentiles": list(ps),
         },
         "points": points,

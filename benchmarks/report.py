@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers
 import matplotlib.pyplot as plt
 
+from benchmarks.capacity import cost, find_limit, replicas_needed
 from benchmarks.metrics import RequestRecord
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -94,36 +95,75 @@ def _series(points: list[dict], metric: str, key: str) -> list[float]:
     ]
 
 
+def _legend_below(fig, axes, ncol: int = 4) -> None:
+    """One legend for the figure, under the axes: it covers no data, title or label."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+
+
 def plots(doc: dict) -> dict[str, bytes]:
-    """latency.png, throughput.png and goodput.png against the load, as PNG bytes."""
+    """curve.png (throughput against tail latency, the SLO drawn), latency.png,
+    throughput.png and goodput.png against the load, as PNG bytes."""
     points = doc["points"]
     xs = [p["load"]["value"] for p in points]
     xlabel = "concurrency" if doc["meta"]["load_kind"] == "concurrency" else "offered req/s"
     top = f"p{max(doc['meta']['percentiles']):g}"
+    slo = doc["meta"].get("slo_s") or {}
+    labels = [_label(p["load"]) for p in points]
     out: dict[str, bytes] = {}
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    tok_s = [p["summary"]["output_tok_s"] for p in points]
+    for ax, metric, limit_key in ((axes[0], "ttft_ms", "ttft"), (axes[1], "tpot_ms", "tpot")):
+        lat = _series(points, metric, top)
+        ax.plot(lat, tok_s, "o-", label="one point per load")
+        for x, y, text in zip(lat, tok_s, labels, strict=True):
+            if not math.isnan(x):
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        if slo.get(limit_key):
+            ax.axvline(
+                slo[limit_key] * 1000,
+                color="tab:red",
+                ls="--",
+                label=f"SLO ({metric[:-3].upper()})",
+            )
+        ax.set(
+            xlabel=f"{metric[:-3].upper()} {top} (ms)",
+            ylabel="output tokens/s",
+            title=f"Throughput vs {metric[:-3].upper()} {top}",
+        )
+        ax.grid(alpha=0.3)
+    _legend_below(fig, axes)
+    out["curve.png"] = _png(fig, tight=False)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.4))
     for metric, ax in (("ttft_ms", a), ("tpot_ms", b)):
-        ax.plot(xs, _series(points, metric, "p50"), "o-", label="p50")
-        ax.plot(xs, _series(points, metric, top), "s--", label=top)
+        ax.plot(xs, _series(points, metric, "p50"), "o-", label=f"{metric[:-3].upper()} p50")
+        ax.plot(xs, _series(points, metric, top), "s--", label=f"{metric[:-3].upper()} {top}")
         ax.set(
             xlabel=xlabel, ylabel=metric.replace("_ms", " (ms)").upper(), title=metric[:-3].upper()
         )
-        ax.legend()
         ax.grid(alpha=0.3)
-    out["latency.png"] = _png(fig)
+    _legend_below(fig, (a, b))
+    out["latency.png"] = _png(fig, tight=False)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, [p["summary"]["output_tok_s"] for p in points], "o-", label="output tok/s")
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    ax.plot(xs, tok_s, "o-", label="output tok/s")
     ax.set(xlabel=xlabel, ylabel="output tokens/s", title="Throughput")
     ax2 = ax.twinx()
     ax2.plot(xs, [p["summary"]["req_s"] for p in points], "s--", color="tab:orange", label="req/s")
     ax2.set_ylabel("requests/s")
     ax.grid(alpha=0.3)
-    fig.legend(loc="upper left")
-    out["throughput.png"] = _png(fig)
+    _legend_below(fig, (ax, ax2))
+    out["throughput.png"] = _png(fig, tight=False)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.4))
     ax.plot(xs, [100 * p["summary"]["goodput_share"] for p in points], "o-", label="% meeting SLO")
     ax.set(
         xlabel=xlabel,
@@ -141,14 +181,15 @@ def plots(doc: dict) -> dict[str, bytes]:
     )
     ax2.set_ylabel("good requests/s")
     ax.grid(alpha=0.3)
-    fig.legend(loc="lower left")
-    out["goodput.png"] = _png(fig)
+    _legend_below(fig, (ax, ax2))
+    out["goodput.png"] = _png(fig, tight=False)
     return out
 
 
-def _png(fig) -> bytes:
+def _png(fig, tight: bool = True) -> bytes:
     buf = io.BytesIO()
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
@@ -188,6 +229,39 @@ def write_all(doc: dict, out: Path) -> list[Path]:
     return [*paths, out / "report.html"]
 
 
+def capacity_answer(doc: dict) -> dict:
+    """The highest load meeting the SLO and, when the run was given a traffic profile,
+    `plan capacity`'s replicas and dollars: the same functions, on this page."""
+    plan = doc["meta"].get("plan") or {}
+    target = plan.get("goodput_target", 0.95)
+    limit = find_limit(doc["points"], target)
+    answer: dict = {"goodput_target": target, "limit": None, "first_fail": None}
+    if limit.first_fail is not None:
+        answer["first_fail"] = _label(limit.first_fail["load"])
+    if limit.last_pass is None:
+        return answer
+    s = limit.last_pass["summary"]
+    answer["limit"] = {
+        "load": _label(limit.last_pass["load"]),
+        "req_s": s["req_s"],
+        "output_tok_s": s["output_tok_s"],
+    }
+    if plan.get("peak_rps"):
+        n = replicas_needed(plan["peak_rps"], limit.per_replica_req_s, plan["headroom"])
+        answer["plan"] = {**plan, "replicas": n, "gpus": n * plan["gpus_per_replica"]}
+        if plan.get("usd_per_gpu_hour") is not None:
+            c = cost(
+                plan["usd_per_gpu_hour"],
+                plan["gpus_per_replica"],
+                n,
+                plan["peak_rps"],
+                s["mean_output_tokens"],
+                limit.per_replica_output_tok_s,
+            )
+            answer["plan"]["cost"] = asdict(c)
+    return answer
+
+
 def render_html(doc: dict, summaries: list[dict], images: dict[str, bytes]) -> str:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined
@@ -198,6 +272,7 @@ def render_html(doc: dict, summaries: list[dict], images: dict[str, bytes]) -> s
         summaries=summaries,
         labels=[_label(p["load"]) for p in doc["points"]],
         images={k: base64.b64encode(v).decode() for k, v in images.items()},
+        answer=capacity_answer(doc),
     )
 
 

@@ -189,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _tool(name: str, argv: list[str]) -> int:
     """`tiergate bench`, `plan` and `eval` live in benchmarks/ (they talk HTTP only)."""
+    if name == "bench" and argv[:1] == ["compare"]:
+        from benchmarks import compare
+
+        return compare.main(argv[1:])
     if name == "bench":
         from benchmarks import bench
 

@@ -53,6 +53,14 @@ def sweep(gateway: GatewayProcess, tmp_path_factory) -> Path:
         "5000",
         "--slo-tpot-ms",
         "1000",
+        "--goodput-target",
+        "0.9",
+        "--peak-rps",
+        "3",
+        "--headroom",
+        "0.25",
+        "--usd-per-gpu-hour",
+        "1.0",
         "--out",
         str(out),
     ]
@@ -68,12 +76,13 @@ def test_sweep_writes_every_report(sweep: Path) -> None:
         "bench.json",
         "requests.csv",
         "summary.csv",
+        "curve.png",
         "latency.png",
         "throughput.png",
         "goodput.png",
         "report.html",
     }
-    for png in ("latency.png", "throughput.png", "goodput.png"):
+    for png in ("curve.png", "latency.png", "throughput.png", "goodput.png"):
         assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads((sweep / "bench.json").read_text())
     assert [p["load"]["value"] for p in doc["points"]] == [1, 2]
@@ -91,7 +100,7 @@ def test_sweep_writes_every_report(sweep: Path) -> None:
     with (sweep / "summary.csv").open() as f:
         assert [row["load"] for row in csv.DictReader(f)] == ["1.0", "2.0"]
     html = (sweep / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    assert html.count("data:image/png;base64,") == 4
     assert MODEL in html and "TTFT" in html
     # three requests cannot back a p99: the verdict says so
     assert any("too few samples" in r for r in doc["points"][0]["verdict"]["reasons"])
@@ -123,6 +132,58 @@ def test_plan_capacity_from_the_sweep(sweep: Path) -> None:
     assert "Max sustainable per replica" in done.stdout
     assert re.search(r"Peak 3 req/s with 25% headroom: \d+ replica", done.stdout)
     assert "per 1M output tokens" in done.stdout
+    # The report says the same, on the page: the limit and the replica and dollar answer.
+    html = (sweep / "report.html").read_text()
+    limit = re.search(r"Max sustainable per replica: (\d+) concurrency", done.stdout)
+    assert limit and f"<b>C={limit.group(1)}</b>" in html
+    replicas = re.search(r"headroom: (\d+) replica", done.stdout).group(1)
+    hourly = re.search(r"\$([\d.]+)/hour", done.stdout).group(1)
+    assert f"<b>{replicas} replica(s)</b>" in html and f"<b>${hourly}/hour</b>" in html
+
+
+def test_bench_compare_two_real_runs(gateway: GatewayProcess, sweep: Path, tmp_path) -> None:
+    other = tmp_path / "again"
+    run_bench(
+        gateway,
+        other,
+        "--concurrency",
+        "1",
+        "2",
+        "--requests",
+        "3",
+        "--input-len",
+        "32",
+        "--output-len",
+        "8",
+    )
+    out = tmp_path / "cmp"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "bench",
+            "compare",
+            str(sweep),
+            str(other),
+            "--names",
+            "first",
+            "second",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert {r["load"] for r in rows} == {"C=1", "C=2"}
+    assert {r["metric"] for r in rows} >= {"TTFT p50 (ms)", "TPOT p50 (ms)", "output tok/s"}
+    html = (out / "compare.html").read_text()
+    assert "second" in html and "95 % CI" in html and "data:image/png;base64," in html
+    assert "beyond noise" in done.stdout  # the verdict says whether they differ
 
 
 def test_repeated_prompts_are_flagged_as_cache_hits(gateway: GatewayProcess, tmp_path) -> None:

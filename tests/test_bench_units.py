@@ -216,3 +216,55 @@ def test_reports_never_record_the_api_key() -> None:
 
     argv = ["tiergate", "bench", "--model", "m", "--api-key", "sk-1", "--api-key=sk-2"]
     assert _redacted(argv) == ["--model", "m", "--api-key", "***", "--api-key=***"]
+
+
+def test_bootstrap_tells_noise_from_a_shift() -> None:
+    import random as _random
+
+    from benchmarks.compare import bootstrap_diff
+
+    rng = _random.Random(3)
+    a = [100 + rng.gauss(0, 5) for _ in range(200)]
+    same = a[::-1]  # the same values in another order: no difference to find
+    shifted = [110 + rng.gauss(0, 5) for _ in range(200)]
+    assert not bootstrap_diff(a, same).beyond_noise
+    moved = bootstrap_diff(a, shifted)
+    assert moved.beyond_noise and 8 < moved.diff < 12 and moved.lo < moved.diff < moved.hi
+    assert bootstrap_diff([1.0], shifted) is None  # one sample is no distribution
+
+
+def _run(ttft: list[float], tok_s: float, buckets: list[float]) -> dict:
+    requests = [
+        {"measured": True, "error_kind": None, "ttft_ms": t, "tpot_ms": 10.0, "e2e_ms": t + 100}
+        for t in ttft
+    ]
+    summary = {
+        "ttft_ms": {"p50": sorted(ttft)[len(ttft) // 2]},
+        "tpot_ms": {"p50": 10.0},
+        "e2e_ms": {"p50": sorted(ttft)[len(ttft) // 2] + 100},
+        "output_tok_s": tok_s,
+    }
+    point = {
+        "load": {"kind": "concurrency", "value": 4},
+        "summary": summary,
+        "facts": {"bucket_tok_s": buckets},
+        "requests": requests,
+    }
+    return {"meta": {"load_kind": "concurrency"}, "points": [point]}
+
+
+def test_compare_rows_and_verdict() -> None:
+    from benchmarks.compare import compare, markdown, verdict
+
+    a = _run([200 + i % 7 for i in range(60)], 100.0, [99, 101, 100, 100])
+    b = _run([150 + i % 7 for i in range(60)], 120.0, [119, 121, 120, 120])
+    rows = compare([a, b], ["eager", "compiled"])
+    ttft = next(r for r in rows if r["metric"].startswith("TTFT"))
+    assert ttft["compiled / eager"] < 0.8 and ttft["compiled beyond noise"]
+    tpot = next(r for r in rows if r["metric"].startswith("TPOT"))
+    assert tpot["compiled / eager"] == 1.0 and not tpot["compiled beyond noise"]
+    tok = next(r for r in rows if r["metric"] == "output tok/s")
+    assert tok["compiled / eager"] == 1.2 and tok["compiled beyond noise"]
+    lines = verdict(rows, ["eager", "compiled"])
+    assert lines[0].startswith("compiled differs from eager beyond noise in TTFT")
+    assert "| C=4 | TTFT p50 (ms) |" in markdown(rows, ["eager", "compiled"])

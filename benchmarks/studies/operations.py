@@ -113,11 +113,15 @@ async def engines(admin: str) -> dict[str, dict]:
     return {e["name"]: e for e in listed}
 
 
-async def wait_ready(admin: str, name: str, timeout: float = 600) -> float:
+async def wait_ready(
+    admin: str, name: str, old_pid: int | None = None, timeout: float = 600
+) -> float:
+    """Until `name` is ready (and, after a kill, running as a new process)."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         with contextlib.suppress(httpx.HTTPError):
-            if (await engines(admin))[name]["ready"]:
+            engine = (await engines(admin))[name]
+            if engine["ready"] and engine["pid"] != old_pid:
                 return time.monotonic() - start
         await asyncio.sleep(0.5)
     raise TimeoutError(f"engine {name} not ready after {timeout}s")
@@ -129,7 +133,7 @@ async def failover(load: Load, admin: str, rounds: int, log: list[str]) -> None:
             await asyncio.sleep(5)
             pid = (await engines(admin))[name]["pid"]
             os.kill(pid, signal.SIGKILL)
-            took = await wait_ready(admin, name)
+            took = await wait_ready(admin, name, old_pid=pid)
             log.append(f"round {r + 1}: killed {name} (pid {pid}); back in {took:.0f} s")
             print(log[-1], flush=True)
 
@@ -190,9 +194,14 @@ async def router_rolling(gateways: list[GatewayProcess], log: list[str]) -> None
 
 
 def external_config(folder: Path, urls: dict[str, str]) -> Path:
+    """The same tiers with the engines by URL; the tiers' limits need a tokenizer, which
+    external engines do not bring: the prepared model folder's."""
     data = yaml.safe_load(CONFIG.read_text())
     for engine in data["engines"]:
         engine["url"] = urls[engine["name"]]
+    cache = Path(os.environ.get("TIERGATE_MODEL_CACHE", Path.home() / ".cache/tiergate/models"))
+    for tier in data["tiers"]:
+        tier["tokenizer"] = str(cache / data["engines"][0]["model"])
     path = folder / "external.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
