@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 LOCK := $(if $(HAS_GPU),requirements/gpu.txt,requirements/cpu.lock)
 STAMP := $(VENV)/.tiergate-installed
 
-.PHONY: install serve test lint format prepare clean
+.PHONY: install serve test lint format prepare clean browser
 
 install: $(STAMP)
 
@@ -42,7 +42,14 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: install lint
+# The report is checked in a real headless browser: Debian's Chromium, installed where
+# this runs as root with apt (else that one test is skipped, and says why).
+APT_CHROMIUM = DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { $(APT_CHROMIUM) || { apt-get update -q >/dev/null 2>&1 && $(APT_CHROMIUM); }; }; } || true
+
+test: install lint browser
 	$(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS)
 
 clean:

@@ -256,3 +256,56 @@ def test_planner_matches_the_engines_logged_kv_cache(gateway: GatewayProcess) ->
         ),
     )
     assert plan.kv_tokens == logged
+
+
+CHECK_IMAGES = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const ok = imgs.filter((i) => i.complete && i.naturalWidth > 0).length;
+  const out = document.createElement("div");
+  out.id = "browser-check";
+  out.textContent = `images ${ok}/${imgs.length}`;
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next(
+        (p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))),
+        None,
+    )
+
+
+def test_report_renders_in_headless_chromium(sweep: Path, tmp_path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium: `make test` installs Debian's package where it runs as root")
+    page = tmp_path / "report.html"  # a copy with a check that runs in the page
+    page.write_text(
+        (sweep / "report.html").read_text().replace("</body>", CHECK_IMAGES + "</body>")
+    )
+    done = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = done.stdout
+    assert '<div id="browser-check">images 4/4</div>' in dom  # every plot decoded and drawn
+    text = re.sub(r"<[^>]+>", " ", dom)
+    doc = json.loads((sweep / "bench.json").read_text())
+    s = doc["points"][0]["summary"]
+    assert f"{s['output_tok_s']:.1f}" in text and f"{s['ttft_ms']['p50']:.1f}" in text
+    assert "Highest load meeting the SLO" in text and "replica(s)" in text
