@@ -11,6 +11,7 @@ rounds) and prints our figure relative to vLLM's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -58,6 +59,7 @@ def vllm_cmd(a: argparse.Namespace, out: Path) -> list[str]:
         "vllm.json",
         "--percentile-metrics",
         "ttft,tpot,itl,e2el",
+        "--save-detailed",
         "--disable-tqdm",
     ]
 
@@ -70,6 +72,38 @@ def vllm_result(out: Path) -> dict:
         "tpot_ms": d["median_tpot_ms"],
         "output_tok_s": d["output_throughput"],
         "completed": d["completed"],
+        "mean_input_tokens": d["total_input_tokens"] / max(1, d["completed"]),
+    }
+
+
+def vllm_samples(out: Path) -> dict[str, list[float]]:
+    """Per-request values (ms) from vLLM's detailed result, for medians over all rounds."""
+    d = json.loads((out / "vllm.json").read_text())
+    ok = [
+        (t, lat, n, itl)
+        for t, lat, n, itl in zip(
+            d["ttfts"], d["latencies"], d["output_lens"], d["itls"], strict=True
+        )
+        if t and n
+    ]
+    return {
+        "ttft_ms": [t * 1e3 for t, _, _, _ in ok],
+        "itl_ms": [x * 1e3 for _, _, _, itl in ok for x in itl],
+        "tpot_ms": [(lat - t) / (n - 1) * 1e3 for t, lat, n, _ in ok if n > 1],
+    }
+
+
+def ours_samples(out: Path) -> dict[str, list[float]]:
+    point = json.loads((out / "bench.json").read_text())["points"][0]
+    done = [r for r in point["requests"] if r["error_kind"] is None]
+    itl = []
+    for r in done:
+        times = r["chunk_times"]
+        itl += [(b - a) * 1e3 for a, b in itertools.pairwise(times)]
+    return {
+        "ttft_ms": [r["ttft_ms"] for r in done if r["ttft_ms"] is not None],
+        "itl_ms": itl,
+        "tpot_ms": [r["tpot_ms"] for r in done if r["tpot_ms"] is not None],
     }
 
 
@@ -108,6 +142,7 @@ def ours_result(out: Path) -> dict:
         "tpot_ms": s["tpot_ms"]["p50"],
         "output_tok_s": s["output_tok_s"],
         "completed": s["completed"],
+        "mean_input_tokens": s["mean_input_tokens"],
     }
 
 
@@ -137,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     work = Path(tempfile.mkdtemp(prefix="tiergate-agreement-"))
     runs: dict[str, list[dict]] = {"vllm": [], "tiergate": []}
+    pooled: dict[str, dict[str, list[float]]] = {t: {} for t in runs}
     for i in range(a.rounds):
         dirs = {t: work / f"{t}-{i}" for t in runs}
         for d in dirs.values():
@@ -158,19 +194,37 @@ def main(argv: list[str] | None = None) -> int:
             out = dirs[tool]
             result = vllm_result(out) if tool == "vllm" else ours_result(out)
             runs[tool].append(result)
+            for k, v in (vllm_samples(out) if tool == "vllm" else ours_samples(out)).items():
+                pooled[tool].setdefault(k, []).extend(v)
             print(
-                f"round {i + 1} {tool}: " + ", ".join(f"{k} {result[k]:.2f}" for k in KEYS),
+                f"round {i + 1} {tool}: "
+                + ", ".join(f"{k} {result[k]:.2f}" for k in (*KEYS, "mean_input_tokens")),
                 flush=True,
             )
     med = {t: {k: statistics.median(r[k] for r in rs) for k in KEYS} for t, rs in runs.items()}
-    print("| metric (median of rounds) | vllm bench serve | tiergate bench | tiergate / vllm |")
-    print("|---|---|---|---|")
+    # Latency: the median over every request of every round (a round's median of ~50
+    # requests moves by several % with the batch each request happened to meet);
+    # throughput: the median of the rounds' figures.
+    pool = {
+        t: {k: statistics.median(v) for k, v in pooled[t].items()}
+        | {"output_tok_s": med[t]["output_tok_s"]}
+        for t in runs
+    }
+    print(
+        "| metric | vllm bench serve | tiergate bench | tiergate / vllm "
+        "| (median of round medians) |"
+    )
+    print("|---|---|---|---|---|")
     for k in KEYS:
-        v, o = med["vllm"][k], med["tiergate"][k]
-        print(f"| {k} | {v:.2f} | {o:.2f} | {o / v:.3f} |")
+        v, o = pool["vllm"][k], pool["tiergate"][k]
+        print(
+            f"| {k} | {v:.2f} | {o:.2f} | {o / v:.3f} | {med['tiergate'][k] / med['vllm'][k]:.3f} |"
+        )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"runs": runs, "medians": med}, indent=1))
+        a.out.write_text(
+            json.dumps({"runs": runs, "medians": med, "pooled_medians": pool}, indent=1)
+        )
     return 0
 
 
