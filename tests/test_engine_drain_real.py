@@ -41,7 +41,7 @@ def test_planned_restart_drains_then_cuts_cleanly_past_the_drain_time(tmp_path: 
         # 1. Drain: the stream in flight runs to its end, then the engine is replaced.
         events: list[str] = []
         first = threading.Event()
-        streamer = threading.Thread(target=_stream, args=(gw.url, events, first, 200))
+        streamer = threading.Thread(target=_stream, args=(gw.url, events, first, 400))
         streamer.start()
         assert first.wait(120), gw.log_tail()
         restart: dict = {}
@@ -67,7 +67,7 @@ def test_planned_restart_drains_then_cuts_cleanly_past_the_drain_time(tmp_path: 
         streamer.join(300)
         restarter.join(300)
         assert events[-1] == "[DONE]" and not any('"error"' in e for e in events), events[-3:]
-        assert sum('"content"' in e for e in events) >= 190  # the whole answer came
+        assert sum('"content"' in e for e in events) >= 390  # the whole answer came (~10 s)
         assert late.status_code == 200, late.text
         assert restart["status"] == 200 and restart["body"]["restarts"] == 1, restart
         engine = gw.get("/tiergate/engines").json()["engines"][0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,10 @@ def vllm_cmd(a: argparse.Namespace, out: Path) -> list[str]:
         "--max-concurrency",
         str(a.concurrency),
         "--ignore-eos",
+        # vLLM's bench no longer asks for greedy decoding by default: the server's default
+        # (SmolLM2: sampled, top-p) is a slower sampler on the CPU. Same requests as ours.
+        "--temperature",
+        "0",
         "--seed",
         str(a.seed),
         "--save-result",
@@ -146,6 +151,15 @@ def ours_result(out: Path) -> dict:
     }
 
 
+def _reap(proc: subprocess.Popen, tool: str) -> float:
+    """Wait for a tool's run; returns the CPU-seconds it and its children used."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"the {tool} run failed")
+    return usage.ru_utime + usage.ru_stime
+
+
 def _start(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -182,23 +196,27 @@ def main(argv: list[str] | None = None) -> int:
             "tiergate": ours_cmd(a, dirs["tiergate"], a.seed + i),
         }
         order = ("vllm", "tiergate") if i % 2 == 0 else ("tiergate", "vllm")
+        cpu: dict[str, float] = {}
         if a.together:
-            procs = [_start(cmds[t]) for t in order]
-            if any(proc.wait() != 0 for proc in procs):
-                raise SystemExit("a benchmark run failed")
+            procs = {t: _start(cmds[t]) for t in order}
+            for t, proc in procs.items():
+                cpu[t] = _reap(proc, t)
         else:
             for t in order:
-                if _start(cmds[t]).wait() != 0:
-                    raise SystemExit(f"the {t} run failed")
+                cpu[t] = _reap(_start(cmds[t]), t)
         for tool in order:
             out = dirs[tool]
             result = vllm_result(out) if tool == "vllm" else ours_result(out)
+            # the tool's own CPU (its process tree): on a small host it is taken from the engine
+            result["client_cpu_s"] = cpu[tool]
             runs[tool].append(result)
             for k, v in (vllm_samples(out) if tool == "vllm" else ours_samples(out)).items():
                 pooled[tool].setdefault(k, []).extend(v)
             print(
                 f"round {i + 1} {tool}: "
-                + ", ".join(f"{k} {result[k]:.2f}" for k in (*KEYS, "mean_input_tokens")),
+                + ", ".join(
+                    f"{k} {result[k]:.2f}" for k in (*KEYS, "mean_input_tokens", "client_cpu_s")
+                ),
                 flush=True,
             )
     med = {t: {k: statistics.median(r[k] for r in rs) for k in KEYS} for t, rs in runs.items()}
