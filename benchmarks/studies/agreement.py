@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             result = vllm_result(out) if tool == "vllm" else ours_result(out)
             # the tool's own CPU (its process tree): on a small host it is taken from the engine
             result["client_cpu_s"] = cpu[tool]
+            if not result["completed"]:
+                raise SystemExit(f"round {i + 1}: no {tool} request completed; is the server up?")
             runs[tool].append(result)
             for k, v in (vllm_samples(out) if tool == "vllm" else ours_samples(out)).items():
                 pooled[tool].setdefault(k, []).extend(v)
