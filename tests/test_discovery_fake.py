@@ -75,6 +75,18 @@ def dns_server() -> Iterator[tuple[Records, str]]:
         server.stop()
 
 
+async def wait_replicas_ready(client, n: int) -> list[str]:
+    """Until exactly n discovered replicas are listed and ready (plus "fixed" if set)."""
+    for _ in range(100):
+        listed = (await client.get("/tiergate/engines")).json()["engines"]
+        found = [e for e in listed if "@" in e["name"]]
+        ready = [e["name"] for e in found if e["ready"]]
+        if len(ready) == n and len(found) == n:
+            return ready
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never {n} ready: {listed}")
+
+
 def test_pure_helpers() -> None:
     change = diff(["10.0.0.1", "10.0.0.2"], ["10.0.0.2", "10.0.0.3"])
     assert (change.added, change.removed) == (["10.0.0.3"], ["10.0.0.1"])
@@ -185,21 +197,12 @@ async def test_scale_one_three_two_under_load_nothing_fails() -> None:
                     cut = stream and not r.text.rstrip().endswith("data: [DONE]")
                     statuses[-1 if cut else r.status_code] += 1  # -1: a stream cut short
 
-            async def replicas_ready(n: int) -> list[str]:
-                for _ in range(100):
-                    listed = (await client.get("/tiergate/engines")).json()
-                    ready = [e["name"] for e in listed["engines"] if e["ready"]]
-                    if len(ready) == n and len(listed["engines"]) == n + 1:  # + "fixed"
-                        return ready
-                    await asyncio.sleep(0.05)
-                raise AssertionError(f"never {n} ready: {listed}")
-
             removed: list[int] = []
 
             async def scale() -> None:
                 await asyncio.sleep(0.3)
                 records.set(*hosts)  # scale 1 -> 3
-                await replicas_ready(3)
+                await wait_replicas_ready(client, 3)
                 seen = {h: len(f.app.state.seen) for h, f in fakes.items()}
                 await asyncio.sleep(0.6)
                 grew = {h: len(f.app.state.seen) - seen[h] for h, f in fakes.items()}
@@ -214,12 +217,12 @@ async def test_scale_one_three_two_under_load_nothing_fails() -> None:
                 else:
                     raise AssertionError("no request ever in flight on the middle pod")
                 records.set(hosts[0], hosts[2])  # scale 3 -> 2: the middle pod goes
-                await replicas_ready(2)
+                await wait_replicas_ready(client, 2)
                 await asyncio.sleep(0.1)  # requests routed just before the change finish
                 removed.append(len(b.app.state.seen))
                 await asyncio.sleep(0.6)
 
-            await replicas_ready(1)
+            await wait_replicas_ready(client, 1)
             workers = [asyncio.create_task(load(i)) for i in range(6)]
             try:
                 await scale()
@@ -246,11 +249,7 @@ async def test_the_breaker_acts_on_one_discovered_pod() -> None:
         settings.router.breaker.failures = 2
         settings.router.breaker.cooldown = 600
         async with in_process_gateway(settings) as client:
-            for _ in range(100):
-                listed = (await client.get("/tiergate/engines")).json()["engines"]
-                if sum(e["ready"] for e in listed) == 3:
-                    break
-                await asyncio.sleep(0.05)
+            await wait_replicas_ready(client, 3)
             results = []
             for i in range(30):
                 body = {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}

@@ -21,11 +21,16 @@ EVENTS: int | None = None  # fixed events per stream (else max_tokens)
 GAP_S = 0.0  # between events
 
 
+async def lifespan(receive, send) -> None:
+    """Answer an ASGI lifespan scope: nothing to start or stop."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 async def app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
-        while (await receive())["type"] != "lifespan.shutdown":
-            await send({"type": "lifespan.startup.complete"})
-        await send({"type": "lifespan.shutdown.complete"})
+        await lifespan(receive, send)
         return
     body = await read_all(receive)
     if scope["path"] == "/health":

@@ -22,7 +22,7 @@ import random
 
 import uvicorn
 
-from benchmarks.studies.fake_server import read_all
+from benchmarks.studies.fake_server import lifespan, read_all
 
 
 class Timing:
@@ -44,9 +44,7 @@ def _event(chat: bool, i: int) -> bytes:
 def make_app(timing: Timing):
     async def app(scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await lifespan(receive, send)
             return
         body = await read_all(receive)
         path = scope["path"]
