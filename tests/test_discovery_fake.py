@@ -114,7 +114,9 @@ def _settings(nameserver: str, port: int = 8000, interval: float = 5.0) -> Setti
             },
         ],
         tiers=[{"name": "small", "model": "m", "engines": ["small"]}],
-        timeouts={"health_interval": 0.1},
+        # the FAKE pods answer in milliseconds: a stalled one is retried on another pod
+        # after 10 s, rather than holding a request for the default 300 s
+        timeouts={"health_interval": 0.1, "read": 10},
         router={"scrape_interval": 0.1},
     )
 
