@@ -22,6 +22,7 @@ from serving.metrics import GatewayMetrics
 from serving.router.breaker import CircuitBreaker
 from serving.router.registry import Endpoint, EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
+from serving.tasks import cancel_and_wait
 from serving.upstream.client import UpstreamClient
 from serving.upstream.discovery import Discovery
 from serving.upstream.health import health_loop, scrape_loop
@@ -146,9 +147,7 @@ def create_app(
         try:
             yield
         finally:
-            for task in loops:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
+            await cancel_and_wait(loops)
             if supervisor is not None:
                 await supervisor.stop()
             app.state.hot = None

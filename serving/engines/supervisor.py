@@ -22,6 +22,7 @@ from serving.config import EngineSettings, Settings
 from serving.engines import cpu, process
 from serving.metrics import GatewayMetrics
 from serving.router.registry import Endpoint, EngineRegistry
+from serving.tasks import cancel_and_wait
 from serving.upstream.client import UpstreamClient
 from serving.upstream.health import probe
 
@@ -217,9 +218,7 @@ class Supervisor:
 
     async def stop(self) -> None:
         await asyncio.gather(*(r.stop() for r in self.runners), return_exceptions=True)
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(self.tasks)
         for r in self.runners:  # nothing may survive, even a task cancelled mid-spawn
             if r.proc is not None:
                 await process.terminate(r.proc, 0.1)
