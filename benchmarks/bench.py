@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from benchmarks import report
+from benchmarks import lengths, report
 from benchmarks.client import Target
 from benchmarks.datasets import ChatTemplate, LengthDist, SyntheticText, sharegpt, synthetic
 from benchmarks.metrics import SLO, bucket_throughput, measured, summarize
@@ -60,6 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--sharegpt-path", type=Path)
     d.add_argument("--input-len", default="128", help="128, uniform:LO:HI, normal:M:S, ...")
     d.add_argument("--output-len", default="128")
+    d.add_argument(
+        "--lengths",
+        help="real (input, output) pairs instead of the two above: sharegpt[:MAX_TOTAL[:SCALE]]",
+    )
     d.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt shares")
     d.add_argument("--turns", type=int, default=1, help="turns per session (chat history)")
     d.add_argument("--seed", type=int, default=0)
@@ -139,6 +143,7 @@ def make_sessions(args: argparse.Namespace, tokenizer, text, point: int, count: 
         shared_prefix=args.shared_prefix,
         turns=args.turns,
         chat=chat,
+        pairs=lengths.parse(args.lengths) if args.lengths else None,
     )
 
 
@@ -244,6 +249,13 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("tiergate bench: error: give --duration or --requests")
     if args.turns > 1 and args.endpoint != "chat":
         raise SystemExit("tiergate bench: error: --turns needs --endpoint chat")
+    if args.lengths:
+        if args.dataset != "synthetic":
+            raise SystemExit("tiergate bench: error: --lengths needs --dataset synthetic")
+        try:
+            lengths.parse(args.lengths)
+        except ValueError as exc:
+            raise SystemExit(f"tiergate bench: error: {exc}") from exc
     ps = tuple(float(p) for p in args.percentiles.split(","))
     slo = SLO(
         *(
@@ -301,6 +313,7 @@ def main(args: argparse.Namespace) -> int:
                 "kind": args.dataset,
                 "input_len": args.input_len,
                 "output_len": args.output_len,
+                "lengths": args.lengths,
                 "shared_prefix": args.shared_prefix,
                 "turns": args.turns,
                 "seed": args.seed,

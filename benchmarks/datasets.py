@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks.lengths import PairSampler
+
 _WORD = re.compile(r"^ [a-z]{3,10}$")
 
 
@@ -142,13 +144,15 @@ def synthetic(
     shared_prefix: int = 0,
     turns: int = 1,
     chat: ChatTemplate | None = None,
+    pairs: PairSampler | None = None,
 ) -> Iterator[Session]:
     """Up to `n` sessions (None: endless) of `turns` turns each, made as they are drawn.
 
     Every prompt opens with its own random words, so none shares a prefix-cache
     block with another by accident, unless `shared_prefix` tokens are asked for: then
     every session starts with the same words, on purpose. With `chat`, input lengths
-    count the whole templated conversation, as the server's `usage` does.
+    count the whole templated conversation, as the server's `usage` does. With
+    `pairs`, each turn's input and output lengths are drawn together from real requests.
     """
     rng = random.Random(seed)
     common = text.make(shared_prefix, rng) if shared_prefix else ""
@@ -158,7 +162,7 @@ def synthetic(
         history: list[dict[str, str]] = []
         session: Session = []
         for turn in range(turns):
-            target = input_len.sample(rng)
+            target, out = pairs.sample(rng) if pairs else (input_len.sample(rng), 0)
             before = chat.prompt_tokens(history) - overhead if chat and history else 0
             content_len = max(target - overhead - before, shared_prefix + 4 if turn == 0 else 4)
             prefix = common if turn == 0 else ""
@@ -168,7 +172,7 @@ def synthetic(
                 if turn > 0 or head not in seen:
                     seen.add(head)
                     break
-            out = output_len.sample(rng)
+            out = out or output_len.sample(rng)
             spec = RequestSpec(
                 text=body,
                 input_tokens=content_len,

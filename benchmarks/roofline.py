@@ -76,14 +76,27 @@ class Roofline:
         link = self.device.interconnect_gbs * 1e9
         return 2 * self.spec.layers * (10e-6 + size / link)
 
-    def decode_step(self, batch: int, context: float) -> tuple[float, str]:
-        kv = batch * context * 2 * self.spec.layers * self.spec.kv_heads
-        kv *= self.spec.head_dim * self.kv_bytes
-        mem = (self.weights + kv) / (self.bandwidth * self.eff.bandwidth)
-        flops = self.spec.decode_flops_per_token() * batch
+    def kv_bytes_per_token(self) -> float:
+        return 2 * self.spec.layers * self.spec.kv_heads * self.spec.head_dim * self.kv_bytes
+
+    def step(self, tokens: float, kv_tokens: float, attention_tokens: float = 0.0) -> float:
+        """One engine step over `tokens` new tokens (decodes and prefill chunks) that
+        read `kv_tokens` of cached K/V. `attention_tokens`: the sum over new tokens of
+        the context each attends to (its attention FLOPs)."""
+        return self._step(tokens, kv_tokens, attention_tokens)[0]
+
+    def _step(self, tokens: float, kv_tokens: float, attention_tokens: float) -> tuple[float, str]:
+        mem = (self.weights + kv_tokens * self.kv_bytes_per_token()) / (
+            self.bandwidth * self.eff.bandwidth
+        )
+        flops = self.spec.decode_flops_per_token() * tokens
+        flops += 4 * self.spec.layers * self.spec.heads * self.spec.head_dim * attention_tokens
         comp = flops / (self.peak_flops * self.eff.compute)
-        step = max(mem, comp) + self.eff.step_overhead_s + self._comm_s(batch)
+        step = max(mem, comp) + self.eff.step_overhead_s + self._comm_s(tokens)
         return step, "bandwidth" if mem >= comp else "compute"
+
+    def decode_step(self, batch: int, context: float) -> tuple[float, str]:
+        return self._step(batch, batch * context, 0.0)
 
     def prefill(self, tokens: float) -> float:
         flops = self.spec.decode_flops_per_token() * tokens

@@ -110,3 +110,17 @@ def test_sharegpt_file(tmp_path, tokenizer) -> None:
 def test_too_long_prefix_is_refused(text: SyntheticText) -> None:
     with pytest.raises(ValueError):
         text.make(4, random.Random(0), prefix=text.make(10, random.Random(1)))
+
+
+def test_real_length_pairs_are_drawn_together(text: SyntheticText, tokenizer) -> None:
+    from benchmarks.lengths import parse
+
+    pairs = parse("sharegpt:600")
+    sessions = list(
+        synthetic(text, 40, LengthDist.parse("128"), LengthDist.parse("128"), pairs=pairs)
+    )
+    table = set(pairs.pairs)
+    for (spec,) in sessions:
+        assert (spec.input_tokens, spec.output_tokens) in table  # a real pair, kept whole
+        assert count(tokenizer, spec.text) == spec.input_tokens
+    assert len({s[0].output_tokens for s in sessions}) > 10  # not the fixed 128

@@ -123,5 +123,10 @@ def test_bad_arguments_are_refused(tokenizer_dir, tmp_path) -> None:
         bench.main(parser.parse_args(common))
     with pytest.raises(SystemExit, match="--turns needs --endpoint chat"):
         bench.main(parser.parse_args([*common, "--requests", "1", "--turns", "2"]))
+    with pytest.raises(SystemExit, match="unknown length table 'nope'"):
+        bench.main(parser.parse_args([*common, "--requests", "1", "--lengths", "nope"]))
+    with pytest.raises(SystemExit, match="--lengths needs --dataset synthetic"):
+        args = [*common, "--requests", "1", "--lengths", "sharegpt", "--dataset", "sharegpt"]
+        bench.main(parser.parse_args(args))
     with pytest.raises(SystemExit):  # a closed and an open loop at once
         parser.parse_args([*common, "--rate", "2"])
