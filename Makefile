@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 LOCK := $(if $(HAS_GPU),requirements/gpu.txt,requirements/cpu.lock)
 STAMP := $(VENV)/.tiergate-installed
 
-.PHONY: install serve test lint format prepare clean browser
+.PHONY: install serve test lint format prepare clean browser redis
 
 install: $(STAMP)
 
@@ -49,7 +49,14 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && { $(APT_CHROMIUM) || { apt-get update -q >/dev/null 2>&1 && $(APT_CHROMIUM); }; }; } || true
 
-test: install lint browser
+# Redis for the tenant-limit tests (two gateways sharing one): Debian's redis-server,
+# installed the same way (else those tests are skipped, and say why).
+APT_REDIS = DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null 2>&1
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { $(APT_REDIS) || { apt-get update -q >/dev/null 2>&1 && $(APT_REDIS); }; }; } || true
+
+test: install lint browser redis
 	$(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS)
 
 clean:

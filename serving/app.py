@@ -13,7 +13,8 @@ from fastapi import FastAPI
 
 from serving.api.access_log import AccessLog
 from serving.api.hotpath import ROUTES, HotPath, LoopLag
-from serving.api.routes import router, v1
+from serving.api.openapi import add_hot_routes
+from serving.api.routes import operator, router, v1
 from serving.api.serving import ProxyService
 from serving.config import Settings
 from serving.engines.supervisor import Supervisor
@@ -23,6 +24,11 @@ from serving.router.breaker import CircuitBreaker
 from serving.router.registry import Endpoint, EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
 from serving.tasks import cancel_and_wait
+from serving.tenants.auth import Authenticator
+from serving.tenants.limits import TenantLimiter
+from serving.tenants.redis_limits import RedisLimiter
+from serving.tenants.store import TenantStore
+from serving.tenants.usage import UsageLedger, flush_loop
 from serving.upstream.client import UpstreamClient
 from serving.upstream.discovery import Discovery
 from serving.upstream.health import health_loop, scrape_loop
@@ -92,6 +98,13 @@ class GatewayApp(FastAPI):
                 return
         await super().__call__(scope, receive, send)
 
+    def openapi(self) -> dict:
+        if self.openapi_schema is None:
+            registry = self.state.registry
+            models = [t.model for t in registry.tiers] + [registry.auto_model]
+            self.openapi_schema = add_hot_routes(super().openapi(), models)
+        return self.openapi_schema
+
 
 def create_app(
     settings: Settings,
@@ -109,14 +122,35 @@ def create_app(
     async def lifespan(app: GatewayApp) -> AsyncIterator[None]:
         http = UpstreamClient(settings.timeouts, settings.server.max_upstream_connections)
         await http.start()
-        access = AccessLog(enabled=settings.server.access_log == "json")
-        proxy = ProxyService(registry, http, metrics, settings.router, tokens, access=access)
+        access = AccessLog(
+            enabled=settings.server.access_log == "json",
+            prompt_sample=settings.server.access_log_prompt_sample,
+        )
         server = settings.server
+        store = TenantStore(settings.tenancy_db()) if settings.tenancy.enabled else None
+        ledger = UsageLedger(store) if store is not None else None
+        auth = Authenticator([k.get_secret_value() for k in server.api_keys], store)
+        app.state.auth = auth
+        limiter = (
+            RedisLimiter(settings.tenancy.redis_url)
+            if store is not None and settings.tenancy.redis_url
+            else TenantLimiter()
+        )
+        proxy = ProxyService(
+            registry,
+            http,
+            metrics,
+            settings.router,
+            tokens,
+            access=access,
+            ledger=ledger,
+            limiter=limiter,
+        )
         lag = LoopLag(report=metrics.loop_lag.set)
         app.state.hot = HotPath(
             proxy,
             metrics,
-            [k.get_secret_value() for k in server.api_keys],
+            auth,
             server.max_body_bytes,
             server.max_in_flight,
             server.max_loop_lag_ms,
@@ -134,6 +168,7 @@ def create_app(
                 scrape_loop(http, registry, settings.router.scrape_interval, timeouts.connect)
             ),
             asyncio.create_task(lag.run()),
+            *([asyncio.create_task(flush_loop(ledger))] if ledger is not None else []),
             *(
                 asyncio.create_task(
                     Discovery(engine, registry, settings.router.breaker, metrics).run()
@@ -148,6 +183,11 @@ def create_app(
             yield
         finally:
             await cancel_and_wait(loops)
+            if store is not None:
+                ledger.flush()  # what the last second added
+                store.close()
+            if isinstance(limiter, RedisLimiter):
+                await limiter.close()
             if supervisor is not None:
                 await supervisor.stop()
             app.state.hot = None
@@ -159,10 +199,13 @@ def create_app(
     app.state.metrics = metrics
     app.state.supervisor = supervisor
     app.state.hot = None
+    # /v1/models before start-up ends (or without the lifespan): config keys only
+    app.state.auth = Authenticator([k.get_secret_value() for k in settings.server.api_keys])
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(v1)
+    app.include_router(operator)
     return app
 
 

@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (see: bench --help)")
     sub.add_parser("plan", help="capacity, GPU and memory plans (see: plan --help)")
     sub.add_parser("eval", help="quality gate: golden set or agreement (see: eval --help)")
+    sub.add_parser("keys", help="tenants, API keys and usage (see: keys --help)")
     return parser
 
 
@@ -210,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["bench"], ["plan"], ["eval"]):
         return _tool(argv[0], argv[1:])
+    if argv[:1] == ["keys"]:
+        from serving.tenants import cli as keys
+
+        return keys.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

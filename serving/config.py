@@ -36,6 +36,13 @@ class ServerSettings(_Strict):
     access_log: str = Field(
         "off", pattern="^(off|json)$", description="json: one JSON line per request on stdout."
     )
+    access_log_prompt_sample: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of access-log lines that carry the prompt, redacted (emails, "
+        "phone numbers and key-like strings replaced); 0: never the prompt.",
+    )
     api_keys: list[SecretStr] = Field(
         default_factory=list,
         description="Bearer keys accepted on /v1/*; empty: no auth. In Kubernetes, set "
@@ -232,6 +239,20 @@ class RouterSettings(_Strict):
     )
 
 
+class TenancySettings(_Strict):
+    """Named keys per tenant (team), stored hashed in SQLite; `tiergate keys` manages them.
+    `server.api_keys` keep working beside them, with access to every tier."""
+
+    enabled: bool = False
+    db: Path | None = Field(None, description="Default: tenants.sqlite3 in model_cache.")
+    redis_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="Keep the limit counters in Redis, shared by every router replica and "
+        "worker (e.g. redis://redis:6379/0); unset: in each process.",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TIERGATE_", env_nested_delimiter="__", extra="forbid"
@@ -253,6 +274,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Empty: one tier per engine model."
     )
     router: RouterSettings = Field(default_factory=RouterSettings)
+    tenancy: TenancySettings = Field(default_factory=TenancySettings)
+
+    def tenancy_db(self) -> Path:
+        return self.tenancy.db or self.model_cache / "tenants.sqlite3"
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:

@@ -33,12 +33,21 @@ class GatewayError(Exception):
     code: str | None = None
     headers: dict[str, str] | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if headers is not None:
+            self.headers = headers
 
 
 class InvalidRequest(GatewayError):
@@ -47,6 +56,18 @@ class InvalidRequest(GatewayError):
 
 class Unauthorized(GatewayError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status, type, code = 403, "invalid_request_error", "forbidden"
+
+
+class InsufficientQuota(GatewayError):
+    status, type, code = 429, "insufficient_quota", "insufficient_quota"
+
+
+class ModelNotAllowed(GatewayError):
+    status, type, code = 403, "invalid_request_error", "model_not_allowed"
 
 
 class ModelNotFound(GatewayError):

@@ -154,6 +154,33 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        # Per tenant and key name (never the key), for chargeback and fairness; the
+        # operator creates tenants and keys, so the label sets stay small.
+        self.tenant_requests = Counter(
+            "tiergate_tenant_requests",
+            "Answered requests per tenant, key and tier.",
+            ["tenant", "key", "tier"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "tiergate_tenant_tokens",
+            "Tokens per tenant, key and tier, from the engines' usage.",
+            ["tenant", "key", "tier", "kind"],
+            registry=r,
+        )
+        self.tenant_cost = Counter(
+            "tiergate_tenant_estimated_cost",
+            "Estimated cost per tenant and tier, from the tier's prices.",
+            ["tenant", "tier"],
+            registry=r,
+        )
+        self.tenant_refused = Counter(
+            "tiergate_tenant_refused",
+            "Requests refused per tenant: rate_limit_exceeded, insufficient_quota, "
+            "model_not_allowed.",
+            ["tenant", "reason"],
+            registry=r,
+        )
         self.loop_lag = Gauge(
             "tiergate_event_loop_lag_milliseconds",
             "How late the gateway's event loop runs (admission refuses past a limit).",
@@ -212,3 +239,12 @@ class GatewayMetrics:
             return
         self._child(self.prompt_tokens, model).inc(usage.get("prompt_tokens") or 0)
         self._child(self.completion_tokens, model).inc(usage.get("completion_tokens") or 0)
+
+    def tenant_usage(self, tenant: str, key: str, tier: str, usage: dict | None, cost: float):
+        self._child(self.tenant_requests, tenant, key, tier).inc()
+        if usage:
+            for kind in ("prompt", "completion"):
+                n = usage.get(f"{kind}_tokens") or 0
+                self._child(self.tenant_tokens, tenant, key, tier, kind).inc(n)
+        if cost:
+            self._child(self.tenant_cost, tenant, tier).inc(cost)

@@ -73,7 +73,9 @@ async def test_one_json_line_per_request_and_ids_reach_the_engine(capsys) -> Non
     assert first["request_id"] == "abc-123" and first["stream"] is False
     assert (first["tier"], first["replica"], first["retries"]) == ("m", "e1", 0)
     assert first["prompt_tokens"] == 3 and first["completion_tokens"] == 1
-    assert first["duration_ms"] > 0 and "time" in first and first["key"] is None
+    assert first["duration_ms"] > 0 and "time" in first
+    assert (first["tenant"], first["key"]) == ("default", "anonymous")  # an open gateway
+    assert first["cost_usd"] == 0
     assert second["request_id"] == generated and second["stream"] is True
     assert second["completion_tokens"] == 20 and second["ttft_ms"] > 0
     assert third["error"] == "invalid_request_error"
@@ -93,3 +95,44 @@ async def test_access_log_is_off_by_default(capsys) -> None:
             )
     assert r.status_code == 200 and r.headers["x-request-id"]
     assert _lines(capsys.readouterr().out) == []
+
+
+def test_redaction_of_sampled_prompts() -> None:
+    from serving.api.access_log import prompt_text, redact
+
+    text = (
+        "write to jane.roe+ops@example.co.uk or call +44 20 7946 0958 / (555) 123-4567; "
+        "my key is sk-proj-AbC123dEf456GhI789 and tg-0123abcd-"
+        + "Z" * 20
+        + "9" * 23
+        + ", token ghp_1234567890abcdefABCDEF, aws AKIAIOSFODNN7EXAMPLE, "
+        "order 12345 on 2026-11-26 costs 42.50"
+    )
+    clean = redact(text)
+    for leaked in ("jane.roe", "7946", "123-4567", "sk-proj", "tg-0123", "ghp_", "AKIA"):
+        assert leaked not in clean, leaked
+    assert clean.count("[email]") == 1 and clean.count("[phone]") == 2
+    assert clean.count("[key]") == 4
+    assert "order 12345 on 2026-11-26 costs 42.50" in clean  # ordinary numbers stay
+    chat = {
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    }
+    assert prompt_text(chat) == "system: be brief\nuser: hi"
+    assert prompt_text({"prompt": "x" * 5000}) == "x" * 2000
+
+
+async def test_a_sampled_prompt_is_logged_redacted(capsys) -> None:
+    with FakeEngine("ok") as engine:
+        settings = Settings(
+            engines=[{"name": "e1", "model": "m", "url": engine.url}],
+            server={"access_log": "json", "access_log_prompt_sample": 1.0},
+            timeouts={"health_interval": 0.1},
+        )
+        async with in_process_gateway(settings) as client:
+            content = "reach me at a.b@example.com, key sk-live-0123456789abcdef"
+            chat = {"model": "m", "messages": [{"role": "user", "content": content}]}
+            assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+        out = capsys.readouterr().out
+    (line,) = _lines(out)
+    assert line["prompt"] == "user: reach me at [email], key [key]"
+    assert "a.b@example.com" not in out and "sk-live" not in out

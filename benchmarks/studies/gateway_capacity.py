@@ -107,7 +107,9 @@ end
 """
 
 
-def wrk_script(model: str, folder: Path, honour_retry_after: bool = False) -> Path:
+def wrk_script(
+    model: str, folder: Path, honour_retry_after: bool = False, key: str = KEY, tag: str = ""
+) -> Path:
     body = json.dumps(
         {
             "model": model,
@@ -116,12 +118,12 @@ def wrk_script(model: str, folder: Path, honour_retry_after: bool = False) -> Pa
             "stream": True,
         }
     )
-    path = folder / ("chat-retry.lua" if honour_retry_after else "chat.lua")
+    path = folder / (("chat-retry" if honour_retry_after else "chat") + tag + ".lua")
     path.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body)}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {KEY}"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
         + (HONOUR_RETRY_AFTER if honour_retry_after else "")
     )
     return path
@@ -164,8 +166,23 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: float, cpu: str)
     return parse_wrk(out)
 
 
+def tenant_key(db: Path) -> str:
+    """A tenant with every limit on but too high to bite: the checks run, none refuses."""
+    from serving.tenants.store import Tenant, TenantStore
+
+    with TenantStore(db) as store:
+        store.set_tenant(
+            Tenant("bench", (), rpm=10**9, tpm=10**12, max_concurrency=10**6, budget_tokens=10**15)
+        )
+        return store.create_key("bench", "wrk")
+
+
 def gateway_config(
-    folder: Path, upstream: str, tokenizer: Path | None, max_in_flight: int = 0
+    folder: Path,
+    upstream: str,
+    tokenizer: Path | None,
+    max_in_flight: int = 0,
+    tenancy: Path | None = None,
 ) -> Path:
     tier = {"name": "fake", "model": "fake", "engines": ["fake"]}
     if tokenizer:
@@ -178,7 +195,9 @@ def gateway_config(
         # the fake holds any number of streams; the default 128 per replica is for vLLM
         "router": {"rules": {"default_tier": "fake"}, "spill": {"max_in_flight": 1024}},
     }
-    path = folder / "tiergate.yaml"
+    if tenancy is not None:
+        config["tenancy"] = {"enabled": True, "db": str(tenancy)}
+    path = folder / ("tiergate-tenancy.yaml" if tenancy else "tiergate.yaml")
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -234,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         "--targets",
         nargs="+",
         default=["upstream", "yardstick", "tiergate"],
-        help="upstream, yardstick, tiergate, and `before`: tiergate from --before-repo",
+        help="upstream, yardstick, tiergate, tenancy (tiergate with a limited tenant's key), "
+        "and `before`: tiergate from --before-repo",
     )
     p.add_argument("--before-repo", type=Path, help="another checkout (e.g. a git worktree)")
     p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
@@ -266,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tiergate-capacity-"))
     # one script for every run, so that the Lua callbacks' cost on the load core is alike
     script = wrk_script(a.model, work, honour_retry_after=a.clients == "retry-after")
-    ports = {t: free_port() for t in ("upstream", "yardstick", "tiergate", "before")}
+    ports = {t: free_port() for t in ("upstream", "yardstick", "tiergate", "before", "tenancy")}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
     fake = [py, "-m", "benchmarks.studies.fake_server", "--port", str(ports["upstream"])]
     fake += ["--events", str(EVENTS), "--gap-ms", "5"]
@@ -275,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     config = gateway_config(work, urls["upstream"], a.tokenizer, a.max_in_flight)
     gate = [py, "-m", "serving.cli", "serve", "--config", str(config)]
     gate += ["--port", str(ports["tiergate"])]
+    scripts = dict.fromkeys(("upstream", "yardstick", "tiergate", "before"), script)
+    if "tenancy" in a.targets:  # the same gateway, with tenants, limits and the ledger on
+        db = work / "tenants.sqlite3"
+        key = tenant_key(db)
+        scripts["tenancy"] = wrk_script(a.model, work, a.clients == "retry-after", key, "-t")
+        tconfig = gateway_config(work, urls["upstream"], a.tokenizer, a.max_in_flight, db)
+        tenancy_gate = [py, "-m", "serving.cli", "serve", "--config", str(tconfig)]
+        tenancy_gate += ["--port", str(ports["tenancy"])]
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         pids = {
@@ -288,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
             pids["tiergate"] = stack.enter_context(
                 started(gate, a.gateway_cpu, urls["tiergate"] + "/ready")
             )
+        if "tenancy" in a.targets:
+            pids["tenancy"] = stack.enter_context(
+                started(tenancy_gate, a.gateway_cpu, urls["tenancy"] + "/ready")
+            )
         if "before" in a.targets:
             before = [*gate[:-1], str(ports["before"])]
             pids["before"] = stack.enter_context(
@@ -298,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             for target in order:
                 pid = pids[target]
                 cpu0 = cpu_seconds(pid)
-                r = run_wrk(urls[target], script, c, a.duration, a.load_cpu)
+                r = run_wrk(urls[target], scripts[target], c, a.duration, a.load_cpu)
                 r |= {"target": target, "concurrency": c, "cpu_s": cpu_seconds(pid) - cpu0}
                 ok = r["ok_req_s"] * r["seconds"]
                 r["events_s"] = r["ok_req_s"] * EVENTS

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from serving.api.access_log import request_id
-from serving.api.protocol import Kind, check_api_key
+from serving.api.protocol import Kind
 from serving.api.serving import PATHS, ProxyService, Streamed, Unary
 from serving.errors import (
     GatewayError,
@@ -31,6 +31,7 @@ from serving.errors import (
     sse_error_event,
 )
 from serving.metrics import GatewayMetrics
+from serving.tenants.auth import Authenticator
 
 log = logging.getLogger("tiergate.hotpath")
 
@@ -86,7 +87,7 @@ class HotPath:
         self,
         proxy: ProxyService,
         metrics: GatewayMetrics,
-        api_keys: Iterable[str],
+        auth: Authenticator,
         max_body_bytes: int,
         max_in_flight: int,
         max_loop_lag_ms: float,
@@ -95,7 +96,7 @@ class HotPath:
     ) -> None:
         self.proxy = proxy
         self.metrics = metrics
-        self.keys = [k.encode() for k in api_keys]
+        self.auth = auth
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self.max_loop_lag_ms = max_loop_lag_ms
@@ -146,15 +147,23 @@ class HotPath:
         self.in_flight += 1
         rid = None
         try:
-            headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _WANTED}
+            headers, auths = {}, 0
+            for k, v in scope["headers"]:
+                if k in _WANTED:
+                    headers[k.decode()] = v.decode("latin-1")
+                    auths += k == b"authorization"
             headers["x-request-id"] = rid = request_id(headers.get("x-request-id"))
-            check_api_key(headers.get("authorization", ""), self.keys)
             try:
+                # two Authorization headers are ambiguous (proxies may keep either): refused
+                principal = self.auth("" if auths > 1 else headers.get("authorization", ""))
                 body = await self._read(receive, headers)
-            except PayloadTooLarge as exc:
+            except GatewayError as exc:  # refused before the proxy: counted and logged here
                 self.metrics.request_done("unknown", PATHS[kind], exc.status)
+                self.proxy.access.write(
+                    request_id=rid, path=PATHS[kind], status=exc.status, error=exc.code
+                )
                 raise
-            reply = await self.proxy.handle(kind, body, headers)
+            reply = await self.proxy.handle(kind, body, headers, principal)
             if isinstance(reply, Unary):
                 await _send_unary(send, reply)
             else:

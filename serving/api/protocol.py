@@ -7,14 +7,12 @@ a 400, not a silent cast.
 
 from __future__ import annotations
 
-import hmac
 import json
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from serving.errors import InvalidRequest, Unauthorized
+from serving.errors import InvalidRequest
 
 
 class _Passthrough(BaseModel):
@@ -58,13 +56,3 @@ def parse_request(kind: Kind, raw: bytes) -> tuple[_Passthrough, dict[str, Any]]
         param = ".".join(str(p) for p in err["loc"])
         raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}", param=param) from exc
     return checked, payload
-
-
-def check_api_key(authorization: str, keys: Sequence[bytes]) -> None:
-    """Bearer auth when keys are configured (none: open), compared in constant time."""
-    if not keys:
-        return
-    scheme, _, token = authorization.partition(" ")
-    given = token.encode()
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(given, k) for k in keys):
-        raise Unauthorized("Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.")

@@ -11,19 +11,28 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from serving.api.protocol import check_api_key
-from serving.errors import Conflict, NoEngineReady, NotFound, error_payload
+from serving.errors import Conflict, Forbidden, NoEngineReady, NotFound, error_payload
+from serving.tenants.auth import OPERATOR_TENANT
 
 
 def require_api_key(request: Request) -> None:
     """Bearer auth on the OpenAI routes when keys are configured (health and metrics stay open
     for probes and Prometheus); the same check as the hot path's."""
-    keys = [k.get_secret_value().encode() for k in request.app.state.settings.server.api_keys]
-    check_api_key(request.headers.get("authorization", ""), keys)
+    given = request.headers.getlist("authorization")
+    request.state.principal = request.app.state.auth(given[0] if len(given) == 1 else "")
+
+
+def require_operator(request: Request) -> None:
+    """The operator routes (/tiergate/...): a config-file key, or an open gateway; a
+    tenant's key is for the OpenAI routes only."""
+    require_api_key(request)
+    if request.state.principal.tenant != OPERATOR_TENANT:
+        raise Forbidden("The /tiergate routes need an operator key (server.api_keys).")
 
 
 router = APIRouter()
 v1 = APIRouter(dependencies=[Depends(require_api_key)])
+operator = APIRouter(dependencies=[Depends(require_operator)])
 
 
 @v1.get("/v1/models")
@@ -43,9 +52,11 @@ async def list_models(request: Request) -> dict:
             "ready": ready,
         }
 
+    principal = request.state.principal
     cards = [
         card(t.model, t.name, t.max_context, any(ep.ready for ep in t.endpoints))
         for t in registry.tiers
+        if principal.may_use(t.name)  # a tenant sees the tiers it may use
     ]
     cards.append(
         card(
@@ -77,7 +88,7 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@v1.get("/tiergate/engines")
+@operator.get("/tiergate/engines")
 async def engines(request: Request) -> dict:
     """Operator view of every engine: state, URL, pid, restarts, load."""
     fields = (
@@ -100,7 +111,7 @@ async def engines(request: Request) -> dict:
     }
 
 
-@v1.post("/tiergate/engines/{name}/restart")
+@operator.post("/tiergate/engines/{name}/restart")
 async def restart_engine(request: Request, name: str, drain_timeout: float | None = None) -> dict:
     """A planned restart of one supervised engine, for rolling updates: it takes no new
     requests, its requests in flight finish (up to `drain_timeout`, default

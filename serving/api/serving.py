@@ -26,7 +26,9 @@ from serving.api.protocol import Kind, parse_request
 from serving.config import RouterSettings
 from serving.errors import (
     GatewayError,
+    InsufficientQuota,
     InvalidRequest,
+    ModelNotAllowed,
     NoEngineReady,
     UpstreamError,
     UpstreamStatusError,
@@ -39,11 +41,17 @@ from serving.router.planner import Attempt, plan
 from serving.router.policy import Decision, Features, TierView, choose_tier
 from serving.router.registry import Endpoint, EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
+from serving.tenants.auth import OPEN
+from serving.tenants.limits import Admission, RateLimited, TenantLimiter
+from serving.tenants.redis_limits import RedisAdmission, RedisLimiter
+from serving.tenants.store import Principal
+from serving.tenants.usage import UsageLedger
 from serving.upstream.client import UpstreamClient
 from serving.upstream.stream import Relay, StreamOutcome, prime, usage_of
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 _BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
+_TENANT_REFUSALS = (RateLimited, InsufficientQuota, ModelNotAllowed)
 
 
 @dataclass(slots=True)
@@ -71,6 +79,8 @@ class Call:
     decision: Decision
     started: float
     trace: dict[str, str]  # passed on to the engine: x-request-id, traceparent
+    principal: Principal = OPEN
+    admission: Admission | RedisAdmission | None = None  # released when the answer ends
 
 
 def features_of(headers: Mapping[str, str], payload: dict[str, Any], counts: dict) -> Features:
@@ -101,6 +111,12 @@ def affinity_key(headers: Mapping[str, str], payload: dict[str, Any], prefix_cha
     return "p:" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def _not_allowed(principal: Principal, model: str) -> ModelNotAllowed:
+    return ModelNotAllowed(
+        f"Tenant '{principal.tenant}' may not use the model '{model}'.", param="model"
+    )
+
+
 class ProxyService:
     def __init__(
         self,
@@ -111,8 +127,12 @@ class ProxyService:
         tokens: TokenCounter | None = None,
         clock: Callable[[], float] = time.monotonic,
         access: AccessLog | None = None,
+        ledger: UsageLedger | None = None,
+        limiter: TenantLimiter | RedisLimiter | None = None,
     ) -> None:
         self.access = access or AccessLog(enabled=False)
+        self.ledger = ledger
+        self.limiter = limiter or TenantLimiter()
         self.registry = registry
         self.upstream = upstream
         self.metrics = metrics
@@ -126,8 +146,16 @@ class ProxyService:
         self.turns = itertools.count()  # rotates ties between equally loaded replicas
         self.views = [TierView(t.name, t.max_context, t.max_output_tokens) for t in registry.tiers]
 
-    async def handle(self, kind: Kind, raw: bytes, headers: Mapping[str, str]) -> Unary | Streamed:
-        """Answer one request; raises GatewayError for anything refused before a byte went."""
+    async def handle(
+        self,
+        kind: Kind,
+        raw: bytes,
+        headers: Mapping[str, str],
+        principal: Principal = OPEN,
+    ) -> Unary | Streamed:
+        """Answer one request; raises GatewayError for anything refused before a byte went.
+        `principal`: who asks; a tenant limited to some tiers gets 403 for the others,
+        and `auto` picks only among its own."""
         started = time.perf_counter()
         path = PATHS[kind]
         model = "unknown"
@@ -143,12 +171,20 @@ class ProxyService:
             counts: dict[str, int] | None = None
             if tier is None:
                 counts, estimated = await self._count(payload)
-                decision = choose_tier(
-                    features_of(headers, payload, counts), self.views, self.router.rules
-                )
+                features = features_of(headers, payload, counts)
+                views = self.views
+                if principal.tiers is not None:
+                    if features.hint is not None and not principal.may_use(features.hint):
+                        raise _not_allowed(principal, features.hint)
+                    views = [v for v in views if principal.may_use(v.name)]
+                    if not views:
+                        raise _not_allowed(principal, self.registry.auto_model)
+                decision = choose_tier(features, views, self.router.rules)
                 if estimated:  # a huge prompt: its tail's tokens were estimated
                     decision = Decision(decision.tier, decision.reason + "~estimated")
             else:
+                if not principal.may_use(tier.name):
+                    raise _not_allowed(principal, checked.model)
                 decision = Decision(tier.name, "explicit")
             tier = self.registry.tier(decision.tier)
             await self._check_limits(tier, payload, counts)
@@ -159,15 +195,29 @@ class ProxyService:
                 if self.router.affinity and (len(tier.endpoints) > 1 or self.router.order)
                 else None
             )
-            attempts = await self._plan(tier, key)
-            self.budget.record_request(self.clock())
-            stream = bool(checked.stream)
-            call = Call(path, raw, payload, model, decision, started, trace)
-            if stream:
-                return await self._stream(attempts, call)
-            return await self._unary(attempts, call)
+            if principal.budget is not None and self.ledger is not None:
+                self._check_budget(principal)
+            max_out = payload.get("max_completion_tokens") or payload.get("max_tokens")
+            admission = None
+            if principal.scopes:  # a tenant with limits (others pay nothing here)
+                admission = await self.limiter.admit(principal, max_out, self.clock())
+            try:
+                attempts = await self._plan(tier, key)
+                self.budget.record_request(self.clock())
+                stream = bool(checked.stream)
+                call = Call(path, raw, payload, model, decision, started, trace, principal)
+                call.admission = admission
+                if stream:
+                    return await self._stream(attempts, call)
+                return await self._unary(attempts, call)
+            except BaseException:  # nothing reached the client: the slot and tokens go back
+                if admission is not None:
+                    admission.release(self.clock(), {"total_tokens": 0})
+                raise
         except GatewayError as exc:
             self.metrics.request_done(model, path, exc.status)
+            if isinstance(exc, _TENANT_REFUSALS):
+                self.metrics.tenant_refused.labels(principal.tenant, exc.code).inc()
             self.access.write(
                 request_id=rid,
                 path=path,
@@ -176,8 +226,20 @@ class ProxyService:
                 stream=stream,
                 error=exc.code or exc.type,
                 duration_ms=round((time.perf_counter() - started) * 1000, 2),
+                tenant=principal.tenant,
+                key=principal.key,
             )
             raise
+
+    def _check_budget(self, principal: Principal) -> None:
+        budget = principal.budget
+        spent = self.ledger.spent(principal.tenant, budget.period)
+        if spent >= budget.tokens and budget.hard:
+            raise InsufficientQuota(
+                f"Tenant '{principal.tenant}' has used its {budget.tokens:,}-token budget "
+                f"for this {budget.period} ({spent:,} tokens). It renews at the start of "
+                f"the next {budget.period} (UTC)."
+            )
 
     async def _plan(self, tier: Tier, key: str | None) -> list[Attempt]:
         """The attempts for this request; with router.wait_ready_s, wait that long for a
@@ -358,6 +420,8 @@ class ProxyService:
         }
         if rid := call.trace.get("x-request-id"):
             headers["x-request-id"] = rid
+        if call.admission is not None:
+            headers.update(call.admission.headers)
         return headers
 
     async def _unary(self, attempts: list[Attempt], call: Call) -> Unary:
@@ -422,6 +486,13 @@ class ProxyService:
         if usage:
             m.record_usage(model, usage)
             m.cost_of(tier.name, tier.cost(usage))
+        if call.admission is not None:  # every way an answer ends comes through here once
+            call.admission.release(self.clock(), usage)
+        if self.ledger is not None and status < 400:
+            who = call.principal
+            cost = tier.cost(usage)
+            self.ledger.add(who.tenant, who.key, tier.name, usage, cost)
+            m.tenant_usage(who.tenant, who.key, tier.name, usage, cost)
         if self.access.enabled:
             usage = usage or {}
             error = outcome and ("client_disconnected" if outcome.disconnected else outcome.error)
@@ -440,7 +511,10 @@ class ProxyService:
                 duration_ms=round(duration * 1000, 2),
                 retries=retries,
                 error=error or None,
-                key=None,
+                tenant=call.principal.tenant,
+                key=call.principal.key,
+                cost_usd=round(tier.cost(usage), 8),
+                prompt=self.access.sampled_prompt(call.payload),
             )
 
     def _enter(self, endpoint: Endpoint) -> None:

@@ -59,8 +59,8 @@ def choose_tier(f: Features, tiers: list[TierView], rules: RulesSettings) -> Dec
             )
         return Decision(f.hint, "hint")
 
-    def fitting(name: str | None) -> bool:
-        return name is not None and by_name[name].fits(f)
+    def fitting(name: str | None) -> bool:  # a rule's tier may be outside the caller's
+        return name is not None and name in by_name and by_name[name].fits(f)
 
     if (f.has_tools or f.has_response_format) and fitting(rules.tools_tier):
         return Decision(rules.tools_tier, "tools")  # type: ignore[arg-type]
@@ -69,7 +69,7 @@ def choose_tier(f: Features, tiers: list[TierView], rules: RulesSettings) -> Dec
         return Decision(long_tier, "long_prompt")  # type: ignore[arg-type]
     if (f.max_tokens or 0) >= rules.long_output_tokens and fitting(rules.long_output_tier):
         return Decision(rules.long_output_tier, "long_output")  # type: ignore[arg-type]
-    default = rules.default_tier or tiers[0].name
+    default = rules.default_tier if rules.default_tier in by_name else tiers[0].name
     if fitting(default):
         return Decision(default, "default")
     for tier in tiers:

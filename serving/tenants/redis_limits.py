@@ -1,0 +1,192 @@
+"""The tenant limits in Redis, for several router replicas (or `server.workers`): the
+same buckets and in-flight counts as serving/tenants/limits.py, each check-and-take
+one Lua script, so two gateways cannot both take the last request of a minute.
+
+Per scope, one hash: rl/rt (requests level and when), tl/tt (tokens), f (in flight).
+The clock is the gateway's (`time.time()`; replicas' clocks agree to NTP's
+milliseconds, far below a bucket's refill step). Hashes expire after two idle minutes
+(every bucket is full again by then). An in-flight count held by a gateway that dies
+is not given back until the hash expires: a known gap (leases per request would close it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+
+from serving.tenants.limits import RateLimited, duration
+from serving.tenants.store import Principal
+
+log = logging.getLogger("tiergate.limits")
+
+# KEYS: one hash per scope. ARGV: now, need, then rpm, tpm, max_concurrency per scope
+# (0: none). Returns {0, scope, why, wait_ms, levels} refused, or {1, levels}; levels
+# are strings (Lua numbers come back as integers).
+_ADMIT = """
+local now, need = tonumber(ARGV[1]), tonumber(ARGV[2])
+local function level(lv, at, per)
+  if not lv then return per end
+  return math.min(per, tonumber(lv) + (now - tonumber(at)) * per / 60)
+end
+local state, levels = {}, {}
+for i, key in ipairs(KEYS) do
+  local rpm, tpm = tonumber(ARGV[3*i]), tonumber(ARGV[3*i+1])
+  local h = redis.call('HMGET', key, 'rl', 'rt', 'tl', 'tt', 'f')
+  state[i] = {rpm > 0 and level(h[1], h[2], rpm) or -1,
+              tpm > 0 and level(h[3], h[4], tpm) or -1, tonumber(h[5] or '0')}
+end
+local function all_levels()
+  for i = 1, #KEYS do
+    levels[2*i-1] = tostring(state[i][1]); levels[2*i] = tostring(state[i][2])
+  end
+  return levels
+end
+for i, key in ipairs(KEYS) do
+  local rpm, tpm, maxc = tonumber(ARGV[3*i]), tonumber(ARGV[3*i+1]), tonumber(ARGV[3*i+2])
+  local rl, tl, f = state[i][1], state[i][2], state[i][3]
+  local why, wait = nil, 0
+  if tpm > 0 and need > tpm then why = 'max_tokens'
+  elseif maxc > 0 and f >= maxc then why, wait = 'in_flight', 1000
+  elseif rpm > 0 and rl < 1 then why, wait = 'rpm', math.ceil((1 - rl) * 60000 / rpm)
+  elseif tpm > 0 and tl < need then why, wait = 'tpm', math.ceil((need - tl) * 60000 / tpm)
+  end
+  if why then return {0, i, why, wait, all_levels()} end
+end
+for i, key in ipairs(KEYS) do
+  local s = state[i]
+  if s[1] >= 0 then s[1] = s[1] - 1; redis.call('HSET', key, 'rl', s[1], 'rt', now) end
+  if s[2] >= 0 then s[2] = s[2] - need; redis.call('HSET', key, 'tl', s[2], 'tt', now) end
+  redis.call('HSET', key, 'f', s[3] + 1)
+  redis.call('EXPIRE', key, 120)
+end
+return {1, all_levels()}
+"""
+
+# KEYS: the scopes' hashes. ARGV: now, token delta (used - reserved), then tpm per scope.
+_RELEASE = """
+local now, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  local f = tonumber(redis.call('HGET', key, 'f') or '0')
+  redis.call('HSET', key, 'f', math.max(0, f - 1))
+  local tpm = tonumber(ARGV[2 + i])
+  if tpm > 0 and delta ~= 0 then
+    local h = redis.call('HMGET', key, 'tl', 'tt')
+    if h[1] then
+      local tl = math.min(tpm, tonumber(h[1]) + (now - tonumber(h[2])) * tpm / 60)
+      redis.call('HSET', key, 'tl', math.min(tpm, tl - delta), 'tt', now)
+    end
+  end
+end
+return 1
+"""
+
+
+@dataclass
+class RedisAdmission:
+    limiter: RedisLimiter
+    principal: Principal
+    reserved: int
+    headers: dict[str, str]
+    released: bool = field(default=False)
+
+    def release(self, now: float, usage: dict | None = None) -> None:
+        """Called from synchronous code at the end of an answer: the Redis write runs
+        as a task (kept until done, so it is not collected half-way)."""
+        if self.released:
+            return
+        self.released = True
+        used = None
+        if usage:
+            used = usage.get("total_tokens")
+            if used is None:
+                used = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+        delta = 0 if used is None else used - self.reserved
+        task = asyncio.get_running_loop().create_task(
+            self.limiter.release(self.principal, now, delta)
+        )
+        self.limiter.pending.add(task)
+        task.add_done_callback(self.limiter.pending.discard)
+
+
+class RedisLimiter:
+    def __init__(self, url: str, prefix: str = "tiergate:limits:", default_reservation: int = 256):
+        import redis.asyncio as redis
+
+        self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.prefix = prefix
+        self.default_reservation = default_reservation
+        self.admit_script = self.redis.register_script(_ADMIT)
+        self.release_script = self.redis.register_script(_RELEASE)
+        self.pending: set[asyncio.Task] = set()
+
+    async def close(self) -> None:
+        if self.pending:
+            await asyncio.wait(self.pending, timeout=2)
+        await self.redis.aclose()
+
+    def _args(self, p: Principal) -> tuple[list[str], list]:
+        keys = [self.prefix + s.id for s in p.scopes]
+        limits: list = []
+        for s in p.scopes:
+            limits += [s.rpm or 0, s.tpm or 0, s.max_concurrency or 0]
+        return keys, limits
+
+    async def admit(
+        self, p: Principal, max_tokens: int | None, now: float
+    ) -> RedisAdmission | None:
+        if not p.scopes:
+            return None
+        need = max_tokens or self.default_reservation
+        keys, limits = self._args(p)
+        answer = await self.admit_script(keys=keys, args=[now, need, *limits])
+        if answer[0] == 1:
+            levels = [float(x) for x in answer[1]]
+            return RedisAdmission(self, p, need, self._headers(p, levels))
+        _, i, why, wait_ms, raw = answer
+        headers = self._headers(p, [float(x) for x in raw])
+        scope = p.scopes[int(i) - 1]
+        why = why.decode() if isinstance(why, bytes) else why
+        who = "key" if scope.id.startswith("k:") else "tenant"
+        if why == "max_tokens":
+            raise RateLimited(
+                f"max_tokens {need} is more than '{p.tenant}' may use in a minute "
+                f"({scope.tpm} tokens).",
+                param="max_tokens",
+                headers=headers,
+            )
+        text = {
+            "in_flight": f"{scope.max_concurrency} requests in flight",
+            "rpm": f"{scope.rpm} requests per minute",
+            "tpm": f"{scope.tpm} tokens per minute",
+        }[why]
+        retry = str(max(1, math.ceil(int(wait_ms) / 1000)))
+        raise RateLimited(
+            f"Rate limit reached for {who} '{scope.id[2:]}': {text}. Retry after {retry}s.",
+            headers=headers | {"retry-after": retry},
+        )
+
+    async def release(self, p: Principal, now: float, delta: int) -> None:
+        keys, _ = self._args(p)
+        tpms = [s.tpm or 0 for s in p.scopes]
+        try:
+            await self.release_script(keys=keys, args=[now, delta, *tpms])
+        except Exception as exc:  # a lost release must not fail the answer
+            log.warning("could not release a tenant's limits in Redis: %s", exc)
+
+    @staticmethod
+    def _headers(p: Principal, levels: list[float]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, limit, offset in (("requests", "rpm", 0), ("tokens", "tpm", 1)):
+            found = [
+                (levels[2 * i + offset], getattr(s, limit))
+                for i, s in enumerate(p.scopes)
+                if getattr(s, limit)
+            ]
+            if found:
+                left, per = min(found)
+                out[f"x-ratelimit-limit-{name}"] = str(per)
+                out[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(left)))
+                out[f"x-ratelimit-reset-{name}"] = duration((per - left) * 60 / per)
+        return out

@@ -1,0 +1,246 @@
+"""Tenants, keys and the usage ledger in SQLite: the embedded default, nothing to run.
+
+The gateway looks a key up on every request (one indexed read, ~10 us) instead of
+caching it, so `tiergate keys revoke` takes effect on the next request, in every
+gateway process that shares the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.tenants import keys as keymod
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,
+    tiers TEXT NOT NULL,            -- JSON list; [] means every tier
+    rpm INTEGER, tpm INTEGER, max_concurrency INTEGER,
+    budget_tokens INTEGER, budget_period TEXT NOT NULL DEFAULT 'month',
+    budget_hard INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    tenant TEXT NOT NULL REFERENCES tenants(name),
+    digest BLOB NOT NULL,
+    rpm INTEGER, tpm INTEGER, max_concurrency INTEGER,
+    created REAL NOT NULL,
+    revoked REAL,
+    UNIQUE (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS usage (
+    day TEXT NOT NULL, tenant TEXT NOT NULL, key TEXT NOT NULL, tier TEXT NOT NULL,
+    requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL,
+    PRIMARY KEY (day, tenant, key, tier)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    tiers: tuple[str, ...]  # empty: every tier
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+    budget_tokens: int | None = None
+    budget_period: str = "month"
+    budget_hard: bool = True
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Limits counted together: a tenant's (all its keys), or one key's own."""
+
+    id: str
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrency: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.rpm or self.tpm or self.max_concurrency)
+
+
+@dataclass(frozen=True)
+class Budget:
+    tokens: int  # prompt + completion tokens per period
+    period: str  # "day" or "month" (UTC)
+    hard: bool  # refuse once spent (429 insufficient_quota); soft: serve on, still counted
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who sent a request: the tenant, the key's name, what it may use, and the limit
+    scopes it counts against (its tenant's, and its key's where the key narrows them)."""
+
+    tenant: str
+    key: str
+    tiers: frozenset[str] | None  # None: every tier
+    scopes: tuple[Scope, ...] = ()
+    budget: Budget | None = None
+
+    def may_use(self, tier: str) -> bool:
+        return self.tiers is None or tier in self.tiers
+
+    def tightest(self, limit: str) -> int | None:
+        values = [getattr(s, limit) for s in self.scopes if getattr(s, limit)]
+        return min(values) if values else None
+
+
+class TenantStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the CLI's writes
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> TenantStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- operator side (the `tiergate keys` CLI) --
+
+    def set_tenant(self, t: Tenant) -> None:
+        if t.name == "default":  # the operator's: config-file keys (serving/tenants/auth.py)
+            raise ValueError("the tenant name 'default' is reserved for server.api_keys")
+        if t.budget_period not in ("day", "month"):
+            raise ValueError(f"budget period must be day or month, not {t.budget_period!r}")
+        self.db.execute(
+            "INSERT INTO tenants VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+            "tiers=excluded.tiers, rpm=excluded.rpm, tpm=excluded.tpm, "
+            "max_concurrency=excluded.max_concurrency, budget_tokens=excluded.budget_tokens, "
+            "budget_period=excluded.budget_period, budget_hard=excluded.budget_hard",
+            (
+                t.name,
+                json.dumps(list(t.tiers)),
+                t.rpm,
+                t.tpm,
+                t.max_concurrency,
+                t.budget_tokens,
+                t.budget_period,
+                int(t.budget_hard),
+                time.time(),
+            ),
+        )
+
+    def tenants(self) -> list[Tenant]:
+        rows = self.db.execute(
+            "SELECT name, tiers, rpm, tpm, max_concurrency, budget_tokens, budget_period, "
+            "budget_hard FROM tenants ORDER BY name"
+        ).fetchall()
+        return [Tenant(r[0], tuple(json.loads(r[1])), *r[2:7], bool(r[7])) for r in rows]
+
+    def create_key(
+        self,
+        tenant: str,
+        name: str,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        max_concurrency: int | None = None,
+    ) -> str:
+        """A new key for `tenant`; the only time the key itself exists on this side."""
+        if not self.db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone():
+            raise ValueError(f"no tenant named {tenant!r}; create it with `tiergate keys tenant`")
+        kid, key = keymod.new_key()
+        try:
+            self.db.execute(
+                "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,NULL)",
+                (kid, name, tenant, keymod.digest(key), rpm, tpm, max_concurrency, time.time()),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise ValueError(f"tenant {tenant!r} already has a key named {name!r}") from exc
+        return key
+
+    def keys(self) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT id, name, tenant, created, revoked FROM keys ORDER BY tenant, name"
+        ).fetchall()
+        return [
+            {"id": r[0], "name": r[1], "tenant": r[2], "created": r[3], "revoked": r[4]}
+            for r in rows
+        ]
+
+    def revoke(self, tenant: str, name: str) -> None:
+        done = self.db.execute(
+            "UPDATE keys SET revoked=? WHERE tenant=? AND name=? AND revoked IS NULL",
+            (time.time(), tenant, name),
+        )
+        if done.rowcount == 0:
+            raise ValueError(f"tenant {tenant!r} has no live key named {name!r}")
+
+    # -- gateway side --
+
+    def lookup(self, key: str) -> Principal | None:
+        """The principal behind a live key; None for an unknown, revoked or wrong one."""
+        kid = keymod.key_id(key)
+        if kid is None:
+            return None
+        row = self.db.execute(
+            "SELECT k.digest, k.name, k.tenant, t.tiers, k.rpm, t.rpm, k.tpm, t.tpm, "
+            "k.max_concurrency, t.max_concurrency, t.budget_tokens, t.budget_period, "
+            "t.budget_hard FROM keys k JOIN tenants t "
+            "ON k.tenant = t.name WHERE k.id=? AND k.revoked IS NULL",
+            (kid,),
+        ).fetchone()
+        if row is None or not keymod.matches(key, row[0]):
+            return None
+        tiers = json.loads(row[3])
+        # A key may narrow its tenant's limits (its own scope), never widen them: the
+        # tenant's scope counts every key's requests.
+        scopes = [Scope(f"t:{row[2]}", row[5], row[7], row[9])]
+        key_scope = Scope(f"k:{row[2]}/{row[1]}", row[4], row[6], row[8])
+        if key_scope.limited:
+            scopes.append(key_scope)
+        return Principal(
+            tenant=row[2],
+            key=row[1],
+            tiers=frozenset(tiers) if tiers else None,
+            scopes=tuple(s for s in scopes if s.limited),
+            budget=Budget(row[10], row[11], bool(row[12])) if row[10] else None,
+        )
+
+    def record(self, rows: Iterable[tuple[str, str, str, str, int, int, int, float]]) -> None:
+        """Add (day, tenant, key, tier, requests, prompt, completion, cost) to the ledger."""
+        self.db.executemany(
+            "INSERT INTO usage VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
+            "requests=requests+excluded.requests, "
+            "prompt_tokens=prompt_tokens+excluded.prompt_tokens, "
+            "completion_tokens=completion_tokens+excluded.completion_tokens, "
+            "cost_usd=cost_usd+excluded.cost_usd",
+            list(rows),
+        )
+
+    def spent(self, tenant: str, since: str) -> int:
+        """Prompt + completion tokens the tenant used from day `since` (YYYY-MM-DD) on."""
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM usage "
+            "WHERE tenant=? AND day >= ?",
+            (tenant, since),
+        ).fetchone()
+        return int(row[0])
+
+    def usage(self, since: str = "") -> list[dict]:
+        rows = self.db.execute(
+            "SELECT day, tenant, key, tier, requests, prompt_tokens, completion_tokens, "
+            "cost_usd FROM usage WHERE day >= ? ORDER BY day, tenant, key, tier",
+            (since,),
+        ).fetchall()
+        cols = ("day", "tenant", "key", "tier", "requests", "prompt_tokens")
+        cols += ("completion_tokens", "cost_usd")
+        return [dict(zip(cols, r, strict=True)) for r in rows]

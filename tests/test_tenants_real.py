@@ -1,0 +1,73 @@
+"""Tenancy against the real vLLM engine: a tenant limited to the small tier gets 403 on
+the large one, `auto` never picks it, and the usage ledger equals the engine's own
+`usage` sums. Both tiers front the session's real engine (so no second engine starts);
+the gateway under test runs in-process with tenancy on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from serving.config import Settings
+from serving.tenants.store import Tenant, TenantStore
+from tests.fake_engine import in_process_gateway
+from tests.test_tenants import _tokenizer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_tenant_tiers_and_usage_against_the_real_engine(gateway, model, tmp_path) -> None:
+    engine_url = next(e["url"] for e in gateway.engines() if e["ready"])
+    db = tmp_path / "tenants.sqlite3"
+    with TenantStore(db) as store:
+        store.set_tenant(Tenant("team-a", ("small",)))
+        key = store.create_key("team-a", "ci")
+    tok = _tokenizer()
+    settings = Settings(
+        engines=[{"name": "real", "model": model, "url": engine_url}],
+        tiers=[
+            {"name": "small", "model": "small-m", "engines": ["real"], "tokenizer": tok},
+            {"name": "large", "model": "large-m", "engines": ["real"], "tokenizer": tok},
+        ],
+        router={"rules": {"default_tier": "large"}},
+        tenancy={"enabled": True, "db": str(db)},
+    )
+    mine = {"authorization": f"Bearer {key}"}
+    prompt = [{"role": "user", "content": "Name a colour."}]
+    expected = {"prompt_tokens": 0, "completion_tokens": 0}
+    async with in_process_gateway(settings) as client:
+        r = await client.post(
+            "/v1/chat/completions", json={"model": "large-m", "messages": prompt}, headers=mine
+        )
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+        for stream in (False, True, False):
+            body = {"model": "auto", "messages": prompt, "max_tokens": 8, "stream": stream}
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            r = await client.post("/v1/chat/completions", json=body, headers=mine, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-tiergate-tier"] == "small"  # never large, though the default
+            if stream:
+                events = [
+                    json.loads(line[6:])
+                    for line in r.text.splitlines()
+                    if line.startswith("data: {")
+                ]
+                usage = events[-1]["usage"]
+                assert r.text.rstrip().endswith("data: [DONE]")
+            else:
+                usage = r.json()["usage"]
+            for k in expected:
+                expected[k] += usage[k]
+    with TenantStore(db) as store:
+        rows = store.usage()
+    assert [(r["tenant"], r["key"], r["tier"]) for r in rows] == [("team-a", "ci", "small")]
+    assert rows[0]["requests"] == 3
+    assert rows[0]["prompt_tokens"] == expected["prompt_tokens"] > 0
+    assert rows[0]["completion_tokens"] == expected["completion_tokens"] > 0

@@ -1,0 +1,135 @@
+"""Tenant limits in a real Redis (Debian's redis-server, started here): the same answers
+as the in-process limiter, and two gateway processes in front of the real engine share
+one tenant's rpm."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+import yaml
+
+from serving.tenants.limits import RateLimited
+from serving.tenants.store import Principal, Scope, Tenant, TenantStore
+from tests.utils import GatewayProcess, free_port
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A throwaway redis-server; stopped (and checked gone) at the end."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (make test installs it where it runs as root)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        assert proc.wait(10) is not None
+
+
+async def test_redis_limiter_answers_as_the_in_process_one(redis_url) -> None:
+    from serving.tenants.redis_limits import RedisLimiter
+
+    lim = RedisLimiter(redis_url, prefix=f"test:{time.time()}:")
+    try:
+        p = Principal("t", "k", None, (Scope("t:t", rpm=3, tpm=1000, max_concurrency=2),))
+        a = await lim.admit(p, 100, now=1000.0)
+        assert a.headers["x-ratelimit-remaining-requests"] == "2"
+        assert a.headers["x-ratelimit-remaining-tokens"] == "900"
+        assert a.headers["x-ratelimit-reset-requests"] == "20s"
+        b = await lim.admit(p, 100, now=1000.0)
+        with pytest.raises(RateLimited, match="2 requests in flight") as exc:
+            await lim.admit(p, 100, now=1000.0)
+        assert exc.value.headers["retry-after"] == "1"
+        assert exc.value.headers["x-ratelimit-limit-tokens"] == "1000"
+        a.release(1000.0, {"prompt_tokens": 10, "completion_tokens": 20})
+        await asyncio.gather(*lim.pending)
+        c = await lim.admit(p, 100, now=1000.0)
+        assert c.headers["x-ratelimit-remaining-tokens"] == "770"
+        b.release(1000.0)
+        await asyncio.gather(*lim.pending)
+        with pytest.raises(RateLimited, match="3 requests per minute") as exc:
+            await lim.admit(p, 100, now=1000.0)
+        assert exc.value.headers["retry-after"] == "20"
+        assert await lim.admit(p, 100, now=1020.0) is not None
+        with pytest.raises(RateLimited, match="may use in a minute"):
+            await lim.admit(p, 5000, now=1020.0)
+    finally:
+        await lim.close()
+
+
+async def test_two_gateways_on_one_redis_share_a_tenants_rpm(
+    redis_url, gateway, model, tmp_path
+) -> None:
+    """Both gateways front the session's real engine; one tenant at 30 rpm sends 80
+    requests alternately through them. Together they admit 30 plus what refilled while
+    the test ran, as one gateway would."""
+    engine_url = next(e["url"] for e in gateway.engines() if e["ready"])
+    db = tmp_path / "tenants.sqlite3"
+    rpm = 30
+    with TenantStore(db) as store:
+        store.set_tenant(Tenant("team-a", (), rpm=rpm))
+        key = store.create_key("team-a", "ci")
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "engines": [{"name": "real", "model": model, "url": engine_url}],
+                "tenancy": {"enabled": True, "db": str(db), "redis_url": redis_url},
+            }
+        )
+    )
+    with (
+        GatewayProcess(config, tmp_path / "a.log") as a,
+        GatewayProcess(config, tmp_path / "b.log") as b,
+    ):
+        a.wait_ready(60)
+        b.wait_ready(60)
+        statuses: dict[str, list[int]] = {a.url: [], b.url: []}
+        body = {"model": model, "prompt": "Hi", "max_tokens": 1}
+        headers = {"authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(timeout=60) as http:
+            started = time.monotonic()
+
+            async def one(i: int) -> None:
+                url = (a.url, b.url)[i % 2]
+                r = await http.post(url + "/v1/completions", json=body, headers=headers)
+                assert r.status_code in (200, 429), r.text
+                statuses[url].append(r.status_code)
+
+            for batch in range(0, 80, 8):
+                await asyncio.gather(*(one(i) for i in range(batch, batch + 8)))
+            elapsed = time.monotonic() - started
+        assert a.stop(signal.SIGINT) in (0, 130) and b.stop(signal.SIGINT) in (0, 130)
+    ok = {url: s.count(200) for url, s in statuses.items()}
+    refilled = elapsed * rpm / 60
+    print(f"admitted per gateway {ok}, {elapsed:.1f} s, bucket refilled {refilled:.1f}")
+    assert all(n > 0 for n in ok.values())  # both gateways served the tenant
+    total = sum(ok.values())
+    assert rpm <= total <= rpm + refilled + 1  # one bucket, not one per gateway (2 x 30)
+    assert sum(s.count(429) for s in statuses.values()) == 80 - total
