@@ -57,6 +57,9 @@ async def test_each_attack_is_refused_and_no_key_is_logged(tmp_path, capsys, cap
         )
         async with served(settings) as (_, url):
             assert (await raw(url, [f"Authorization: Bearer {key}"]))[0] == 200  # the control
+            # "old" is used, so the gateway holds its answer; then revoked by the CLI's
+            # connection: the next request must be refused all the same
+            assert (await raw(url, [f"Authorization: Bearer {gone}"]))[0] == 200
             with TenantStore(db) as store:
                 store.revoke("team-a", "old")
             attacks = {
@@ -83,7 +86,7 @@ async def test_each_attack_is_refused_and_no_key_is_logged(tmp_path, capsys, cap
                     f"Authorization: Bearer {key}",
                 ],
                 "a 64 KiB header": ["Authorization: Bearer tg-" + "a" * 65536],
-                "a revoked key": [f"Authorization: Bearer {gone}"],
+                "a revoked key still in the gateway's cache": [f"Authorization: Bearer {gone}"],
             }
             results = {}
             for name, head in attacks.items():
@@ -108,4 +111,5 @@ async def test_each_attack_is_refused_and_no_key_is_logged(tmp_path, capsys, cap
     assert "operator-key-123" not in written
     audit = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
     assert audit[0]["tenant"] == "team-a" and audit[0]["key"] == "ci"  # names, not keys
+    assert [line["status"] for line in audit[2:]] == [401] * len(attacks)  # refusals logged
     print(f"{len(results)} attacks, each refused with 401")

@@ -25,43 +25,45 @@ class RateLimited(GatewayError):
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
 
-@dataclass
 class Bucket:
-    per_minute: int
-    level: float = -1.0  # -1: full, set on first use
-    at: float = 0.0
+    """Refills per_minute / 60 each second up to per_minute; below zero is a debt (a
+    request's usage came in over its reservation), paid back before the next take."""
 
-    def _refill(self, now: float) -> None:
-        if self.level < 0:
-            self.level, self.at = float(self.per_minute), now
-        self.level = min(self.per_minute, self.level + (now - self.at) * self.per_minute / 60)
+    __slots__ = ("at", "level", "limit", "per_minute", "rate")
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self.rate = per_minute / 60
+        self.limit = str(per_minute)  # the header value, made once
+        self.level = float(per_minute)
+        self.at: float | None = None
+
+    def refill(self, now: float) -> float:
+        if self.at is not None:
+            self.level = min(self.per_minute, self.level + (now - self.at) * self.rate)
         self.at = now
+        return self.level
 
     def take(self, now: float, n: float) -> bool:
-        self._refill(now)
-        if self.level < n:
+        if self.refill(now) < n:
             return False
         self.level -= n
         return True
 
     def adjust(self, now: float, n: float) -> None:
-        """Charge n more (or give -n back); may go below zero: the debt is paid first."""
-        self._refill(now)
-        self.level = min(self.per_minute, self.level - n)
+        """Charge n more (or give -n back)."""
+        self.level = min(self.per_minute, self.refill(now) - n)
 
     def remaining(self, now: float) -> int:
-        self._refill(now)
-        return max(0, math.floor(self.level))
+        return max(0, math.floor(self.refill(now)))
 
     def wait_s(self, now: float, n: float) -> float:
         """Until n can be taken."""
-        self._refill(now)
-        return max(0.0, (n - self.level) * 60 / self.per_minute)
+        return max(0.0, (n - self.refill(now)) / self.rate)
 
     def reset_s(self, now: float) -> float:
         """Until the bucket is full again (OpenAI's x-ratelimit-reset-*)."""
-        self._refill(now)
-        return (self.per_minute - self.level) * 60 / self.per_minute
+        return (self.per_minute - self.refill(now)) / self.rate
 
 
 @dataclass
@@ -102,17 +104,19 @@ class TenantLimiter:
 
     def _state(self, scope: Scope) -> _State:
         known = self.states.get(scope.id)
-        if known is None or (known[0].rpm, known[0].tpm) != (scope.rpm, scope.tpm):
-            # new, or the operator changed the limits: start over with the new ones
+        if known is not None and known[0] is scope:  # the store hands out the same Scope
+            return known[1]
+        if known is None:
             state = _State(
                 Bucket(scope.rpm) if scope.rpm else None, Bucket(scope.tpm) if scope.tpm else None
             )
-            if known is not None:
-                state.in_flight = known[1].in_flight
-            self.states[scope.id] = (scope, state)
-            return state
-        self.states[scope.id] = (scope, known[1])  # max_concurrency may have changed
-        return known[1]
+        else:
+            state = known[1]  # the same object: admissions in flight release into it
+            if (known[0].rpm, known[0].tpm) != (scope.rpm, scope.tpm):  # new limits
+                state.requests = Bucket(scope.rpm) if scope.rpm else None
+                state.tokens = Bucket(scope.tpm) if scope.tpm else None
+        self.states[scope.id] = (scope, state)
+        return state
 
     async def admit(self, p: Principal, max_tokens: int | None, now: float) -> Admission | None:
         return self.admit_now(p, max_tokens, now)
@@ -123,40 +127,44 @@ class TenantLimiter:
         if not p.scopes:
             return None
         need = max_tokens or self.default_reservation
-        pairs = [(scope, self._state(scope)) for scope in p.scopes]
-        for scope, state in pairs:
-            why, wait = None, 0.0
-            if state.tokens is not None and need > state.tokens.per_minute:
-                raise RateLimited(
-                    f"max_tokens {need} is more than '{p.tenant}' may use in a minute "
-                    f"({state.tokens.per_minute} tokens).",
-                    param="max_tokens",
-                    headers=self.headers(pairs, now),
-                )
+        states = [self._state(scope) for scope in p.scopes]
+        for scope, state in zip(p.scopes, states, strict=True):
+            requests, tokens = state.requests, state.tokens
+            if requests is not None:
+                requests.refill(now)
+            if tokens is not None:
+                tokens.refill(now)
+                if need > tokens.per_minute:
+                    raise RateLimited(
+                        f"max_tokens {need} is more than '{p.tenant}' may use in a minute "
+                        f"({tokens.per_minute} tokens).",
+                        param="max_tokens",
+                        headers=self.headers(states, now),
+                    )
             if scope.max_concurrency and state.in_flight >= scope.max_concurrency:
                 why, wait = f"{scope.max_concurrency} requests in flight", 1.0
-            elif state.requests is not None and state.requests.remaining(now) < 1:
-                why = f"{state.requests.per_minute} requests per minute"
-                wait = state.requests.wait_s(now, 1)
-            elif state.tokens is not None and state.tokens.remaining(now) < need:
-                why = f"{state.tokens.per_minute} tokens per minute"
-                wait = state.tokens.wait_s(now, need)
-            if why:
-                headers = self.headers(pairs, now) | {"retry-after": str(max(1, math.ceil(wait)))}
-                who = "key" if scope.id.startswith("k:") else "tenant"
-                raise RateLimited(
-                    f"Rate limit reached for {who} '{scope.id[2:]}': {why}. "
-                    f"Retry after {headers['retry-after']}s.",
-                    headers=headers,
-                )
-        for _, state in pairs:
+            elif requests is not None and requests.level < 1:
+                why = f"{requests.per_minute} requests per minute"
+                wait = requests.wait_s(now, 1)
+            elif tokens is not None and tokens.level < need:
+                why = f"{tokens.per_minute} tokens per minute"
+                wait = tokens.wait_s(now, need)
+            else:
+                continue
+            headers = self.headers(states, now) | {"retry-after": str(max(1, math.ceil(wait)))}
+            who = "key" if scope.id.startswith("k:") else "tenant"
+            raise RateLimited(
+                f"Rate limit reached for {who} '{scope.id[2:]}': {why}. "
+                f"Retry after {headers['retry-after']}s.",
+                headers=headers,
+            )
+        for state in states:  # every bucket was refilled at `now` above
             if state.requests is not None:
-                state.requests.take(now, 1)
+                state.requests.level -= 1
             if state.tokens is not None:
-                state.tokens.take(now, need)
+                state.tokens.level -= need
             state.in_flight += 1
-        states = [state for _, state in pairs]
-        return Admission(self, states, need, self.headers(pairs, now))
+        return Admission(self, states, need, self.headers(states, now))
 
     def release(self, a: Admission, now: float, usage: dict | None) -> None:
         used = None
@@ -170,14 +178,17 @@ class TenantLimiter:
                 state.tokens.adjust(now, used - a.reserved)  # no usage: the reservation stands
 
     @staticmethod
-    def headers(pairs: list[tuple[Scope, _State]], now: float) -> dict[str, str]:
+    def headers(states: list[_State], now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers, from the scope with the least left of each."""
         out: dict[str, str] = {}
         for name in ("requests", "tokens"):
-            buckets = [getattr(st, name) for _, st in pairs if getattr(st, name) is not None]
-            if buckets:
-                b = min(buckets, key=lambda b: b.remaining(now))
-                out[f"x-ratelimit-limit-{name}"] = str(b.per_minute)
-                out[f"x-ratelimit-remaining-{name}"] = str(b.remaining(now))
-                out[f"x-ratelimit-reset-{name}"] = duration(b.reset_s(now))
+            low: Bucket | None = None
+            for state in states:
+                b = state.requests if name == "requests" else state.tokens
+                if b is not None and (low is None or b.refill(now) < low.level):
+                    low = b
+            if low is not None:
+                out[f"x-ratelimit-limit-{name}"] = low.limit
+                out[f"x-ratelimit-remaining-{name}"] = str(max(0, math.floor(low.level)))
+                out[f"x-ratelimit-reset-{name}"] = duration((low.per_minute - low.level) / low.rate)
         return out

@@ -102,8 +102,14 @@ class TenantStore:
         self.path = path
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the CLI's writes
+        # WAL + NORMAL: a commit appends to the log without an fsync (the gateway writes
+        # from its event loop); a power cut may lose the last second of usage, never the
+        # file's consistency.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(_SCHEMA)
+        self._version: int | None = None
+        self._cache: dict[bytes, Principal | None] = {}  # by key digest, never the key
 
     def close(self) -> None:
         self.db.close()
@@ -117,6 +123,7 @@ class TenantStore:
     # -- operator side (the `tiergate keys` CLI) --
 
     def set_tenant(self, t: Tenant) -> None:
+        self._cache = {}  # this connection's own writes do not move data_version
         if t.name == "default":  # the operator's: config-file keys (serving/tenants/auth.py)
             raise ValueError("the tenant name 'default' is reserved for server.api_keys")
         if t.budget_period not in ("day", "month"):
@@ -158,6 +165,7 @@ class TenantStore:
         if not self.db.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone():
             raise ValueError(f"no tenant named {tenant!r}; create it with `tiergate keys tenant`")
         kid, key = keymod.new_key()
+        self._cache = {}
         try:
             self.db.execute(
                 "INSERT INTO keys VALUES (?,?,?,?,?,?,?,?,NULL)",
@@ -177,6 +185,7 @@ class TenantStore:
         ]
 
     def revoke(self, tenant: str, name: str) -> None:
+        self._cache = {}
         done = self.db.execute(
             "UPDATE keys SET revoked=? WHERE tenant=? AND name=? AND revoked IS NULL",
             (time.time(), tenant, name),
@@ -187,7 +196,23 @@ class TenantStore:
     # -- gateway side --
 
     def lookup(self, key: str) -> Principal | None:
-        """The principal behind a live key; None for an unknown, revoked or wrong one."""
+        """The principal behind a live key; None for an unknown, revoked or wrong one.
+
+        Answers are kept until the file changes: `PRAGMA data_version` moves when any
+        other connection (the CLI's revoke, a tenant's new limits) commits, and costs
+        no table read, so a revoke still acts on the very next request."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._version, self._cache = version, {}
+        digest = keymod.digest(key)
+        if digest in self._cache:
+            return self._cache[digest]
+        found = self._lookup(key)
+        if found is not None or len(self._cache) < 10_000:  # bounded against junk keys
+            self._cache[digest] = found
+        return found
+
+    def _lookup(self, key: str) -> Principal | None:
         kid = keymod.key_id(key)
         if kid is None:
             return None
@@ -216,7 +241,17 @@ class TenantStore:
         )
 
     def record(self, rows: Iterable[tuple[str, str, str, str, int, int, int, float]]) -> None:
-        """Add (day, tenant, key, tier, requests, prompt, completion, cost) to the ledger."""
+        """Add (day, tenant, key, tier, requests, prompt, completion, cost) to the ledger,
+        in one transaction."""
+        self.db.execute("BEGIN")  # one commit, not one per row (the connection autocommits)
+        try:
+            self._record(rows)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _record(self, rows: Iterable[tuple[str, str, str, str, int, int, int, float]]) -> None:
         self.db.executemany(
             "INSERT INTO usage VALUES (?,?,?,?,?,?,?,?) ON CONFLICT DO UPDATE SET "
             "requests=requests+excluded.requests, "
