@@ -71,3 +71,46 @@ async def test_tenant_tiers_and_usage_against_the_real_engine(gateway, model, tm
     assert rows[0]["requests"] == 3
     assert rows[0]["prompt_tokens"] == expected["prompt_tokens"] > 0
     assert rows[0]["completion_tokens"] == expected["completion_tokens"] > 0
+
+
+async def test_tpm_and_budget_refusals_against_the_real_engine(gateway, model, tmp_path) -> None:
+    """tpm is charged the engine's real usage (prompt + completion) after each answer;
+    once the bucket is short, 429 with Retry-After and the -tokens headers. A spent hard
+    budget is 429 insufficient_quota."""
+    engine_url = next(e["url"] for e in gateway.engines() if e["ready"])
+    db = tmp_path / "tenants.sqlite3"
+    with TenantStore(db) as store:
+        store.set_tenant(Tenant("meter", (), tpm=300))
+        store.set_tenant(Tenant("thrifty", (), budget_tokens=60, budget_period="day"))
+        meter, thrifty = store.create_key("meter", "k"), store.create_key("thrifty", "k")
+    settings = Settings(
+        engines=[{"name": "real", "model": model, "url": engine_url}],
+        tenancy={"enabled": True, "db": str(db)},
+    )
+    body = {"model": model, "prompt": "The capital of France is", "max_tokens": 8}
+    async with in_process_gateway(settings) as client:
+
+        async def post(key: str):
+            return await client.post(
+                "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"}
+            )
+
+        answers = [await post(meter) for _ in range(12)]
+        codes = [r.status_code for r in answers]
+        assert codes[0] == 200 and 429 in codes, codes
+        first_refusal = answers[codes.index(429)]
+        used = sum(r.json()["usage"]["total_tokens"] for r in answers if r.status_code == 200)
+        assert 300 - used < 8 + 60  # refused only once the real usage had spent the bucket
+        assert first_refusal.json()["error"]["code"] == "rate_limit_exceeded"
+        assert "300 tokens per minute" in first_refusal.json()["error"]["message"]
+        assert int(first_refusal.headers["retry-after"]) >= 1
+        assert first_refusal.headers["x-ratelimit-limit-tokens"] == "300"
+        ok = answers[0].headers
+        assert ok["x-ratelimit-limit-tokens"] == "300"
+        assert ok["x-ratelimit-remaining-tokens"] == "292"  # 8 reserved at admission
+
+        budget = [await post(thrifty) for _ in range(4)]
+        codes = [r.status_code for r in budget]
+        assert codes[0] == 200 and codes[-1] == 429, codes
+        err = budget[-1].json()["error"]
+        assert err["type"] == "insufficient_quota" and err["code"] == "insufficient_quota"

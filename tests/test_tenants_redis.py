@@ -133,3 +133,24 @@ async def test_two_gateways_on_one_redis_share_a_tenants_rpm(
     total = sum(ok.values())
     assert rpm <= total <= rpm + refilled + 1  # one bucket, not one per gateway (2 x 30)
     assert sum(s.count(429) for s in statuses.values()) == 80 - total
+
+
+async def test_budget_spend_is_shared_through_redis(redis_url) -> None:
+    """Two limiters (two replicas) add a tenant's tokens to one spend for the period."""
+    from serving.tenants.redis_limits import RedisLimiter
+    from serving.tenants.store import Budget
+
+    prefix = f"test:{time.time()}:"
+    one, two = RedisLimiter(redis_url, prefix=prefix), RedisLimiter(redis_url, prefix=prefix)
+    try:
+        p = Principal("t", "k", None, (), Budget(100, "month", True))
+        for limiter, used in ((one, 30), (two, 50), (one, 5)):
+            admission = await limiter.admit(p, 10, now=1000.0)
+            admission.release(1000.0, {"prompt_tokens": used - 1, "completion_tokens": 1})
+            await asyncio.gather(*limiter.pending)
+        assert await one.budget_spent(p, 1000.0) == await two.budget_spent(p, 1000.0) == 85
+        next_month = 1000.0 + 40 * 86400
+        assert await one.budget_spent(p, next_month) == 0  # a new period starts at zero
+    finally:
+        await one.close()
+        await two.close()

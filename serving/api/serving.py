@@ -196,10 +196,10 @@ class ProxyService:
                 else None
             )
             if principal.budget is not None and self.ledger is not None:
-                self._check_budget(principal)
+                await self._check_budget(principal)
             max_out = payload.get("max_completion_tokens") or payload.get("max_tokens")
             admission = None
-            if principal.scopes:  # a tenant with limits (others pay nothing here)
+            if principal.scopes or principal.budget:  # others pay nothing here
                 admission = await self.limiter.admit(principal, max_out, self.clock())
             try:
                 attempts = await self._plan(tier, key)
@@ -231,9 +231,12 @@ class ProxyService:
             )
             raise
 
-    def _check_budget(self, principal: Principal) -> None:
+    async def _check_budget(self, principal: Principal) -> None:
         budget = principal.budget
-        spent = self.ledger.spent(principal.tenant, budget.period)
+        if isinstance(self.limiter, RedisLimiter):  # every replica's spend
+            spent = await self.limiter.budget_spent(principal, time.time())
+        else:
+            spent = self.ledger.spent(principal.tenant, budget.period)
         if spent >= budget.tokens and budget.hard:
             raise InsufficientQuota(
                 f"Tenant '{principal.tenant}' has used its {budget.tokens:,}-token budget "

@@ -8,8 +8,8 @@ slots are held until the answer ends, on every path (done, error, disconnect), b
 the caller's `release`.
 
 This store is per process: several router replicas (or `server.workers`) each hold
-their own buckets, so limits are per replica here. A shared store plugs in behind the
-same two calls (`admit`, `release`).
+their own buckets, so limits are per replica here. serving/tenants/redis_limits.py
+shares them, behind the same two calls (`admit`, then the admission's `release`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The tenant limits in Redis, for several router replicas (or `server.workers`): the
 same buckets and in-flight counts as serving/tenants/limits.py, each check-and-take
-one Lua script, so two gateways cannot both take the last request of a minute.
+one Lua script, so two gateways cannot both take the last request of a minute; and
+each tenant's budget spend for the day or month, added up by every replica.
 
 Per scope, one hash: rl/rt (requests level and when), tl/tt (tokens), f (in flight).
 The clock is the gateway's (`time.time()`; replicas' clocks agree to NTP's
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 from serving.tenants.limits import RateLimited, duration
 from serving.tenants.store import Principal
+from serving.tenants.usage import period_start
 
 log = logging.getLogger("tiergate.limits")
 
@@ -104,7 +106,7 @@ class RedisAdmission:
                 used = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
         delta = 0 if used is None else used - self.reserved
         task = asyncio.get_running_loop().create_task(
-            self.limiter.release(self.principal, now, delta)
+            self.limiter.release(self.principal, now, delta, used or 0)
         )
         self.limiter.pending.add(task)
         task.add_done_callback(self.limiter.pending.discard)
@@ -137,7 +139,8 @@ class RedisLimiter:
         self, p: Principal, max_tokens: int | None, now: float
     ) -> RedisAdmission | None:
         if not p.scopes:
-            return None
+            # no rate limits; a budget still needs the release to count the tokens
+            return RedisAdmission(self, p, 0, {}) if p.budget is not None else None
         need = max_tokens or self.default_reservation
         keys, limits = self._args(p)
         answer = await self.admit_script(keys=keys, args=[now, need, *limits])
@@ -167,13 +170,26 @@ class RedisLimiter:
             headers=headers | {"retry-after": retry},
         )
 
-    async def release(self, p: Principal, now: float, delta: int) -> None:
+    async def release(self, p: Principal, now: float, delta: int, used: int = 0) -> None:
         keys, _ = self._args(p)
         tpms = [s.tpm or 0 for s in p.scopes]
         try:
-            await self.release_script(keys=keys, args=[now, delta, *tpms])
+            if keys:
+                await self.release_script(keys=keys, args=[now, delta, *tpms])
+            if p.budget is not None and used:
+                key = self._budget_key(p.tenant, p.budget.period, now)
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    await pipe.incrby(key, used).expire(key, 32 * 86400).execute()
         except Exception as exc:  # a lost release must not fail the answer
             log.warning("could not release a tenant's limits in Redis: %s", exc)
+
+    def _budget_key(self, tenant: str, period: str, now: float) -> str:
+        return f"{self.prefix}budget:{tenant}:{period_start(period, now)}"
+
+    async def budget_spent(self, p: Principal, now: float) -> int:
+        """Tokens the tenant used this period, counted by every replica."""
+        value = await self.redis.get(self._budget_key(p.tenant, p.budget.period, now))
+        return int(value or 0)
 
     @staticmethod
     def _headers(p: Principal, levels: list[float]) -> dict[str, str]:

@@ -16,6 +16,12 @@ from serving.tenants.store import TenantStore
 Row = tuple[str, str, str, str]  # day, tenant, key, tier
 
 
+def period_start(period: str, now: float) -> str:
+    """The first day (YYYY-MM-DD, UTC) of the day or month that `now` is in."""
+    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    return day if period == "day" else day[:8] + "01"
+
+
 class UsageLedger:
     def __init__(self, store: TenantStore) -> None:
         self.store = store
@@ -35,8 +41,7 @@ class UsageLedger:
         """Tokens the tenant used this day or month (UTC): written, plus not yet written.
         The written part is read at most once a second per tenant."""
         now = time.time() if now is None else now
-        day = time.strftime("%Y-%m-%d", time.gmtime(now))
-        since = day if period == "day" else day[:8] + "01"
+        since = period_start(period, now)
         cached = self.spent_cache.get((tenant, since))
         if cached is None or now - cached[1] > 1.0:
             cached = self.spent_cache[(tenant, since)] = (self.store.spent(tenant, since), now)
