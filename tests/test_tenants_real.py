@@ -82,7 +82,9 @@ async def test_tpm_and_budget_refusals_against_the_real_engine(gateway, model, t
     with TenantStore(db) as store:
         store.set_tenant(Tenant("meter", (), tpm=300))
         store.set_tenant(Tenant("thrifty", (), budget_tokens=60, budget_period="day"))
+        store.set_tenant(Tenant("paced", (), rpm=2))
         meter, thrifty = store.create_key("meter", "k"), store.create_key("thrifty", "k")
+        paced = store.create_key("paced", "k")
     settings = Settings(
         engines=[{"name": "real", "model": model, "url": engine_url}],
         tenancy={"enabled": True, "db": str(db)},
@@ -108,6 +110,14 @@ async def test_tpm_and_budget_refusals_against_the_real_engine(gateway, model, t
         ok = answers[0].headers
         assert ok["x-ratelimit-limit-tokens"] == "300"
         assert ok["x-ratelimit-remaining-tokens"] == "292"  # 8 reserved at admission
+
+        paced_answers = [await post(paced) for _ in range(3)]
+        assert [r.status_code for r in paced_answers] == [200, 200, 429]
+        assert paced_answers[1].headers["x-ratelimit-remaining-requests"] == "0"
+        refused = paced_answers[2]
+        assert 20 <= int(refused.headers["retry-after"]) <= 30  # a request refills in 30 s
+        assert refused.headers["x-ratelimit-limit-requests"] == "2"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
 
         budget = [await post(thrifty) for _ in range(4)]
         codes = [r.status_code for r in budget]
