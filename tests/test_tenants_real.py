@@ -80,8 +80,8 @@ async def test_tpm_and_budget_refusals_against_the_real_engine(gateway, model, t
     engine_url = next(e["url"] for e in gateway.engines() if e["ready"])
     db = tmp_path / "tenants.sqlite3"
     with TenantStore(db) as store:
-        store.set_tenant(Tenant("meter", (), tpm=300))
-        store.set_tenant(Tenant("thrifty", (), budget_tokens=60, budget_period="day"))
+        store.set_tenant(Tenant("meter", (), tpm=100))
+        store.set_tenant(Tenant("thrifty", (), budget_tokens=30, budget_period="day"))
         store.set_tenant(Tenant("paced", (), rpm=2))
         meter, thrifty = store.create_key("meter", "k"), store.create_key("thrifty", "k")
         paced = store.create_key("paced", "k")
@@ -97,19 +97,19 @@ async def test_tpm_and_budget_refusals_against_the_real_engine(gateway, model, t
                 "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"}
             )
 
-        answers = [await post(meter) for _ in range(12)]
+        answers = [await post(meter) for _ in range(16)]
         codes = [r.status_code for r in answers]
         assert codes[0] == 200 and 429 in codes, codes
         first_refusal = answers[codes.index(429)]
         used = sum(r.json()["usage"]["total_tokens"] for r in answers if r.status_code == 200)
-        assert 300 - used < 8 + 60  # refused only once the real usage had spent the bucket
+        assert 100 - used < 8 + 20  # refused only once the real usage had spent the bucket
         assert first_refusal.json()["error"]["code"] == "rate_limit_exceeded"
-        assert "300 tokens per minute" in first_refusal.json()["error"]["message"]
+        assert "100 tokens per minute" in first_refusal.json()["error"]["message"]
         assert int(first_refusal.headers["retry-after"]) >= 1
-        assert first_refusal.headers["x-ratelimit-limit-tokens"] == "300"
+        assert first_refusal.headers["x-ratelimit-limit-tokens"] == "100"
         ok = answers[0].headers
-        assert ok["x-ratelimit-limit-tokens"] == "300"
-        assert ok["x-ratelimit-remaining-tokens"] == "292"  # 8 reserved at admission
+        assert ok["x-ratelimit-limit-tokens"] == "100"
+        assert ok["x-ratelimit-remaining-tokens"] == "92"  # 8 reserved at admission
 
         paced_answers = [await post(paced) for _ in range(3)]
         assert [r.status_code for r in paced_answers] == [200, 200, 429]
@@ -119,8 +119,11 @@ async def test_tpm_and_budget_refusals_against_the_real_engine(gateway, model, t
         assert refused.headers["x-ratelimit-limit-requests"] == "2"
         assert refused.json()["error"]["type"] == "rate_limit_error"
 
-        budget = [await post(thrifty) for _ in range(4)]
+        budget = [await post(thrifty) for _ in range(6)]
         codes = [r.status_code for r in budget]
-        assert codes[0] == 200 and codes[-1] == 429, codes
+        stop = codes.index(429)  # ~14 tokens a request against 30: the third or fourth
+        assert stop >= 2 and codes[:stop] == [200] * stop and codes[stop:] == [429] * (6 - stop)
+        spent = sum(r.json()["usage"]["total_tokens"] for r in budget[:stop])
+        assert spent >= 30 > spent - budget[stop - 1].json()["usage"]["total_tokens"]
         err = budget[-1].json()["error"]
         assert err["type"] == "insufficient_quota" and err["code"] == "insufficient_quota"
