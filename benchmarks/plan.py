@@ -158,15 +158,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     print("| GPU | C (KV-limited) | out tok/s | req/s | TTFT ms | TPOT ms | decode bound |")
     print("|---|---|---|---|---|---|---|")
     for gpu in _gpus(a.gpu):
-        model = Roofline(
-            spec,
-            gpu,
-            a.quant,
-            tp=a.tp,
-            kv_cache_dtype=a.kv_cache_dtype,
-            dtype_bytes=_dtype_bytes(a.dtype),
-            eff=eff,
-        )
+        model = _roofline(spec, gpu, a)
         shape = EngineShape(
             max_model_len=a.input + a.output,
             quantization=a.quant,
@@ -200,14 +192,7 @@ def observations(doc: dict) -> list[Observation]:
 def cmd_calibrate(a: argparse.Namespace) -> int:
     spec = _spec(a.model)
     gpu = _gpus(a.gpu)[0]
-    model = Roofline(
-        spec,
-        gpu,
-        a.quant,
-        tp=a.tp,
-        kv_cache_dtype=a.kv_cache_dtype,
-        dtype_bytes=_dtype_bytes(a.dtype),
-    )
+    model = _roofline(spec, gpu, a)  # the default factors: the fit starts from them
     obs = [o for path in a.bench for o in observations(json.loads(path.read_text()))]
     before = [model.predict(o.workload).output_tok_s for o in obs]
     eff, rms = calibrate(model, obs)
@@ -246,7 +231,7 @@ def _roofline(spec: ModelSpec, gpu: GPUProfile, a: argparse.Namespace) -> Roofli
         tp=a.tp,
         kv_cache_dtype=a.kv_cache_dtype,
         dtype_bytes=_dtype_bytes(a.dtype),
-        eff=_load_efficiency(a.efficiency),
+        eff=_load_efficiency(getattr(a, "efficiency", None)),
     )
 
 
