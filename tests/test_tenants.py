@@ -43,7 +43,7 @@ def test_keys_are_random_well_formed_and_never_stored_in_clear(store: TenantStor
     assert key != other and keys.key_id(key) and keys.key_id(other)
     assert keys.shown(key).endswith("…") and key[-10:] not in keys.shown(key)
     dump = "\n".join(store.db.iterdump())
-    assert key not in dump and key.split("-")[-1] not in dump  # only the digest is kept
+    assert key not in dump and key[12:] not in dump  # only the digest is kept
     assert keys.matches(key, keys.digest(key)) and not keys.matches(other, keys.digest(key))
 
 
@@ -217,7 +217,7 @@ def test_keys_cli(tmp_path) -> None:
     assert keys.key_id(key)
     listed = keys_cli("list").stdout
     assert "team-a" in listed and "ci" in listed and "live" in listed
-    assert key not in listed and key.split("-")[-1] not in listed  # the secret never again
+    assert key not in listed and key[12:] not in listed  # the secret never again
     keys_cli("revoke", "team-a", "ci")
     assert "revoked" in keys_cli("list").stdout
     bad = keys_cli("create", "nobody", "x", ok=False)
@@ -306,9 +306,10 @@ async def test_rpm_and_concurrency_through_the_gateway_on_every_path(tmp_path) -
             body = await r.json()
             assert r.status == 429 and body["error"]["type"] == "rate_limit_error"
             assert body["error"]["code"] == "rate_limit_exceeded"
-            assert r.headers["retry-after"] == "30"  # one request refills in 60/2 s
+            assert 25 <= int(r.headers["retry-after"]) <= 30  # a request refills in 60/2 s
             assert r.headers["x-ratelimit-remaining-requests"] == "0"
-            assert r.headers["x-ratelimit-reset-requests"] == "1m0s"
+            reset = r.headers["x-ratelimit-reset-requests"]  # full again in about a minute
+            assert reset == "1m0s" or (reset.endswith("s") and 50 <= int(reset[:-1]) <= 59)
 
             async def refused() -> bool:
                 r = await post(busy, stream=False)

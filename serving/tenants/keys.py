@@ -17,7 +17,7 @@ _KEY = re.compile(r"^tg-([0-9a-f]{8})-([A-Za-z0-9_-]{43})$")
 
 
 def new_key() -> tuple[str, str]:
-    """(key id, the key itself)."""
+    """(key id, the key itself). The secret is `key[12:]` (it may hold '-' itself)."""
     key_id = secrets.token_hex(4)
     return key_id, f"tg-{key_id}-{secrets.token_urlsafe(32)}"
 
