@@ -134,7 +134,7 @@ def create_app(
         limiter = (
             RedisLimiter(settings.tenancy.redis_url)
             if store is not None and settings.tenancy.redis_url
-            else TenantLimiter()
+            else TenantLimiter(ledger=ledger)
         )
         proxy = ProxyService(
             registry,

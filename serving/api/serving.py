@@ -132,7 +132,7 @@ class ProxyService:
     ) -> None:
         self.access = access or AccessLog(enabled=False)
         self.ledger = ledger
-        self.limiter = limiter or TenantLimiter()
+        self.limiter = limiter or TenantLimiter(ledger=ledger)
         self.registry = registry
         self.upstream = upstream
         self.metrics = metrics
@@ -195,7 +195,7 @@ class ProxyService:
                 if self.router.affinity and (len(tier.endpoints) > 1 or self.router.order)
                 else None
             )
-            if principal.budget is not None and self.ledger is not None:
+            if principal.budget is not None and principal.budget.hard:  # soft: serve on
                 await self._check_budget(principal)
             max_out = payload.get("max_completion_tokens") or payload.get("max_tokens")
             admission = None
@@ -205,8 +205,9 @@ class ProxyService:
                 attempts = await self._plan(tier, key)
                 self.budget.record_request(self.clock())
                 stream = bool(checked.stream)
-                call = Call(path, raw, payload, model, decision, started, trace, principal)
-                call.admission = admission
+                call = Call(
+                    path, raw, payload, model, decision, started, trace, principal, admission
+                )
                 if stream:
                     return await self._stream(attempts, call)
                 return await self._unary(attempts, call)
@@ -233,11 +234,8 @@ class ProxyService:
 
     async def _check_budget(self, principal: Principal) -> None:
         budget = principal.budget
-        if isinstance(self.limiter, RedisLimiter):  # every replica's spend
-            spent = await self.limiter.budget_spent(principal, time.time())
-        else:
-            spent = self.ledger.spent(principal.tenant, budget.period)
-        if spent >= budget.tokens and budget.hard:
+        spent = await self.limiter.budget_spent(principal, time.time())  # Redis: all replicas'
+        if spent >= budget.tokens:
             raise InsufficientQuota(
                 f"Tenant '{principal.tenant}' has used its {budget.tokens:,}-token budget "
                 f"for this {budget.period} ({spent:,} tokens). It renews at the start of "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from serving.errors import GatewayError
 from serving.tenants.store import Principal, Scope
+from serving.tenants.usage import UsageLedger
 
 
 class RateLimited(GatewayError):
@@ -73,6 +74,16 @@ class _State:
     in_flight: int = 0
 
 
+def tokens_used(usage: dict | None) -> int | None:
+    """Prompt + completion tokens of an answer's usage; None when it had none."""
+    if not usage:
+        return None
+    used = usage.get("total_tokens")
+    if used is None:
+        used = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+    return used
+
+
 def duration(seconds: float) -> str:
     """OpenAI's reset format: 1s, 6m0s, 250ms."""
     if seconds < 1:
@@ -98,8 +109,9 @@ class Admission:
 
 
 class TenantLimiter:
-    def __init__(self, default_reservation: int = 256) -> None:
+    def __init__(self, default_reservation: int = 256, ledger: UsageLedger | None = None):
         self.default_reservation = default_reservation
+        self.ledger = ledger  # budget spend: this host's ledger
         self.states: dict[str, tuple[Scope, _State]] = {}
 
     def _state(self, scope: Scope) -> _State:
@@ -120,6 +132,10 @@ class TenantLimiter:
 
     async def admit(self, p: Principal, max_tokens: int | None, now: float) -> Admission | None:
         return self.admit_now(p, max_tokens, now)
+
+    async def budget_spent(self, p: Principal, now: float) -> int:
+        """Tokens the tenant used this period (0 without a ledger)."""
+        return self.ledger.spent(p.tenant, p.budget.period, now) if self.ledger else 0
 
     def admit_now(self, p: Principal, max_tokens: int | None, now: float) -> Admission | None:
         """Admit, or raise RateLimited (429 with Retry-After and the x-ratelimit-*
@@ -167,11 +183,7 @@ class TenantLimiter:
         return Admission(self, states, need, self.headers(states, now))
 
     def release(self, a: Admission, now: float, usage: dict | None) -> None:
-        used = None
-        if usage:
-            used = usage.get("total_tokens")
-            if used is None:
-                used = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+        used = tokens_used(usage)
         for state in a.states:
             state.in_flight = max(0, state.in_flight - 1)
             if state.tokens is not None and used is not None:

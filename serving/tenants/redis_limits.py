@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from serving.tenants.limits import RateLimited, duration
+from serving.tenants.limits import RateLimited, duration, tokens_used
 from serving.tenants.store import Principal
 from serving.tenants.usage import period_start
 
@@ -99,11 +99,7 @@ class RedisAdmission:
         if self.released:
             return
         self.released = True
-        used = None
-        if usage:
-            used = usage.get("total_tokens")
-            if used is None:
-                used = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+        used = tokens_used(usage)
         delta = 0 if used is None else used - self.reserved
         task = asyncio.get_running_loop().create_task(
             self.limiter.release(self.principal, now, delta, used or 0)

@@ -16,9 +16,19 @@ from serving.tenants.store import TenantStore
 Row = tuple[str, str, str, str]  # day, tenant, key, tier
 
 
+_DAY: list = [None, ""]  # (whole second, its UTC day): the hot path asks many times a second
+
+
+def utc_day(now: float) -> str:
+    second = int(now)
+    if _DAY[0] != second:
+        _DAY[:] = [second, time.strftime("%Y-%m-%d", time.gmtime(second))]
+    return _DAY[1]
+
+
 def period_start(period: str, now: float) -> str:
     """The first day (YYYY-MM-DD, UTC) of the day or month that `now` is in."""
-    day = time.strftime("%Y-%m-%d", time.gmtime(now))
+    day = utc_day(now)
     return day if period == "day" else day[:8] + "01"
 
 
@@ -30,8 +40,7 @@ class UsageLedger:
 
     def add(self, tenant: str, key: str, tier: str, usage: dict | None, cost: float) -> None:
         usage = usage or {}
-        day = time.strftime("%Y-%m-%d", time.gmtime())
-        row = self.pending[(day, tenant, key, tier)]
+        row = self.pending[(utc_day(time.time()), tenant, key, tier)]
         row[0] += 1
         row[1] += usage.get("prompt_tokens") or 0
         row[2] += usage.get("completion_tokens") or 0
