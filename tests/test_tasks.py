@@ -72,3 +72,21 @@ async def test_exceptions_are_retrieved_and_done_tasks_are_fine() -> None:
     await asyncio.sleep(0)
     await cancel_and_wait([failed])
     assert isinstance(failed.exception(), RuntimeError)
+
+
+async def test_terminate_waits_until_the_whole_engine_group_is_gone() -> None:
+    """An engine's children (vLLM's core and workers) die with it, and terminate returns
+    only once none is left: a worker still tearing down must not outlive the gateway."""
+    from serving.engines.process import group_members, terminate
+
+    proc = await asyncio.create_subprocess_exec(
+        "sh", "-c", "trap '' TERM; sleep 30 & sleep 30 & wait",
+        start_new_session=True,
+    )  # fmt: skip
+    for _ in range(100):
+        if len(group_members(proc.pid)) == 3:  # the shell and its two children
+            break
+        await asyncio.sleep(0.02)
+    assert len(group_members(proc.pid)) == 3
+    await terminate(proc, grace=0.3)  # the shell ignores SIGTERM: SIGKILL after 0.3 s
+    assert group_members(proc.pid) == []

@@ -135,5 +135,27 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float) -> None:
         except TimeoutError:
             _signal_group(proc.pid, signal.SIGKILL)
             await proc.wait()
-    # The leader is gone; sweep anything it left in its group.
+    # The leader is gone; sweep anything it left in its group (vLLM's engine core and
+    # workers), and wait until they are gone too: a worker still tearing down when the
+    # gateway exits would outlive it.
     _signal_group(proc.pid, signal.SIGKILL)
+    for _ in range(100):  # 5 s at most: SIGKILL is not refused, only slow on big heaps
+        if not group_members(proc.pid):
+            return
+        await asyncio.sleep(0.05)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in a process group, from /proc."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
