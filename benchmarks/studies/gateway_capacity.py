@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tiergate-capacity-"))
     # one script for every run, so that the Lua callbacks' cost on the load core is alike
     script = wrk_script(a.model, work, honour_retry_after=a.clients == "retry-after")
-    ports = {t: free_port() for t in ("upstream", "yardstick", "tiergate", "before", "tenancy")}
+    names = ("upstream", "yardstick", "rawasgi", "raw", "tiergate", "before", "tenancy")
+    ports = {t: free_port() for t in names}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
     fake = [py, "-m", "benchmarks.studies.fake_server", "--port", str(ports["upstream"])]
     fake += ["--events", str(EVENTS), "--gap-ms", "5"]
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     config = gateway_config(work, urls["upstream"], a.tokenizer, a.max_in_flight)
     gate = [py, "-m", "serving.cli", "serve", "--config", str(config)]
     gate += ["--port", str(ports["tiergate"])]
-    scripts = dict.fromkeys(("upstream", "yardstick", "tiergate", "before"), script)
+    scripts = dict.fromkeys(names, script)
     if "tenancy" in a.targets:  # the same gateway, with tenants, limits and the ledger on
         db = work / "tenants.sqlite3"
         key = tenant_key(db)
@@ -312,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
             pids["yardstick"] = stack.enter_context(
                 started(yard, a.gateway_cpu, urls["yardstick"] + "/health")
             )
+        for kind, server in (("rawasgi", "asgi"), ("raw", "raw")):
+            if kind in a.targets:
+                cmd = [py, "-m", "benchmarks.studies.raw_relay", "--port", str(ports[kind])]
+                cmd += ["--upstream", urls["upstream"], "--server", server]
+                pids[kind] = stack.enter_context(
+                    started(cmd, a.gateway_cpu, urls[kind] + "/health")
+                )
         if "tiergate" in a.targets:
             pids["tiergate"] = stack.enter_context(
                 started(gate, a.gateway_cpu, urls["tiergate"] + "/ready")

@@ -19,8 +19,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from serving.api.access_log import AccessLog, valid_traceparent
 from serving.api.protocol import Kind, parse_request
 from serving.config import RouterSettings
@@ -32,7 +30,6 @@ from serving.errors import (
     NoEngineReady,
     UpstreamError,
     UpstreamStatusError,
-    UpstreamTimeout,
 )
 from serving.metrics import GatewayMetrics
 from serving.router.balancer import Limits
@@ -48,6 +45,7 @@ from serving.tenants.store import Principal
 from serving.tenants.usage import UsageLedger
 from serving.upstream.client import UpstreamClient
 from serving.upstream.stream import Relay, StreamOutcome, prime, usage_of
+from serving.upstream.wire import Response
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
 _BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
@@ -344,7 +342,7 @@ class ProxyService:
         read_first: bool,
         chosen: str,
         trace: Mapping[str, str],
-    ) -> tuple[Attempt, aiohttp.ClientResponse, bytes, int]:
+    ) -> tuple[Attempt, Response, bytes, int]:
         """Try each attempt until one answers; returns it, its response, its first bytes
         (the whole body when not streaming) and the retries it took. The endpoint stays
         entered on success."""
@@ -365,15 +363,7 @@ class ProxyService:
                 response = await self.upstream.open(ep.url or "", path, body_for(attempt), trace)
                 try:
                     first = await (prime(response) if read_first else response.read())
-                except TimeoutError as exc:
-                    response.close()
-                    raise UpstreamTimeout(f"The engine stalled before answering: {exc}") from exc
-                except aiohttp.ClientError as exc:
-                    response.close()
-                    raise UpstreamError(
-                        f"The engine failed before the first byte: {type(exc).__name__}"
-                    ) from exc
-                except BaseException:  # cancelled: do not leave the connection half-read
+                except BaseException:  # failed or cancelled: never leave it half-read
                     response.close()
                     raise
                 entered = False

@@ -5,18 +5,22 @@ to find the usage event (for metrics), to hide it when the client did not ask fo
 and to see `[DONE]`. Errors after the first byte end the stream with one error event
 and `data: [DONE]`. Closing the upstream response (client gone) makes vLLM abort the
 request and free its KV cache.
+
+Each chunk is written from the engine socket's read callback: the ASGI `send` is run
+there to its end, which it reaches at once unless the client's socket is full (then a
+task finishes it, the engine's socket is paused, and later chunks wait in order).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from serving.errors import GatewayError, UpstreamError, UpstreamTimeout, sse_error_event
+from serving.upstream.wire import Response
 
 _DONE = b"data: [DONE]"
 _USAGE = b'"prompt_tokens"'
@@ -58,9 +62,9 @@ def is_usage_only(event: bytes) -> bool:
     return b'"choices":[]' in event or b'"choices": []' in event  # compact (vLLM) or not
 
 
-async def prime(response: aiohttp.ClientResponse) -> bytes:
+async def prime(response: Response) -> bytes:
     """Wait for the first body bytes; until then the caller may still fail over."""
-    return await response.content.readany()
+    return await response.first()
 
 
 class Relay:
@@ -68,11 +72,21 @@ class Relay:
     the engine fails. Chunks pass whole when they hold no usage and no [DONE] (the common
     case: one token event), so the per-chunk cost is two substring searches."""
 
-    __slots__ = ("buffer", "drop_usage", "eof", "first", "outcome", "response")
+    __slots__ = (
+        "buffer",
+        "drop_usage",
+        "failed",
+        "first",
+        "outcome",
+        "pending",
+        "response",
+        "resumer",
+        "send",
+    )
 
     def __init__(
         self,
-        response: aiohttp.ClientResponse,
+        response: Response,
         outcome: StreamOutcome,
         drop_usage: bool,
         first: bytes,
@@ -82,7 +96,10 @@ class Relay:
         self.drop_usage = drop_usage
         self.first = first  # what prime() read before the reply was committed
         self.buffer = b""
-        self.eof = False
+        self.send: Callable[[dict], Awaitable[None]] | None = None
+        self.pending: list[bytes] | None = None  # chunks held while a send is suspended
+        self.resumer: asyncio.Task | None = None
+        self.failed: BaseException | None = None  # raised by send in the read callback
 
     def _tail(self, chunk: bytes) -> bytes:
         """Chunks near the end of a stream: parse them event by event."""
@@ -105,21 +122,68 @@ class Relay:
                 return chunk  # whole events, nothing to look at
         return self._tail(chunk)
 
+    def _chunk(self, chunk: bytes) -> None:
+        """The sink: called from the engine socket's read callback."""
+        if self.pending is not None:
+            self.pending.append(chunk)
+            return
+        if self.failed is not None:
+            return
+        try:
+            if out := self.feed(chunk):
+                coro = self.send({"type": "http.response.body", "body": out, "more_body": True})
+                try:
+                    waiting = coro.send(None)
+                except StopIteration:
+                    return  # the usual case: written
+                self.pending = []
+                self.response.pause()
+                self.resumer = asyncio.ensure_future(self._finish(coro, waiting))
+        except Exception as exc:  # the client side failed: stop reading the engine
+            self.failed = exc
+            self.response.close()
+
+    async def _finish(self, coro: Coroutine, waiting: Any) -> None:
+        """End a send that suspended, then pass on what came meanwhile, in order."""
+        try:
+            while True:
+                if waiting is None:
+                    await asyncio.sleep(0)
+                else:
+                    await asyncio.wait([waiting])
+                try:
+                    waiting = coro.send(None)
+                except StopIteration:
+                    break
+        except Exception as exc:
+            self.failed = exc
+            self.response.close()
+        held, self.pending = self.pending or [], None
+        for chunk in held:
+            self._chunk(chunk)
+        if self.pending is None:
+            self.response.resume()
+
     async def pump(self, send: Callable[[dict], Awaitable[None]]) -> None:
-        """Send the stream as ASGI body messages: the hot loop, with no generator between
-        the socket read and the client write."""
+        """Send the stream as ASGI body messages, each from the engine socket's read
+        callback, with no task wake-up between the socket read and the client write."""
+        self.send = send
         try:
             if out := self.feed(self.first):
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-            read = self.response.content.readany
-            while chunk := await read():
-                if out := self.feed(chunk):
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-            self.eof = True
+            try:
+                await self.response.stream(self._chunk)
+            finally:
+                while self.resumer is not None and not self.resumer.done():
+                    await self.resumer  # a suspended send and what it held back
+            if self.failed is not None:
+                raise self.failed
             if not self.outcome.done:
                 raise UpstreamError("The engine ended the stream before [DONE].")
-        except (GatewayError, aiohttp.ClientError, TimeoutError) as exc:
-            if self.outcome.disconnected:
+        except (GatewayError, TimeoutError) as exc:
+            if self.outcome.disconnected or self.failed is not None:
+                if self.failed is not None and not self.outcome.disconnected:
+                    raise self.failed from exc
                 return  # we closed it because the client left
             err = as_gateway_error(exc)
             self.outcome.error = err.code or type(err).__name__
@@ -135,10 +199,9 @@ class Relay:
         self.response.close()
 
     def close(self) -> None:
-        if self.eof and self.outcome.done:
-            self.response.release()  # read to the end: the connection is reusable
-        else:
-            self.response.close()  # mid-stream: vLLM sees the close and aborts
+        if self.resumer is not None and not self.resumer.done():
+            self.resumer.cancel()
+        self.response.release()  # kept only if read to the end, else closed (vLLM aborts)
 
 
 def as_gateway_error(exc: BaseException) -> GatewayError:
