@@ -17,12 +17,31 @@ class EngineLoad:
     prefix_queries: float = 0.0
 
 
+_WANTED = (
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:prefix_cache_hits_total",
+    "vllm:prefix_cache_queries_total",
+)
+
+
 def parse_vllm_metrics(text: str) -> EngineLoad:
-    """Sum each gauge over its label sets (one engine may report several)."""
+    """Sum each gauge over its label sets (one engine may report several). Only the lines
+    of the wanted names are looked at (found with str.find): the text is mostly
+    histogram buckets, and a regex over all of it cost ~0.9 ms per scrape."""
     totals: dict[str, float] = {}
-    for name, value in _SAMPLE.findall(text):
-        if value != "NaN":
-            totals[name] = totals.get(name, 0.0) + float(value)
+    text = "\n" + text
+    for name in _WANTED:
+        needle, at = "\n" + name, 0
+        while (at := text.find(needle, at)) != -1:
+            end = text.find("\n", at + 1)
+            line = text[at + 1 : end if end != -1 else len(text)]
+            at += 1
+            sample = _SAMPLE.match(line)
+            if sample is not None and sample[1] == name and sample[2] != "NaN":
+                totals[name] = totals.get(name, 0.0) + float(sample[2])
     return EngineLoad(
         waiting=totals.get("vllm:num_requests_waiting", 0.0),
         running=totals.get("vllm:num_requests_running", 0.0),

@@ -130,12 +130,7 @@ class Conn(asyncio.Protocol):
             raise self.error
 
     def reusable(self) -> bool:
-        return (
-            self.complete
-            and self.error is None
-            and not self.closed
-            and self.keep_alive
-        )
+        return self.complete and self.error is None and not self.closed and self.keep_alive
 
 
 class Response:
