@@ -181,10 +181,10 @@ class Relay:
             if not self.outcome.done:
                 raise UpstreamError("The engine ended the stream before [DONE].")
         except (GatewayError, TimeoutError) as exc:
-            if self.outcome.disconnected or self.failed is not None:
-                if self.failed is not None and not self.outcome.disconnected:
-                    raise self.failed from exc
+            if self.outcome.disconnected:
                 return  # we closed it because the client left
+            if self.failed is not None:  # we closed it because the client's side failed
+                raise self.failed from exc
             err = as_gateway_error(exc)
             self.outcome.error = err.code or type(err).__name__
             await send(

@@ -90,9 +90,7 @@ class Conn(asyncio.Protocol):
         self._reset()
         self.answered = False
         self.parser = httptools.HttpResponseParser(self)
-        self.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            self.transport.write(body)
+        self.transport.writelines((head, body))  # one writev, no copy of the body
         self.last = self.loop.time()
         self.timer = self.loop.call_at(self.last + self.read_timeout, self._check)
 
