@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from serving.api.access_log import AccessLog
+from serving.api.admission import AdmittingProtocol
 from serving.api.hotpath import ROUTES, HotPath, LoopLag
 from serving.api.openapi import add_hot_routes
 from serving.api.routes import operator, router, v1
@@ -180,6 +182,7 @@ def create_app(
         ]
         if tokens is not None:
             await asyncio.to_thread(tokens.warm)  # load tokenizers before the first request
+        settle_heap()
         try:
             yield
         finally:
@@ -210,6 +213,23 @@ def create_app(
     return app
 
 
+def settle_heap() -> None:
+    """Once start-up is done: keep the cyclic GC off the hot path (RESULTS.md, "GC pauses").
+
+    What start-up built lives as long as the process, so it is frozen out of the
+    collector's sight: a full collection then scans the requests' objects only (28 ms ->
+    4 ms at 256 streams). Most request objects are freed by reference counting, so the
+    young generation's threshold goes from 700 to 5,000 net allocations: ~35 collections
+    a second become ~3, and the GC's share of the core from ~7 % to ~1 %.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
+
+
+GC_YOUNG_THRESHOLD = 5000
+
+
 def uvicorn_config(app: GatewayApp, settings: Settings, **bind: Any) -> Any:
     """The HTTP server for the gateway: uvloop and httptools, no per-request extras
     (access log, proxy-header rewriting, server header): the hot path pays for each."""
@@ -223,7 +243,7 @@ def uvicorn_config(app: GatewayApp, settings: Settings, **bind: Any) -> Any:
         proxy_headers=False,
         server_header=False,
         loop="uvloop",
-        http="httptools",
+        http=AdmittingProtocol,
         backlog=4096,
         **bind,
     )

@@ -19,6 +19,7 @@ Every response body is {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -92,11 +93,19 @@ class NoEngineReady(GatewayError):
 
 
 class Saturated(GatewayError):
+    """At capacity. `retry-after-ms` (which the openai SDK reads first, and obeys without
+    jitter) is spread over 0.5-1.5x `retry-after`: clients refused together come back
+    apart, not as one wave a second later (benchmarks/RESULTS.md, "Overload")."""
+
     status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
 
-    def __init__(self, message: str, retry_after_s: int):
+    def __init__(self, message: str, retry_after_s: int, spread: float | None = None):
         super().__init__(message)
-        self.headers = {"retry-after": str(retry_after_s)}
+        spread = random.random() if spread is None else spread
+        self.headers = {
+            "retry-after": str(retry_after_s),
+            "retry-after-ms": str(round(retry_after_s * 1000 * (0.5 + spread))),
+        }
 
 
 class UpstreamError(GatewayError):

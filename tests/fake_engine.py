@@ -12,6 +12,7 @@ import contextlib
 import json
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import uvicorn
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serving.app import create_app
+from serving.app import create_app, uvicorn_config
 from serving.config import Settings
 from tests.utils import free_port
 
@@ -197,3 +198,27 @@ async def in_process_gateway(settings: Settings) -> AsyncIterator[httpx.AsyncCli
             client.app = app
             yield client
         assert all(ep.in_flight == 0 for ep in registry.endpoints)
+
+
+@contextlib.asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[tuple[Any, str]]:
+    """The gateway on a real uvicorn server, configured as `tiergate serve` configures it
+    (uvloop, the admitting HTTP protocol); yields (app, url) once ready."""
+    app = create_app(settings)
+    port = free_port()
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=port)
+    config.timeout_graceful_shutdown = 2
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(200):
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(url + "/ready")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+        yield app, url
+    finally:
+        server.should_exit = True
+        await serving

@@ -1,24 +1,19 @@
 """Load accounting survives cancellation: thousands of clients that leave at random
 moments (before sending, mid-headers, mid-stream, after the end) against a FAKE engine
 that streams like decode steps. Every count must return to 0 and nothing may wedge.
-The gateway runs on a real uvicorn server, so disconnects are real TCP closes."""
+The gateway runs on a real uvicorn server (the product's own config and HTTP protocol),
+so disconnects are real TCP closes."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
-from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import pytest
-import uvicorn
 
-from serving.app import create_app
 from serving.config import Settings
-from tests.fake_engine import FakeEngine
-from tests.utils import free_port
+from tests.fake_engine import FakeEngine, served
 
 pytestmark = pytest.mark.anyio
 
@@ -32,30 +27,6 @@ def _metric(text: str, prefix: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
     )
-
-
-@contextlib.asynccontextmanager
-async def served(settings: Settings) -> AsyncIterator[tuple[Any, str]]:
-    """The gateway on a real uvicorn server (real TCP closes); yields (app, url) once ready."""
-    app = create_app(settings)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, port=port, log_level="error", timeout_graceful_shutdown=2)
-    )
-    serving = asyncio.create_task(server.serve())
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(url + "/ready") as r:
-                        if r.status == 200:
-                            break
-                await asyncio.sleep(0.05)
-        yield app, url
-    finally:
-        server.should_exit = True
-        await serving
 
 
 async def test_counts_return_to_zero_after_random_disconnects() -> None:

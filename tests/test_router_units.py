@@ -165,7 +165,8 @@ def test_plan_spills_when_the_tier_is_full_and_429_when_all_are() -> None:
     c.load = EngineLoad(kv_usage=0.99)
     with pytest.raises(Saturated) as info:
         plan(small, [small, large], ["small", "large"], limits, 0, None, 3, 7)
-    assert info.value.headers == {"retry-after": "7"}
+    assert info.value.headers["retry-after"] == "7"
+    assert 3500 <= int(info.value.headers["retry-after-ms"]) <= 10500  # spread, 0.5-1.5x
 
 
 def test_plan_skips_open_breakers_and_down_replicas() -> None:

@@ -7,8 +7,9 @@
 Layout on a 2-core host (change with --gateway-cpu / --load-cpu):
 - core 0: the proxy under test, alone: tiergate (`tiergate serve`, routing, metrics and an
   API key on) or the yardstick relay (benchmarks/studies/yardstick.py);
-- core 1: a FAKE upstream (benchmarks/studies/fake_server.py: 16 chat events 5 ms apart, like
-  decode steps, then usage and [DONE]) and the load generator, `wrk` (Debian's package).
+- core 1: a FAKE upstream (benchmarks/studies/fake_stream.py: 16 chat events 5 ms apart, like
+  decode steps, then usage and [DONE]; one clock serves every stream, so that the load
+  core is not the limit) and the load generator, `wrk` (Debian's package).
 "upstream" is the fake alone, for the added latency. Targets run interleaved at each
 concurrency, so drift hits each alike. `--overload` also runs tiergate at 4x the
 concurrency of its best point, with a probe that times the 429s apart from the 200s.
@@ -89,15 +90,20 @@ def started(cmd: list[str], cpu: str, ready_url: str, cwd: Path = REPO) -> Itera
             proc.wait()
 
 
-# Clients that honour Retry-After, as the `openai` SDK does. wrk's delay() is asked when
-# a connection is next writable, not right after its response(), and cannot tell which
-# connection asks; so each 429 owes one wait of Retry-After, paid by the next request
-# that wrk sends. In a closed loop the count of delayed re-sends is what matters.
+# Clients that honour Retry-After, as the `openai` SDK does (retry-after-ms first, then
+# retry-after, obeyed exactly). wrk's delay() is asked when a connection is next
+# writable, not right after its response(), and cannot tell which connection asks; so
+# each 429 owes one wait, paid by the next request that wrk sends. In a closed loop the
+# count of delayed re-sends is what matters.
 HONOUR_RETRY_AFTER = """
 local owed = {}
 response = function(status, headers, body)
   if status == 429 then
-    owed[#owed + 1] = (tonumber(headers["retry-after"] or headers["Retry-After"]) or 1) * 1000
+    local ms = tonumber(headers["retry-after-ms"] or headers["Retry-After-Ms"])
+    if not ms then
+      ms = (tonumber(headers["retry-after"] or headers["Retry-After"]) or 1) * 1000
+    end
+    owed[#owed + 1] = ms
   end
 end
 delay = function()
@@ -183,13 +189,15 @@ def gateway_config(
     tokenizer: Path | None,
     max_in_flight: int = 0,
     tenancy: Path | None = None,
+    server: dict | None = None,
 ) -> Path:
     tier = {"name": "fake", "model": "fake", "engines": ["fake"]}
     if tokenizer:
         tier["tokenizer"] = str(tokenizer)
     config = {
         "server": {"api_keys": [KEY], "log_level": "warning"}
-        | ({"max_in_flight": max_in_flight} if max_in_flight else {}),
+        | ({"max_in_flight": max_in_flight} if max_in_flight else {})
+        | (server or {}),
         "engines": [{"name": "fake", "model": "fake", "url": upstream}],
         "tiers": [tier],
         # the fake holds any number of streams; the default 128 per replica is for vLLM
@@ -197,26 +205,52 @@ def gateway_config(
     }
     if tenancy is not None:
         config["tenancy"] = {"enabled": True, "db": str(tenancy)}
+    folder.mkdir(exist_ok=True)
     path = folder / ("tiergate-tenancy.yaml" if tenancy else "tiergate.yaml")
     path.write_text(yaml.safe_dump(config))
     return path
 
 
+PROBES = 8  # clients, each one request at a time: enough 429s for a p99
+
+
 async def probe_statuses(url: str, model: str, seconds: float) -> dict[int, list[float]]:
-    """One request at a time during an overload: latency (ms) by status."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    """A few clients during an overload, one request at a time each: the time (ms) to a
+    response's status line and headers, by status. Raw keep-alive sockets, so that the
+    probe's own cost is tens of microseconds, not an HTTP library's milliseconds. They
+    ignore Retry-After (5 ms apart), to sample the 429s; a 200 is read to its end."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    ).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: %s\r\nauthorization: Bearer %s\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+        % (url.encode(), KEY.encode(), len(body), body)
+    )
     out: dict[int, list[float]] = {}
-    async with httpx.AsyncClient(timeout=15, headers={"Authorization": f"Bearer {KEY}"}) as http:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            try:
-                r = await http.post(url + "/v1/chat/completions", json=body)
-                status = r.status_code
-            except httpx.HTTPError:
-                status = 0
-            out.setdefault(status, []).append((time.perf_counter() - t0) * 1000)
-            await asyncio.sleep(0.005)
+    end = time.monotonic() + seconds
+
+    async def client() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while time.monotonic() < end:
+                t0 = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                ms = (time.perf_counter() - t0) * 1000
+                status = int(head.split(b" ", 2)[1])
+                out.setdefault(status, []).append(ms)
+                length = re.search(rb"(?i)content-length: (\d+)", head)
+                if length:
+                    await reader.readexactly(int(length.group(1)))
+                else:  # chunked: the stream ends with the last chunk
+                    await reader.readuntil(b"\r\n0\r\n\r\n")
+                await asyncio.sleep(0.005)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(PROBES)))
     return out
 
 
@@ -269,13 +303,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--max-in-flight", type=int, default=0, help="tiergate's server.max_in_flight (0: default)"
     )
+    p.add_argument(
+        "--overload-server",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run the overload against a second tiergate with these server settings (e.g. "
+        "max_in_flight=512), so that the sweep's peak is measured without them",
+    )
+    p.add_argument(
+        "--fake",
+        choices=["raw", "asgi"],
+        default="raw",
+        help="the FAKE upstream: raw (fake_stream.py, one clock for every stream, so the "
+        "load core has room) or asgi (fake_server.py, a timer per event: RESULTS before "
+        "session 7)",
+    )
     p.add_argument("--gateway-cpu", default="0")
     p.add_argument("--load-cpu", default="1")
     p.add_argument("--out", type=Path)
     p.add_argument("--probe", metavar="URL", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.probe:
-        print(json.dumps(asyncio.run(probe_statuses(a.probe, a.model, a.duration))))
+        import uvloop
+
+        print(json.dumps(uvloop.run(probe_statuses(a.probe, a.model, a.duration))))
         return 0
     if not shutil.which("wrk"):
         print("gateway_capacity needs wrk: apt-get install wrk", file=sys.stderr)
@@ -286,10 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tiergate-capacity-"))
     # one script for every run, so that the Lua callbacks' cost on the load core is alike
     script = wrk_script(a.model, work, honour_retry_after=a.clients == "retry-after")
-    names = ("upstream", "yardstick", "rawasgi", "raw", "tiergate", "before", "tenancy")
+    names = ("upstream", "yardstick", "rawasgi", "raw", "tiergate", "before", "tenancy", "limited")
     ports = {t: free_port() for t in names}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
-    fake = [py, "-m", "benchmarks.studies.fake_server", "--port", str(ports["upstream"])]
+    module = "fake_stream" if a.fake == "raw" else "fake_server"
+    fake = [py, "-m", f"benchmarks.studies.{module}", "--port", str(ports["upstream"])]
     fake += ["--events", str(EVENTS), "--gap-ms", "5"]
     yard = [py, "-m", "benchmarks.studies.yardstick", "--port", str(ports["yardstick"])]
     yard += ["--upstream", urls["upstream"]]
@@ -323,6 +376,16 @@ def main(argv: list[str] | None = None) -> int:
         if "tiergate" in a.targets:
             pids["tiergate"] = stack.enter_context(
                 started(gate, a.gateway_cpu, urls["tiergate"] + "/ready")
+            )
+        if a.overload and a.overload_server:
+            extra = {
+                k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.overload_server)
+            }
+            lconfig = gateway_config(work / "limited", urls["upstream"], a.tokenizer, server=extra)
+            limited = [py, "-m", "serving.cli", "serve", "--config", str(lconfig)]
+            limited += ["--port", str(ports["limited"])]
+            pids["limited"] = stack.enter_context(
+                started(limited, a.gateway_cpu, urls["limited"] + "/ready")
             )
         if "tenancy" in a.targets:
             pids["tenancy"] = stack.enter_context(
@@ -361,10 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         if a.overload and "tiergate" in pids:
             best = max((r for r in rows if r["target"] == "tiergate"), key=lambda r: r["ok_req_s"])
             c = best["concurrency"] * 4
-            probe = start_probe(urls["tiergate"], a.model, a.duration, a.load_cpu)
-            cpu0 = cpu_seconds(pids["tiergate"])
-            r = run_wrk(urls["tiergate"], script, c, a.duration, a.load_cpu)
-            r["gateway_cpu_share"] = (cpu_seconds(pids["tiergate"]) - cpu0) / r["seconds"]
+            target = "limited" if a.overload_server else "tiergate"
+            probe = start_probe(urls[target], a.model, a.duration, a.load_cpu)
+            cpu0 = cpu_seconds(pids[target])
+            r = run_wrk(urls[target], script, c, a.duration, a.load_cpu)
+            r["gateway_cpu_share"] = (cpu_seconds(pids[target]) - cpu0) / r["seconds"]
             out, _ = probe.communicate(timeout=a.duration + 30)
             statuses = {int(k): v for k, v in json.loads(out).items()}
             overload = {
@@ -377,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
                     str(s): {
                         "n": len(v),
                         "p50_ms": percentile(v, 0.5),
+                        "p90_ms": percentile(v, 0.9),
                         "p99_ms": percentile(v, 0.99),
+                        "max_ms": max(v),
                     }
                     for s, v in statuses.items()
                 },

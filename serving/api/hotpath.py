@@ -9,6 +9,8 @@ client disconnect -> upstream close (vLLM aborts), metrics. Other routes stay in
 Admission refuses, before any upstream work and in microseconds, what the gateway
 cannot serve: more requests in flight than `server.max_in_flight`, or an event loop
 lagging more than `server.max_loop_lag_ms` (the gateway's own core is saturated).
+Under uvicorn it runs in the HTTP parser's callback (serving/api/admission.py), so a
+429 does not wait behind the streams' work; under another server, here.
 The replicas' own limits (router.spill) are the planner's job.
 """
 
@@ -36,6 +38,8 @@ from serving.tenants.auth import Authenticator
 log = logging.getLogger("tiergate.hotpath")
 
 ROUTES: dict[str, Kind] = {path: kind for kind, path in PATHS.items()}
+ADMITTED = "tiergate.admitted"  # scope key: admission done, the slot taken
+SPREAD = 32  # prebuilt 429s per reason, with retry-after-ms spread
 _WANTED = frozenset(
     {
         b"authorization",
@@ -103,19 +107,37 @@ class HotPath:
         self.retry_after_s = retry_after_s
         self.lag = lag or LoopLag()
         self.in_flight = 0
+        # The two ASGI messages of each refusal, built once: SPREAD of them per reason,
+        # their retry-after-ms evenly over 0.5-1.5x retry-after, handed out in turn.
+        self._refusals = {
+            why: [
+                _error_messages(
+                    Saturated(
+                        f"The gateway is at capacity ({why}); retry after {retry_after_s}s.",
+                        retry_after_s,
+                        spread=(i + 0.5) / SPREAD,
+                    )
+                )
+                for i in range(SPREAD)
+            ]
+            for why in ("in_flight", "loop_lag")
+        }
+        self._turn = 0
 
-    def _admit(self) -> Saturated | None:
+    def admit(self, kind: Kind) -> list[dict] | None:
+        """Take a slot (None), or count, log and return the 429's ASGI messages."""
         if self.max_in_flight and self.in_flight >= self.max_in_flight:
             why = "in_flight"
         elif self.max_loop_lag_ms and self.lag.lag_ms > self.max_loop_lag_ms:
             why = "loop_lag"
         else:
+            self.in_flight += 1
             return None
         self.metrics.admission_refused(why)
-        return Saturated(
-            f"The gateway is at capacity ({why}); retry after {self.retry_after_s}s.",
-            self.retry_after_s,
-        )
+        self.metrics.request_done("unknown", PATHS[kind], Saturated.status)
+        self.proxy.access.write(path=PATHS[kind], status=Saturated.status, error=Saturated.code)
+        self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
+        return self._refusals[why][self._turn]
 
     async def _read(self, receive, headers: dict[str, str]) -> bytes:
         limit = self.max_body_bytes
@@ -138,13 +160,12 @@ class HotPath:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def __call__(self, kind: Kind, scope, receive, send) -> None:
-        refused = self._admit()
-        if refused is not None:
-            self.metrics.request_done("unknown", PATHS[kind], refused.status)
-            self.proxy.access.write(path=PATHS[kind], status=refused.status, error=refused.code)
-            await _send_error(send, refused)
-            return
-        self.in_flight += 1
+        if not scope.get(ADMITTED):
+            refusal = self.admit(kind)
+            if refusal is not None:
+                for message in refusal:
+                    await send(message)
+                return
         rid = None
         try:
             headers, auths = {}, 0
@@ -183,19 +204,21 @@ def _extra(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
-async def _send_error(send, exc: GatewayError, rid: str | None = None) -> None:
+def _error_messages(exc: GatewayError, rid: str | None = None) -> list[dict]:
     body = json.dumps(error_payload(exc)).encode()
     length = [(b"content-length", str(len(body)).encode())]
     if rid:
         length.append((b"x-request-id", rid.encode()))
-    await send(
-        {
-            "type": "http.response.start",
-            "status": exc.status,
-            "headers": _JSON + length + _extra(exc.headers or {}),
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    headers = _JSON + length + _extra(exc.headers or {})
+    return [
+        {"type": "http.response.start", "status": exc.status, "headers": headers},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
+
+
+async def _send_error(send, exc: GatewayError, rid: str | None = None) -> None:
+    for message in _error_messages(exc, rid):
+        await send(message)
 
 
 async def _send_unary(send, reply: Unary) -> None:

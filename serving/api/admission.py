@@ -1,0 +1,43 @@
+"""Admission in the HTTP parser's callback: a 429 with no ASGI task.
+
+uvicorn reads a request in the event loop's I/O phase and starts its ASGI task, which
+runs later in the same pass, after every other ready task: at saturation the streams'
+work. A refusal decided there waits for all of it. This protocol asks the hot path's
+admission as soon as the request line and headers are parsed, and either answers the
+429 right there (the rest of the body is read and dropped, the connection stays open)
+or starts the task with its slot already taken, so a burst of new requests cannot all
+slip past one stale count. Everything else is uvicorn's own HTTP/1.1 protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from serving.api.hotpath import ADMITTED, ROUTES
+
+
+class AdmittingProtocol(HttpToolsProtocol):
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        scope = cycle.scope
+        kind = ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
+        hot = getattr(getattr(self.app, "state", None), "hot", None)
+        if kind is None or hot is None or self.flow.write_paused:
+            super()._start_asgi_task(cycle, app)
+            return
+        refusal = hot.admit(kind)
+        if refusal is None:
+            scope[ADMITTED] = True  # the hot path releases the slot it was given here
+            super()._start_asgi_task(cycle, app)
+            return
+        # uvicorn's own send: headers checked, keep-alive or close, the next request
+        # read. It cannot suspend while the socket is writable (checked above).
+        for message in refusal:
+            coro = cycle.send(message)
+            try:
+                coro.send(None)
+            except StopIteration:
+                continue
+            coro.close()  # pragma: no cover - only if uvicorn's send changes
+            raise RuntimeError("uvicorn's send suspended")

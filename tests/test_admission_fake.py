@@ -1,0 +1,164 @@
+"""The gateway's own admission (server.max_in_flight) on the real HTTP server: the 429 is
+answered from the HTTP parser's callback (serving/api/admission.py), in the OpenAI
+shape, with Retry-After and a spread Retry-After-Ms; the refused request never reaches
+an engine; the connection stays usable; the slots come back. A FAKE engine holds the
+streams open (a real one cannot be made to stall on demand)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from serving.config import Settings
+from tests.fake_engine import FakeEngine, in_process_gateway, served
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _settings(url: str, limit: int) -> Settings:
+    return Settings(
+        engines=[{"name": "e", "model": "m", "url": url}],
+        timeouts={"health_interval": 0.1},
+        server={"max_in_flight": limit},
+    )
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    status = int(head.split(" ", 2)[1])
+    headers = dict(
+        (k.strip().lower(), v.strip())
+        for k, v in (line.split(":", 1) for line in head.split("\r\n")[1:] if line)
+    )
+    return status, headers, await reader.readexactly(int(headers["content-length"]))
+
+
+def _request(path: str, body: bytes, extra: str = "") -> tuple[bytes, bytes]:
+    """A POST's head and body, to send apart."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode(), body
+
+
+def _metric(text: str, prefix: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
+async def test_refused_in_the_parser_callback_keeps_the_connection_and_loses_nothing() -> None:
+    with FakeEngine(force="stall-stream") as fake:
+        async with served(_settings(fake.url, 2)) as (app, url), httpx.AsyncClient() as http:
+            # two streams take both slots and stay open (the engine stalls after two events)
+            holders = []
+            for _ in range(2):
+                stream = http.stream("POST", url + "/v1/chat/completions", json=CHAT)
+                r = await stream.__aenter__()
+                assert r.status_code == 200
+                holders.append((stream, r))
+            assert app.state.hot.in_flight == 2
+
+            port = int(url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head, body = _request("/v1/chat/completions", json.dumps(CHAT).encode())
+            writer.write(head)  # the body comes later: the 429 must not wait for it
+            status, headers, payload = await asyncio.wait_for(_read_response(reader), 2)
+            assert status == 429
+            assert headers["retry-after"] == "1"
+            assert 500 <= int(headers["retry-after-ms"]) <= 1500
+            error = json.loads(payload)["error"]
+            assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+            assert "at capacity (in_flight)" in error["message"] and error["param"] is None
+            writer.write(body)  # read and dropped: the next request on the line is in step
+
+            spreads = set()
+            for path in ("/v1/completions", "/v1/chat/completions"):
+                h, b = _request(path, b'{"model": "m", "prompt": "x"}')
+                writer.write(h + b)
+                status, headers, _ = await asyncio.wait_for(_read_response(reader), 2)
+                assert status == 429
+                spreads.add(headers["retry-after-ms"])
+            assert len(spreads) == 2  # each refusal gets its own share of the spread
+            writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
+            status, _, _ = await asyncio.wait_for(_read_response(reader), 2)
+            assert status == 200  # the same keep-alive connection still serves
+
+            metrics = (await http.get(url + "/metrics")).text
+            assert _metric(metrics, 'tiergate_admission_refused_total{reason="in_flight"}') == 3
+            assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
+
+            # Connection: close is obeyed on a refusal too
+            h, b = _request(
+                "/v1/chat/completions", json.dumps(CHAT).encode(), "connection: close\r\n"
+            )
+            writer.write(h + b)
+            status, headers, _ = await asyncio.wait_for(_read_response(reader), 2)
+            assert (status, headers["connection"]) == (429, "close")
+            assert await asyncio.wait_for(reader.read(), 2) == b""  # closed by the gateway
+            writer.close()
+
+            for stream, _ in holders:
+                await stream.__aexit__(None, None, None)
+            for _ in range(40):
+                if app.state.hot.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert app.state.hot.in_flight == 0  # the slots came back
+            assert [ep.in_flight for ep in app.state.registry.endpoints] == [0]
+            # and a new request is admitted again
+            async with http.stream("POST", url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status_code == 200
+
+
+async def test_a_burst_cannot_slip_past_the_limit() -> None:
+    # Many requests read in one pass of the loop: each takes its slot as it is parsed,
+    # before any of their tasks has run, so no more than the limit are admitted.
+    with FakeEngine(force="stall-stream") as fake:
+        async with served(_settings(fake.url, 3)) as (app, url):
+            port = int(url.rsplit(":", 1)[1])
+            conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(12)]
+            head, body = _request("/v1/chat/completions", json.dumps(CHAT).encode())
+            for _, writer in conns:
+                writer.write(head + body)
+            statuses = []
+            for reader, _ in conns:
+                line = await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)
+                statuses.append(int(line.split(b" ", 2)[1]))
+            assert sorted(statuses) == [200] * 3 + [429] * 9
+            assert app.state.hot.in_flight == 3
+            for _, writer in conns:
+                writer.close()
+            for _ in range(40):
+                if app.state.hot.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert app.state.hot.in_flight == 0
+            assert [ep.in_flight for ep in app.state.registry.endpoints] == [0]
+
+
+async def test_another_asgi_server_gets_the_same_refusal() -> None:
+    # Without uvicorn's protocol (here httpx's ASGI transport) the hot path admits itself.
+    with FakeEngine(force="slow") as fake:
+        async with in_process_gateway(_settings(fake.url, 1)) as client:
+            body = {**CHAT, "stream": False}
+            first = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            await asyncio.sleep(0.3)
+            second = await client.post("/v1/chat/completions", json=body)
+            assert second.status_code == 429
+            assert second.headers["retry-after"] == "1"
+            assert 500 <= int(second.headers["retry-after-ms"]) <= 1500
+            assert second.json()["error"]["code"] == "rate_limit_exceeded"
+            assert (await first).status_code == 200
+            assert client.app.state.hot.in_flight == 0
