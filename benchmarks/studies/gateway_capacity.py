@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="KEY=VALUE",
         help="run the overload against a second tiergate with these server settings (e.g. "
-        "max_in_flight=512), so that the sweep's peak is measured without them",
+        "max_in_flight=peak: the best point's concurrency), so that the sweep's peak is "
+        "measured without them",
     )
     p.add_argument(
         "--fake",
@@ -377,16 +378,6 @@ def main(argv: list[str] | None = None) -> int:
             pids["tiergate"] = stack.enter_context(
                 started(gate, a.gateway_cpu, urls["tiergate"] + "/ready")
             )
-        if a.overload and a.overload_server:
-            extra = {
-                k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.overload_server)
-            }
-            lconfig = gateway_config(work / "limited", urls["upstream"], a.tokenizer, server=extra)
-            limited = [py, "-m", "serving.cli", "serve", "--config", str(lconfig)]
-            limited += ["--port", str(ports["limited"])]
-            pids["limited"] = stack.enter_context(
-                started(limited, a.gateway_cpu, urls["limited"] + "/ready")
-            )
         if "tenancy" in a.targets:
             pids["tenancy"] = stack.enter_context(
                 started(tenancy_gate, a.gateway_cpu, urls["tenancy"] + "/ready")
@@ -425,6 +416,19 @@ def main(argv: list[str] | None = None) -> int:
             best = max((r for r in rows if r["target"] == "tiergate"), key=lambda r: r["ok_req_s"])
             c = best["concurrency"] * 4
             target = "limited" if a.overload_server else "tiergate"
+            if a.overload_server:  # "peak" stands for the best point's concurrency
+                extra = {
+                    k: best["concurrency"] if v == "peak" else yaml.safe_load(v)
+                    for k, v in (kv.split("=", 1) for kv in a.overload_server)
+                }
+                lconfig = gateway_config(
+                    work / "limited", urls["upstream"], a.tokenizer, server=extra
+                )
+                limited = [py, "-m", "serving.cli", "serve", "--config", str(lconfig)]
+                limited += ["--port", str(ports["limited"])]
+                pids["limited"] = stack.enter_context(
+                    started(limited, a.gateway_cpu, urls["limited"] + "/ready")
+                )
             probe = start_probe(urls[target], a.model, a.duration, a.load_cpu)
             cpu0 = cpu_seconds(pids[target])
             r = run_wrk(urls[target], script, c, a.duration, a.load_cpu)
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             statuses = {int(k): v for k, v in json.loads(out).items()}
             overload = {
                 "concurrency": c,
+                "server": extra if a.overload_server else {},
                 "clients": a.clients,
                 "peak_ok_req_s": best["ok_req_s"],
                 **r,

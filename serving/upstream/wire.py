@@ -38,6 +38,7 @@ class Conn(asyncio.Protocol):
         self.status = 0
         self.keep_alive = False
         self.chunks: list[bytes] = []
+        self.batch: list[bytes] = []  # body chunks of one read, for the sink
         self.sink: Callable[[bytes], None] | None = None
         self.complete = False
         self.error: GatewayError | None = None
@@ -58,7 +59,18 @@ class Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            self._flush()
             self.fail(UpstreamError(f"The engine sent a malformed response: {exc}"))
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        """One sink call per socket read: events that came together (a busy loop reads
+        several per stream) cost one client write, not one each."""
+        batch = self.batch
+        if batch:
+            self.batch = []
+            self.sink(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -74,7 +86,7 @@ class Conn(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.sink is not None:
-            self.sink(body)
+            self.batch.append(body)
         else:
             self.chunks.append(body)
             self._wake()
