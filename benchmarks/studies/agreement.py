@@ -230,20 +230,40 @@ def main(argv: list[str] | None = None) -> int:
         | {"output_tok_s": med[t]["output_tok_s"]}
         for t in runs
     }
+    # Each round's two runs are neighbours in time (ABBA order): their ratio sees little
+    # of the server's drift between rounds, and the median over rounds drops a round
+    # that met a slow stretch.
+    paired = {
+        k: [o[k] / v[k] for v, o in zip(runs["vllm"], runs["tiergate"], strict=True)] for k in KEYS
+    }
     print(
         "| metric | vllm bench serve | tiergate bench | tiergate / vllm "
-        "| (median of round medians) |"
+        "| (median of round medians) | median of paired ratios |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for k in KEYS:
         v, o = pool["vllm"][k], pool["tiergate"][k]
         print(
-            f"| {k} | {v:.2f} | {o:.2f} | {o / v:.3f} | {med['tiergate'][k] / med['vllm'][k]:.3f} |"
+            f"| {k} | {v:.2f} | {o:.2f} | {o / v:.3f} | {med['tiergate'][k] / med['vllm'][k]:.3f} "
+            f"| {statistics.median(paired[k]):.3f} |"
         )
+    print(
+        "paired ratios per round: "
+        + "; ".join(f"{k} " + " ".join(f"{r:.3f}" for r in paired[k]) for k in KEYS)
+    )
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(
-            json.dumps({"runs": runs, "medians": med, "pooled_medians": pool}, indent=1)
+            json.dumps(
+                {
+                    "command": " ".join(sys.argv),
+                    "runs": runs,
+                    "medians": med,
+                    "pooled_medians": pool,
+                    "paired_ratios": paired,
+                },
+                indent=1,
+            )
         )
     return 0
 
