@@ -86,6 +86,32 @@ async def test_keep_alive_reuses_one_connection() -> None:
         await http.close()
 
 
+async def test_an_error_answer_read_to_its_end_keeps_the_connection() -> None:
+    # vLLM answers a bad request with 400 and a JSON body: the connection stays usable.
+    answers = iter([b"400 Bad Request", b"200 OK", b"400 Bad Request", b"200 OK"])
+
+    async def handler(reader, writer) -> None:
+        while True:
+            await read_request(reader)
+            body = b'{"error": {"message": "bad", "type": "BadRequestError"}}'
+            writer.write(
+                b"HTTP/1.1 %s\r\ncontent-length: %d\r\n\r\n%s" % (next(answers), len(body), body)
+            )
+
+    async with fake_engine(handler) as url:
+        http = client()
+        for _ in range(2):
+            with pytest.raises(UpstreamError) as info:
+                await http.open(url, "/v1/completions", b"{}")
+            assert info.value.status == 400 and "bad" in info.value.message
+            r = await http.open(url, "/v1/completions", b"{}")
+            assert r.status == 200
+            await r.read()
+            r.release()
+        assert http.open_count == 1 and http.busy == 0
+        await http.close()
+
+
 async def test_an_idle_connection_closed_by_the_engine_is_retried_on_a_fresh_one() -> None:
     async def handler(reader, writer) -> None:  # answers one request, then drops the socket
         await read_request(reader)

@@ -181,8 +181,12 @@ class UpstreamClient:
                 data = await response.read()
             except UpstreamError:
                 data = b""
-            finally:
                 response.close()
+            except BaseException:
+                response.close()
+                raise
+            else:
+                response.release()  # read to its end: the connection is kept
             raise from_upstream(response.status, data)
         return response
 

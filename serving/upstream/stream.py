@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from serving.errors import GatewayError, UpstreamError, UpstreamTimeout, sse_error_event
+from serving.errors import GatewayError, UpstreamError, sse_error_event
 from serving.upstream.wire import Response
 
 _DONE = b"data: [DONE]"
@@ -180,15 +180,14 @@ class Relay:
                 raise self.failed
             if not self.outcome.done:
                 raise UpstreamError("The engine ended the stream before [DONE].")
-        except (GatewayError, TimeoutError) as exc:
+        except GatewayError as exc:  # the engine client raises nothing else
             if self.outcome.disconnected:
                 return  # we closed it because the client left
             if self.failed is not None:  # we closed it because the client's side failed
                 raise self.failed from exc
-            err = as_gateway_error(exc)
-            self.outcome.error = err.code or type(err).__name__
+            self.outcome.error = exc.code or type(exc).__name__
             await send(
-                {"type": "http.response.body", "body": sse_error_event(err), "more_body": True}
+                {"type": "http.response.body", "body": sse_error_event(exc), "more_body": True}
             )
         finally:
             self.close()
@@ -202,11 +201,3 @@ class Relay:
         if self.resumer is not None and not self.resumer.done():
             self.resumer.cancel()
         self.response.release()  # kept only if read to the end, else closed (vLLM aborts)
-
-
-def as_gateway_error(exc: BaseException) -> GatewayError:
-    if isinstance(exc, GatewayError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return UpstreamTimeout("The engine stalled mid-stream.")
-    return UpstreamError(f"The engine failed mid-stream: {type(exc).__name__}")
