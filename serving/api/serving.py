@@ -1,10 +1,9 @@
 """The proxy service behind /v1/chat/completions and /v1/completions.
 
 Checks the body, resolves the tier (or lets the auto policy pick one), plans the
-replicas to try, and opens the first that answers. Until the first body byte has been
-received nothing has reached the client, so errors up to then are retried on another
-replica or tier, within the retry budget. After that, a stream can only end with an
-error event. It knows no web framework: serving/api/hotpath.py turns its replies
+replicas to try, and opens the first that answers (serving/api/failover.py: errors
+before the first body byte are retried on another replica or tier, within the retry
+budget). After that, a stream can only end with an error event. It knows no web framework: serving/api/hotpath.py turns its replies
 into ASGI messages.
 """
 
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.api.access_log import AccessLog, valid_traceparent
+from serving.api.failover import Failover
 from serving.api.protocol import Kind, parse_request
 from serving.config import RouterSettings
 from serving.errors import (
@@ -28,15 +28,13 @@ from serving.errors import (
     InvalidRequest,
     ModelNotAllowed,
     NoEngineReady,
-    UpstreamError,
-    UpstreamStatusError,
 )
 from serving.metrics import GatewayMetrics
 from serving.router.balancer import Limits
 from serving.router.breaker import RetryBudget
 from serving.router.planner import Attempt, plan
 from serving.router.policy import Decision, Features, TierView, choose_tier
-from serving.router.registry import Endpoint, EngineRegistry, Tier
+from serving.router.registry import EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
 from serving.tenants.auth import OPEN
 from serving.tenants.limits import Admission, RateLimited, TenantLimiter
@@ -44,11 +42,9 @@ from serving.tenants.redis_limits import RedisAdmission, RedisLimiter
 from serving.tenants.store import Principal
 from serving.tenants.usage import UsageLedger
 from serving.upstream.client import UpstreamClient
-from serving.upstream.stream import Relay, StreamOutcome, prime, usage_of
-from serving.upstream.wire import Response
+from serving.upstream.stream import Relay, StreamOutcome, usage_of
 
 PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
-_BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
 _TENANT_REFUSALS = (RateLimited, InsufficientQuota, ModelNotAllowed)
 
 
@@ -140,7 +136,12 @@ class ProxyService:
         self.limits = Limits(
             router.spill.max_waiting, router.spill.max_kv_usage, router.spill.max_in_flight
         )
-        self.budget = RetryBudget(router.retry.budget_ratio, router.retry.min_retries)
+        self.failover = Failover(
+            upstream,
+            metrics,
+            RetryBudget(router.retry.budget_ratio, router.retry.min_retries),
+            clock,
+        )
         self.turns = itertools.count()  # rotates ties between equally loaded replicas
         self.views = [TierView(t.name, t.max_context, t.max_output_tokens) for t in registry.tiers]
 
@@ -201,7 +202,7 @@ class ProxyService:
                 admission = await self.limiter.admit(principal, max_out, self.clock())
             try:
                 attempts = await self._plan(tier, key)
-                self.budget.record_request(self.clock())
+                self.failover.budget.record_request(self.clock())
                 stream = bool(checked.stream)
                 call = Call(
                     path, raw, payload, model, decision, started, trace, principal, admission
@@ -334,68 +335,6 @@ class ProxyService:
             }
         return json.dumps(body).encode()
 
-    async def _attempts(
-        self,
-        attempts: list[Attempt],
-        path: str,
-        body_for: Callable[[Attempt], bytes],
-        read_first: bool,
-        chosen: str,
-        trace: Mapping[str, str],
-    ) -> tuple[Attempt, Response, bytes, int]:
-        """Try each attempt until one answers; returns it, its response, its first bytes
-        (the whole body when not streaming) and the retries it took. The endpoint stays
-        entered on success."""
-        last: GatewayError | None = None
-        for i, attempt in enumerate(attempts):
-            ep, now = attempt.endpoint, self.clock()
-            if i > 0:
-                if not self.budget.try_spend(now):
-                    self.metrics.retry_budget_exhausted.inc()
-                    break
-                reason = (last.code if last else None) or "unknown"
-                self.metrics.retries.labels(attempt.tier.name, ep.name, reason).inc()
-            if attempt.why != "panic" and not ep.breaker.allows(now):
-                continue
-            self._enter(ep)
-            entered = True
-            try:
-                response = await self.upstream.open(ep.url or "", path, body_for(attempt), trace)
-                try:
-                    first = await (prime(response) if read_first else response.read())
-                except BaseException:  # failed or cancelled: never leave it half-read
-                    response.close()
-                    raise
-                entered = False
-            except UpstreamStatusError as exc:
-                if exc.status < 500:
-                    ep.breaker.success()  # the engine is fine; the request is not
-                    raise
-                last = self._failed(attempt, exc, now)
-                continue
-            except (NoEngineReady, UpstreamError) as exc:
-                last = self._failed(attempt, exc, now)
-                continue
-            finally:
-                if entered:  # any way out but success, cancellation included
-                    self._leave(ep)
-                    ep.breaker.abandon()  # a cancelled half-open probe must not wedge it
-            # success: the endpoint stays entered until the caller's reply is done
-            ep.breaker.success()
-            self.metrics.breaker(ep.name, 0)
-            if attempt.why in ("spill", "fallback"):
-                counter = self.metrics.spills if attempt.why == "spill" else self.metrics.fallbacks
-                counter.labels(chosen, attempt.tier.name).inc()
-            return attempt, response, first, i
-        raise last or NoEngineReady("No replica could take the request; retry shortly.")
-
-    def _failed(self, attempt: Attempt, exc: GatewayError, now: float) -> GatewayError:
-        ep = attempt.endpoint
-        ep.breaker.failure(now)
-        self.metrics.breaker(ep.name, _BREAKER_GAUGE[ep.breaker.state])
-        self.metrics.upstream_failures.labels(attempt.tier.name, ep.name, exc.code or "").inc()
-        return exc
-
     @staticmethod
     def _reason(attempt: Attempt, decision: Decision) -> str:
         why = attempt.why
@@ -416,7 +355,7 @@ class ProxyService:
         return headers
 
     async def _unary(self, attempts: list[Attempt], call: Call) -> Unary:
-        attempt, response, body, retries = await self._attempts(
+        attempt, response, body, retries = await self.failover.first_answer(
             attempts,
             call.path,
             lambda a: self._body(a, call.payload, call.raw, usage=False),
@@ -424,7 +363,7 @@ class ProxyService:
             chosen=call.decision.tier,
             trace=call.trace,
         )
-        self._leave(attempt.endpoint)
+        self.failover.leave(attempt.endpoint)
         response.release()
         self._record(attempt, call, response.status, usage_of(body), retries)
         return Unary(response.status, body, self._headers(attempt, call))
@@ -432,7 +371,7 @@ class ProxyService:
     async def _stream(self, attempts: list[Attempt], call: Call) -> Streamed:
         options = call.payload.get("stream_options") or {}
         drop_usage = not options.get("include_usage")  # asked for anyway; hidden below
-        attempt, response, first, retries = await self._attempts(
+        attempt, response, first, retries = await self.failover.first_answer(
             attempts,
             call.path,
             lambda a: self._body(a, call.payload, call.raw, usage=drop_usage),
@@ -449,7 +388,7 @@ class ProxyService:
             if finished:
                 return
             finished = True
-            self._leave(attempt.endpoint)
+            self.failover.leave(attempt.endpoint)
             self._record(attempt, call, 200, outcome.usage, retries, outcome)
             if outcome.error:
                 self.metrics.stream_errors.labels(call.model, outcome.error).inc()
@@ -507,11 +446,3 @@ class ProxyService:
                 cost_usd=round(tier.cost(usage), 8),
                 prompt=self.access.sampled_prompt(call.payload),
             )
-
-    def _enter(self, endpoint: Endpoint) -> None:
-        endpoint.in_flight += 1
-        self.metrics.in_flight_add(endpoint.name, 1)
-
-    def _leave(self, endpoint: Endpoint) -> None:
-        endpoint.in_flight -= 1
-        self.metrics.in_flight_add(endpoint.name, -1)
