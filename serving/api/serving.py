@@ -3,8 +3,8 @@
 Checks the body, resolves the tier (or lets the auto policy pick one), plans the
 replicas to try, and opens the first that answers (serving/api/failover.py: errors
 before the first body byte are retried on another replica or tier, within the retry
-budget). After that, a stream can only end with an error event. It knows no web framework: serving/api/hotpath.py turns its replies
-into ASGI messages.
+budget). After that, a stream can only end with an error event. It knows no web
+framework: serving/api/hotpath.py turns its replies into ASGI messages.
 """
 
 from __future__ import annotations
