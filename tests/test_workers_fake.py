@@ -20,7 +20,14 @@ from tests.utils import GatewayProcess
 
 
 def _workers(gw: GatewayProcess) -> list[psutil.Process]:
-    return [p for p in gw.descendants() if "serving.workers" in " ".join(p.cmdline())]
+    found = []
+    for p in gw.descendants():
+        try:  # a process may exit between the listing and the read (the killed worker)
+            if "serving.workers" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def test_worker_settings_share_the_limits() -> None:
