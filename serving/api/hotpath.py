@@ -104,7 +104,6 @@ class HotPath:
         self.max_body_bytes = max_body_bytes
         self.max_in_flight = max_in_flight
         self.max_loop_lag_ms = max_loop_lag_ms
-        self.retry_after_s = retry_after_s
         self.lag = lag or LoopLag()
         self.in_flight = 0
         # The two ASGI messages of each refusal, built once: SPREAD of them per reason,
