@@ -94,9 +94,15 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
     metrics = GatewayMetrics()
     supervisor = Supervisor(settings, registry, model_dirs, metrics)
     app = create_app(settings, registry, metrics, supervisor, model_dirs=model_dirs)
-    server = uvicorn.Server(
-        uvicorn_config(app, settings, host=settings.server.host, port=settings.server.port)
-    )
+    config = uvicorn_config(app, settings, host=settings.server.host, port=settings.server.port)
+    link = None
+    if settings.server.front:
+        from serving.front.handoff import FrontLink, fronted_server, listen
+
+        link = FrontLink(listen(settings.server.host, settings.server.port), metrics)
+        server = fronted_server(config, app, settings, link)
+    else:
+        server = uvicorn.Server(config)
     failed = False
 
     async def announce() -> None:
@@ -110,7 +116,8 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
             failed = True
             server.should_exit = True
             return
-        port = server.servers[0].sockets[0].getsockname()[1]
+        sock = link.listener if link is not None else server.servers[0].sockets[0]
+        port = sock.getsockname()[1]
         print(banner(settings.server.host, port, registry.models()), flush=True)
 
     watcher = asyncio.create_task(announce())
@@ -118,6 +125,9 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
         await server.serve()
     finally:
         watcher.cancel()
+        if link is not None:
+            await link.close()
+            link.listener.close()
         await supervisor.stop()  # idempotent; covers a failed bind too
     return 1 if failed else 0
 

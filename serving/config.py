@@ -75,6 +75,19 @@ class ServerSettings(_Strict):
         "gateway's own core is saturated (0: off, the default: against clients that retry "
         "at once it cost goodput, benchmarks/RESULTS.md).",
     )
+    front: bool = Field(
+        False,
+        description="A second process owns the port, parks idle keep-alive connections and "
+        "answers the max_in_flight 429s itself, in milliseconds even while the gateway's "
+        "core is saturated; every other request is handed to the gateway with its socket "
+        "(serving/front). With server.workers 1 only.",
+    )
+
+    @model_validator(mode="after")
+    def _front_needs_one_worker(self) -> ServerSettings:
+        if self.front and self.workers > 1:
+            raise ValueError("front: works with one gateway process; set workers to 1")
+        return self
 
 
 class TimeoutSettings(_Strict):

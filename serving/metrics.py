@@ -207,11 +207,11 @@ class GatewayMetrics:
             return generate_latest(registry)
         return generate_latest(self.registry)
 
-    def admission_refused(self, reason: str) -> None:
-        self._child(self.admission, reason).inc()
+    def admission_refused(self, reason: str, n: int = 1) -> None:
+        self._child(self.admission, reason).inc(n)
 
-    def request_done(self, model: str, endpoint: str, status: int) -> None:
-        self._child(self.requests, model, endpoint, str(status)).inc()
+    def request_done(self, model: str, endpoint: str, status: int, n: int = 1) -> None:
+        self._child(self.requests, model, endpoint, str(status)).inc(n)
 
     def tier_done(self, tier: str, replica: str, status: int) -> None:
         self._child(self.tier_requests, tier, replica, str(status)).inc()

@@ -44,10 +44,24 @@ KEY = "bench-key"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (the gateway runs no children with external engines)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """utime + stime of a process and its children (`server.front`'s process is the
+    gateway's: it runs on the same core and its CPU is part of the gateway's cost)."""
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = _stat(int(proc.name))
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if proc.name == str(pid) or fields[1] == str(pid):
+            total += int(fields[11]) + int(fields[12])
+    return total / TICKS
 
 
 def rss_mb(pid: int) -> float:
@@ -211,6 +225,7 @@ def gateway_config(
     return path
 
 
+FRONT = {"front": True}  # server.front: refusals in a process of their own, same core
 PROBES = 8  # clients, each one request at a time: enough 429s for a p99
 
 
@@ -287,13 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         "--targets",
         nargs="+",
         default=["upstream", "yardstick", "tiergate"],
-        help="upstream, yardstick, tiergate, tenancy (tiergate with a limited tenant's key), "
-        "and `before`: tiergate from --before-repo",
+        help="upstream, yardstick, tiergate, front (tiergate with server.front), tenancy "
+        "(tiergate with a limited tenant's key), and `before`: tiergate from --before-repo",
     )
     p.add_argument("--before-repo", type=Path, help="another checkout (e.g. a git worktree)")
     p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
     p.add_argument("--tokenizer", type=Path, help="for --model auto (a prepared model folder)")
     p.add_argument("--overload", action="store_true", help="also tiergate at 4x its best point")
+    p.add_argument(
+        "--overload-of",
+        choices=["tiergate", "front"],
+        default="tiergate",
+        help="whose best point (and config) the overload run takes",
+    )
     p.add_argument(
         "--clients",
         choices=["instant", "retry-after"],
@@ -339,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="tiergate-capacity-"))
     # one script for every run, so that the Lua callbacks' cost on the load core is alike
     script = wrk_script(a.model, work, honour_retry_after=a.clients == "retry-after")
-    names = ("upstream", "yardstick", "rawasgi", "raw", "tiergate", "before", "tenancy", "limited")
+    names = ("upstream", "yardstick", "rawasgi", "raw", "tiergate", "front", "before", "tenancy")
+    names += ("limited",)
     ports = {t: free_port() for t in names}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
     module = "fake_stream" if a.fake == "raw" else "fake_server"
@@ -378,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
             pids["tiergate"] = stack.enter_context(
                 started(gate, a.gateway_cpu, urls["tiergate"] + "/ready")
             )
+        if "front" in a.targets:
+            fconfig = gateway_config(
+                work / "front", urls["upstream"], a.tokenizer, a.max_in_flight, server=FRONT
+            )
+            front = [py, "-m", "serving.cli", "serve", "--config", str(fconfig)]
+            front += ["--port", str(ports["front"])]
+            pids["front"] = stack.enter_context(
+                started(front, a.gateway_cpu, urls["front"] + "/ready")
+            )
         if "tenancy" in a.targets:
             pids["tenancy"] = stack.enter_context(
                 started(tenancy_gate, a.gateway_cpu, urls["tenancy"] + "/ready")
@@ -412,17 +443,21 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         overload = None
-        if a.overload and "tiergate" in pids:
-            best = max((r for r in rows if r["target"] == "tiergate"), key=lambda r: r["ok_req_s"])
+        if a.overload and a.overload_of in pids:
+            of = a.overload_of
+            best = max((r for r in rows if r["target"] == of), key=lambda r: r["ok_req_s"])
             c = best["concurrency"] * 4
-            target = "limited" if a.overload_server else "tiergate"
+            target = "limited" if a.overload_server else of
             if a.overload_server:  # "peak" stands for the best point's concurrency
                 extra = {
                     k: best["concurrency"] if v == "peak" else yaml.safe_load(v)
                     for k, v in (kv.split("=", 1) for kv in a.overload_server)
                 }
                 lconfig = gateway_config(
-                    work / "limited", urls["upstream"], a.tokenizer, server=extra
+                    work / "limited",
+                    urls["upstream"],
+                    a.tokenizer,
+                    server=(FRONT if of == "front" else {}) | extra,
                 )
                 limited = [py, "-m", "serving.cli", "serve", "--config", str(lconfig)]
                 limited += ["--port", str(ports["limited"])]
@@ -437,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             statuses = {int(k): v for k, v in json.loads(out).items()}
             overload = {
                 "concurrency": c,
+                "of": of,
                 "server": extra if a.overload_server else {},
                 "clients": a.clients,
                 "peak_ok_req_s": best["ok_req_s"],

@@ -138,6 +138,10 @@ class HotPath:
         self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
         return self._refusals[why][self._turn]
 
+    def refusal_messages(self, why: str) -> list[list[dict]]:
+        """The prebuilt 429s for `why` (the front sends the same bytes)."""
+        return self._refusals[why]
+
     async def _read(self, receive, headers: dict[str, str]) -> bytes:
         limit = self.max_body_bytes
         declared = headers.get("content-length")

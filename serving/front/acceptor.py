@@ -1,0 +1,274 @@
+"""The front process: accepts, parks idle keep-alive connections, refuses at capacity,
+and hands every other request to the gateway with its socket (serving/front/__init__.py).
+
+It imports the standard library and uvloop only (no FastAPI, no pydantic): it starts
+in ~100 ms and its own cost per request is a recv, a head parse and one sendmsg.
+Run by the gateway (`handoff.FrontLink`), never by hand: `python -m
+serving.front.acceptor CONFIG_JSON` with the listening socket and its end of the pair
+passed as file descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+from serving.front import channel
+
+_CHAT, _COMPLETIONS = b"/v1/chat/completions", b"/v1/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the front needs of a request head; the gateway parses it again in full."""
+
+    method: bytes
+    path: bytes
+    size: int  # bytes of the head, the blank line included
+    content_length: int
+    chunked: bool
+    expect: bool
+    close: bool  # the connection ends after this request
+
+
+def parse_head(buf: bytes) -> Head | None:
+    """The head at the start of `buf`, or None while it is incomplete. ValueError when it
+    is not a plain HTTP/1.x head: the front then hands it to the gateway, which answers."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = buf[:end].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise ValueError("not an HTTP/1.x request line")
+    method, target, version = parts
+    length, chunked, expect, tokens = None, False, False, set()
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise ValueError("a header line without a colon")
+        name, value = name.strip().lower(), value.strip()
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                raise ValueError("a bad or repeated content-length")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"expect":
+            expect = True
+        elif name == b"connection":
+            tokens |= {t.strip().lower() for t in value.split(b",")}
+    close = b"close" in tokens or (version == b"HTTP/1.0" and b"keep-alive" not in tokens)
+    return Head(method, target.partition(b"?")[0], end + 4, length or 0, chunked, expect, close)
+
+
+@dataclass(slots=True)
+class Conn:
+    id: int
+    sock: socket.socket
+    buf: bytes = b""
+    lent: bool = False  # the gateway has it
+    counted: bool = False  # ... and its request counts against max_in_flight
+    idle_since: float = 0.0
+
+
+class Front:
+    def __init__(self, config: dict, listener: socket.socket, chan: socket.socket) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.listener = listener
+        self.chan = chan
+        self.max_in_flight = config["max_in_flight"]  # 0: never refuse here
+        self.max_body = config["max_body_bytes"]
+        self.max_head = config["max_head_bytes"]
+        self.keep_alive_s = config["keep_alive_s"]
+        self.access_log = config["access_log"]
+        self.refusals = [base64.b64decode(r) for r in config["refusals"]]
+        self.refusals_close = [base64.b64decode(r) for r in config["refusals_close"]]
+        self.turn = 0
+        self.conns: dict[int, Conn] = {}
+        self.next_id = 1
+        self.counted = 0  # hot-path requests handed and not yet answered
+        self.refused = {_CHAT: 0, _COMPLETIONS: 0}
+        self.stopped = asyncio.Event()
+
+    async def run(self) -> None:
+        self.listener.setblocking(False)
+        self.chan.setblocking(False)
+        self.loop.add_reader(self.listener.fileno(), self._accept)
+        self.loop.add_reader(self.chan.fileno(), self._from_gateway)
+        sweeper = asyncio.ensure_future(self._sweep())
+        try:
+            await self.stopped.wait()
+        finally:
+            sweeper.cancel()
+            self._close_all()
+
+    # -- clients
+    def _accept(self) -> None:
+        for _ in range(256):  # a bounded batch: the gateway's messages are waiting too
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. out of file descriptors: try again on the next wake-up
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Conn(self.next_id, sock, idle_since=time.monotonic())
+            self.next_id = self.next_id % 0xFFFFFFFF + 1
+            self.conns[conn.id] = conn
+            self.loop.add_reader(sock.fileno(), self._readable, conn)
+
+    def _readable(self, conn: Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(conn)
+            return
+        conn.buf += data
+        self._serve(conn)
+
+    def _serve(self, conn: Conn) -> None:
+        while conn.buf:
+            try:
+                head = parse_head(conn.buf)
+            except ValueError:
+                self._hand(conn, counted=False)  # the gateway's parser answers it
+                return
+            if head is None:
+                if len(conn.buf) > self.max_head:
+                    self._hand(conn, counted=False)
+                return
+            hot = head.method == b"POST" and head.path in self.refused
+            if not hot:
+                self._hand(conn, counted=False)
+                return
+            full = self.max_in_flight and self.counted >= self.max_in_flight
+            plain = not (head.chunked or head.expect) and head.content_length <= self.max_body
+            if not (full and plain):
+                self._hand(conn, counted=True)
+                return
+            need = head.size + head.content_length
+            if len(conn.buf) < need:
+                return  # the body is still coming; it is read and dropped
+            conn.buf = conn.buf[need:]
+            self._refuse(conn, head)
+            if head.close or conn.sock.fileno() < 0:
+                self._close(conn)
+                return
+        conn.idle_since = time.monotonic()
+
+    def _refuse(self, conn: Conn, head: Head) -> None:
+        self.turn = (self.turn + 7) % len(self.refusals)  # 7 is prime to 32: all in turn
+        answer = (self.refusals_close if head.close else self.refusals)[self.turn]
+        self.refused[head.path] += 1
+        if self.access_log:
+            line = {"request_id": uuid.uuid4().hex, "path": head.path.decode(), "status": 429}
+            print(json.dumps(line | {"error": "rate_limit_exceeded", "by": "front"}), flush=True)
+        try:
+            sent = conn.sock.send(answer)
+        except OSError:
+            sent = -1
+        if sent != len(answer):  # a client that does not read 300 bytes: let it go
+            self._close(conn)
+
+    def _hand(self, conn: Conn, counted: bool) -> None:
+        self.loop.remove_reader(conn.sock.fileno())
+        try:
+            channel.send_hand(self.chan, conn.id, counted, conn.buf, conn.sock.fileno())
+        except OSError:  # the gateway is gone
+            self.stopped.set()
+            return
+        conn.buf, conn.lent, conn.counted = b"", True, counted
+        self.counted += counted
+
+    def _close(self, conn: Conn) -> None:
+        self.conns.pop(conn.id, None)
+        if conn.sock.fileno() >= 0:
+            if not conn.lent:
+                self.loop.remove_reader(conn.sock.fileno())
+            conn.sock.close()  # while lent, the gateway's copy keeps the connection open
+
+    def _close_all(self) -> None:
+        self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        for conn in list(self.conns.values()):
+            self._close(conn)
+
+    # -- the gateway
+    def _from_gateway(self) -> None:
+        try:
+            messages = channel.receive(self.chan)
+        except ValueError:
+            messages = None
+        if messages is None:  # the gateway is gone: nothing here can be served
+            self.stopped.set()
+            return
+        for message in messages:
+            if message[0] == channel.DONE:
+                self._done(message[1], message[2])
+            elif message[0] == channel.STOP:
+                self.stopped.set()
+
+    def _done(self, conn_id: int, disposition: int) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is None or not conn.lent:
+            return
+        self.counted -= conn.counted
+        conn.lent = conn.counted = False
+        if disposition != channel.RETURNED:
+            self._close(conn)  # CLOSED: the gateway closed its copy too; KEPT: it serves on
+            return
+        conn.idle_since = time.monotonic()
+        self.loop.add_reader(conn.sock.fileno(), self._readable, conn)
+
+    async def _sweep(self) -> None:
+        """Once a second: refusals to the gateway's metrics, idle connections closed."""
+        while True:
+            await asyncio.sleep(1.0)
+            if any(self.refused.values()):
+                try:
+                    channel.send_stats(self.chan, self.refused[_CHAT], self.refused[_COMPLETIONS])
+                except OSError:
+                    self.stopped.set()
+                    return
+                self.refused = dict.fromkeys(self.refused, 0)
+            cutoff = time.monotonic() - self.keep_alive_s
+            for conn in [c for c in self.conns.values() if not c.lent and c.idle_since < cutoff]:
+                self._close(conn)
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(argv[0])
+    listener = socket.socket(fileno=config["listen_fd"])
+    chan = socket.socket(fileno=config["channel_fd"])
+    # The gateway leads shutdown (it sends STOP, or its end closes): Ctrl-C reaches the
+    # whole process group, and the front must keep serving while the gateway drains.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    async def run() -> None:
+        await Front(config, listener, chan).run()
+
+    try:
+        import uvloop
+
+        uvloop.run(run())
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

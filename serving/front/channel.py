@@ -1,0 +1,86 @@
+"""Messages between the front and the gateway, on a SOCK_SEQPACKET socket pair.
+
+One message per packet (the kernel keeps the boundaries), a 1-byte kind first:
+- HAND   front -> gateway: a connection (its socket as SCM_RIGHTS), its id, whether
+         the front counted it against `server.max_in_flight`, and the bytes read so far;
+- DONE   gateway -> front: the request on connection `id` is answered, and what became
+         of the connection: RETURNED (idle, the front reads it again), CLOSED, or KEPT
+         (the gateway keeps serving it: a pipelined request or unwritten bytes);
+- STATS  front -> gateway: refusals since the last STATS, per hot path;
+- STOP   gateway -> front: stop accepting, close what is parked, exit.
+"""
+
+from __future__ import annotations
+
+import array
+import socket
+import struct
+
+HAND, DONE, STATS, STOP = 1, 2, 3, 4
+RETURNED, CLOSED, KEPT = 0, 1, 2
+_HAND = struct.Struct("!BIB")  # kind, connection id, counted
+_DONE = struct.Struct("!BIB")  # kind, connection id, disposition
+_STATS = struct.Struct("!BII")  # kind, refused on chat, refused on completions
+MAX_PACKET = 512 * 1024  # the largest HAND: a 64 KiB head limit plus one read
+_FDS = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """(gateway end, front end), with room for the largest HAND."""
+    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for end in ends:
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MAX_PACKET)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MAX_PACKET)
+    return ends
+
+
+def send_hand(chan: socket.socket, conn_id: int, counted: bool, data: bytes, fd: int) -> None:
+    fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    chan.sendmsg([_HAND.pack(HAND, conn_id, counted), data], fds)
+
+
+def send_done(chan: socket.socket, conn_id: int, disposition: int) -> None:
+    chan.send(_DONE.pack(DONE, conn_id, disposition))
+
+
+def send_stats(chan: socket.socket, chat: int, completions: int) -> None:
+    chan.send(_STATS.pack(STATS, chat, completions))
+
+
+def send_stop(chan: socket.socket) -> None:
+    chan.send(bytes([STOP]))
+
+
+def decode(packet: bytes, fds: list[int]) -> tuple:
+    """One packet as a tuple: (HAND, id, counted, data, fd), (DONE, id, disposition),
+    (STATS, chat, completions) or (STOP,). Raises ValueError on anything else."""
+    kind = packet[:1]
+    if kind == bytes([HAND]) and len(fds) == 1 and len(packet) >= _HAND.size:
+        _, conn_id, counted = _HAND.unpack_from(packet)
+        return HAND, conn_id, bool(counted), packet[_HAND.size :], fds[0]
+    if kind == bytes([DONE]) and len(packet) == _DONE.size:
+        return _DONE.unpack(packet)
+    if kind == bytes([STATS]) and len(packet) == _STATS.size:
+        return _STATS.unpack(packet)
+    if kind == bytes([STOP]) and len(packet) == 1:
+        return (STOP,)
+    raise ValueError(f"bad packet from the other end: {packet[:16]!r}")
+
+
+def receive(chan: socket.socket) -> list[tuple] | None:
+    """Every packet waiting (non-blocking), decoded; None once the other end is gone."""
+    out = []
+    while True:
+        try:
+            packet, anc, _, _ = chan.recvmsg(MAX_PACKET, _FDS)
+        except (BlockingIOError, InterruptedError):
+            return out
+        except ConnectionError:
+            return None
+        if not packet:
+            return None if not out else out  # EOF: report what came first, None next time
+        fds = []
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+        out.append(decode(packet, fds))

@@ -1,0 +1,249 @@
+"""The gateway's side of `server.front`: start the front, take the connections it hands
+over, serve them with uvicorn's protocol, and give each back once it is idle.
+
+A handed connection is served exactly like one uvicorn accepted (the same protocol
+class as the port's, with admission in the parser callback), with two differences: the
+first request's slot was already counted by the front, and when a response is written
+and nothing else is pending, the connection goes back to the front (its reading paused
+here, this process's copy of the socket closed: the front's copy keeps it open). When
+anything is pending (a pipelined request, unwritten bytes) the gateway keeps the
+connection and serves it to its end, as without a front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import logging
+import socket
+import subprocess
+import sys
+from typing import Any
+
+from serving.api.admission import AdmittingProtocol
+from serving.api.hotpath import ADMITTED, ROUTES, HotPath
+from serving.front import channel
+from serving.metrics import GatewayMetrics
+
+log = logging.getLogger("tiergate.front")
+
+MAX_HEAD_BYTES = 64 * 1024
+_PATHS = ("/v1/chat/completions", "/v1/completions")  # the STATS message's order
+
+
+def raw_responses(refusals: list[list[dict]], close: bool) -> list[str]:
+    """The gateway's prebuilt 429s (ASGI messages) as HTTP/1.1 bytes, base64 for JSON."""
+    out = []
+    for start, body in refusals:
+        head = [b"HTTP/1.1 429 Too Many Requests"]
+        head += [k + b": " + v for k, v in start["headers"]]
+        if close:
+            head.append(b"connection: close")
+        raw = b"\r\n".join(head) + b"\r\n\r\n" + body["body"]
+        out.append(base64.b64encode(raw).decode())
+    return out
+
+
+class FrontedProtocol(AdmittingProtocol):
+    """uvicorn's protocol on a connection the front handed over (serving/front)."""
+
+    def __init__(self, link: FrontLink, conn_id: int, counted: bool, data: bytes, **kw: Any):
+        super().__init__(**kw)
+        self.link, self.conn_id, self.counted, self.handed = link, conn_id, counted, data
+        self.mid_message = False
+        self.reported = False
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        data, self.handed = self.handed, b""
+        if data:
+            self.data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.mid_message = True
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.mid_message = False
+
+    def _start_asgi_task(self, cycle, app) -> None:
+        if self.counted:  # the front counted this one; the gateway counts it as well
+            self.counted = False
+            hot = getattr(getattr(self.app, "state", None), "hot", None)
+            if hot is not None and ROUTES.get(cycle.scope["path"]) is not None:
+                hot.in_flight += 1
+                cycle.scope[ADMITTED] = True
+                super(AdmittingProtocol, self)._start_asgi_task(cycle, app)
+                return
+        super()._start_asgi_task(cycle, app)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.reported or self.transport.is_closing():
+            return  # closing: connection_lost reports it
+        self.reported = True
+        pending = self.pipeline or self.mid_message or self.transport.get_write_buffer_size()
+        if pending:  # served here to its end, as without a front
+            self.link.report(self.conn_id, channel.KEPT)
+            return
+        if not self.link.report(self.conn_id, channel.RETURNED):
+            return  # the front is gone (shutting down): served here to its end
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
+        self.transport.pause_reading()
+        self.transport.abort()  # this copy only: the front's keeps the connection open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.reported:
+            self.reported = True
+            self.link.report(self.conn_id, channel.CLOSED)
+        super().connection_lost(exc)
+
+
+class FrontLink:
+    """Starts the front on `listener`, adopts what it hands over, feeds its refusals to
+    the metrics, and stops it (STOP, then wait; killed if it does not go)."""
+
+    def __init__(self, listener: socket.socket, metrics: GatewayMetrics) -> None:
+        self.listener = listener
+        self.metrics = metrics
+        self.chan: socket.socket | None = None
+        self.proc: subprocess.Popen | None = None
+        self.factory: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
+        """Start the front process; it accepts at once (the gateway adopts once attached)."""
+        mine, theirs = channel.pair()
+        refusals = hot.refusal_messages("in_flight")
+        config = {
+            "listen_fd": self.listener.fileno(),
+            "channel_fd": theirs.fileno(),
+            "max_in_flight": settings.server.max_in_flight,
+            "max_body_bytes": settings.server.max_body_bytes,
+            "max_head_bytes": MAX_HEAD_BYTES,
+            "keep_alive_s": keep_alive_s,
+            "access_log": settings.server.access_log == "json",
+            "refusals": raw_responses(refusals, close=False),
+            "refusals_close": raw_responses(refusals, close=True),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.front.acceptor", json.dumps(config)],
+            pass_fds=(self.listener.fileno(), theirs.fileno()),
+        )
+        theirs.close()
+        mine.setblocking(False)
+        self.chan = mine
+
+    def attach(self, server: Any) -> None:
+        """Adopt handed connections into `server` (a started uvicorn.Server)."""
+        self.loop = asyncio.get_running_loop()
+        self.factory = functools.partial(
+            FrontedProtocol,
+            config=server.config,
+            server_state=server.server_state,
+            app_state=server.lifespan.state,
+        )
+        self.loop.add_reader(self.chan.fileno(), self._from_front)
+
+    def _from_front(self) -> None:
+        try:
+            messages = channel.receive(self.chan)
+        except ValueError:
+            log.exception("the front sent a bad message")
+            messages = None
+        if messages is None:
+            log.error("the front process is gone: no new connections can reach this gateway")
+            self._detach()
+            return
+        for message in messages:
+            if message[0] == channel.HAND:
+                _, conn_id, counted, data, fd = message
+                self._adopt(conn_id, counted, data, fd)
+            elif message[0] == channel.STATS:
+                for path, n in zip(_PATHS, message[1:], strict=True):
+                    if n:
+                        self.metrics.admission_refused("in_flight", n)
+                        self.metrics.request_done("unknown", path, 429, n)
+
+    def _adopt(self, conn_id: int, counted: bool, data: bytes, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        if self.factory is None:  # stopping
+            sock.close()
+            return
+        protocol = self.factory(self, conn_id, counted, data)
+        # The transport exists once the coroutine's first step ran; its task only waits
+        # for connection_made, which feeds the handed bytes to the parser.
+        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, sock))
+        task.add_done_callback(_adopted)
+
+    def report(self, conn_id: int, disposition: int) -> bool:
+        if self.chan is None or self.factory is None:
+            return False
+        try:
+            channel.send_done(self.chan, conn_id, disposition)
+        except OSError:
+            return False
+        return True
+
+    def _detach(self) -> None:
+        if self.chan is not None and self.loop is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.chan.fileno())
+        self.factory = None
+
+    def stop(self) -> None:
+        """Stop accepting: the front closes the port and what it parked, then exits."""
+        if self.chan is not None:
+            with contextlib.suppress(OSError):
+                channel.send_stop(self.chan)
+        self._detach()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait for the front to exit (killed after `timeout`), then close our end."""
+        self.stop()
+        if self.proc is not None:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+            except TimeoutError:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+
+
+def _adopted(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a handed connection could not be adopted: %r", task.exception())
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The port, bound here so that a clash fails at start; the front accepts on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
+
+
+def fronted_server(config: Any, app: Any, settings: Any, link: FrontLink) -> Any:
+    """A uvicorn.Server that listens on nothing itself: after start-up the front starts
+    and hands it connections; shutdown stops the front first (no new requests)."""
+    import uvicorn
+
+    class FrontedServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=[])
+            if self.should_exit:
+                return
+            link.start(app.state.hot, settings, config.timeout_keep_alive)
+            link.attach(self)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            link.stop()
+            await super().shutdown(sockets)
+
+    return FrontedServer(config)
