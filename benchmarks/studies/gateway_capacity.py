@@ -26,6 +26,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -310,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", type=Path, help="for --model auto (a prepared model folder)")
     p.add_argument("--overload", action="store_true", help="also tiergate at 4x its best point")
     p.add_argument(
+        "--overload-rounds",
+        type=int,
+        default=3,
+        help="overload runs, each after the best point again (the ratio's median is reported)",
+    )
+    p.add_argument(
         "--overload-of",
         choices=["tiergate", "front"],
         default="tiergate",
@@ -464,20 +471,37 @@ def main(argv: list[str] | None = None) -> int:
                 pids["limited"] = stack.enter_context(
                     started(limited, a.gateway_cpu, urls["limited"] + "/ready")
                 )
-            probe = start_probe(urls[target], a.model, a.duration, a.load_cpu)
-            cpu0 = cpu_seconds(pids[target])
-            r = run_wrk(urls[target], script, c, a.duration, a.load_cpu)
-            r["gateway_cpu_share"] = (cpu_seconds(pids[target]) - cpu0) / r["seconds"]
-            out, _ = probe.communicate(timeout=a.duration + 30)
-            statuses = {int(k): v for k, v in json.loads(out).items()}
+            # Rounds alternate the best point (again, same gateway as the sweep) with the
+            # overload, so that the ratio compares neighbours on a host whose speed drifts.
+            statuses: dict[int, list[float]] = {}
+            pairs = []
+            for _ in range(a.overload_rounds):
+                again = run_wrk(urls[of], script, best["concurrency"], a.duration, a.load_cpu)
+                probe = start_probe(urls[target], a.model, a.duration, a.load_cpu)
+                cpu0 = cpu_seconds(pids[target])
+                r = run_wrk(urls[target], script, c, a.duration, a.load_cpu)
+                r["gateway_cpu_share"] = (cpu_seconds(pids[target]) - cpu0) / r["seconds"]
+                out, _ = probe.communicate(timeout=a.duration + 30)
+                for k, v in json.loads(out).items():
+                    statuses.setdefault(int(k), []).extend(v)
+                pairs.append({"peak": again, "overload": r})
+                print(
+                    f"round: peak c={best['concurrency']} {again['ok_req_s']:.0f} ok req/s, "
+                    f"overload c={c} {r['ok_req_s']:.0f} ok req/s ({r['non_2xx']} refused), "
+                    f"ratio {r['ok_req_s'] / again['ok_req_s']:.3f}",
+                    flush=True,
+                )
+            ratios = [p["overload"]["ok_req_s"] / p["peak"]["ok_req_s"] for p in pairs]
             overload = {
                 "concurrency": c,
                 "of": of,
                 "server": extra if a.overload_server else {},
                 "clients": a.clients,
-                "peak_ok_req_s": best["ok_req_s"],
-                **r,
-                "goodput_vs_peak": r["ok_req_s"] / best["ok_req_s"],
+                "sweep_peak_ok_req_s": best["ok_req_s"],
+                "rounds": pairs,
+                "goodput_vs_peak_per_round": ratios,
+                "goodput_vs_peak": statistics.median(ratios),
+                "timeouts": sum(p["overload"]["timeouts"] for p in pairs),
                 "probe": {
                     str(s): {
                         "n": len(v),
@@ -489,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                     for s, v in statuses.items()
                 },
             }
-            print(f"overload c={c}: {json.dumps(overload)}", flush=True)
+            brief = {k: v for k, v in overload.items() if k != "rounds"}
+            print(f"overload c={c}: {json.dumps(brief)}", flush=True)
     print_table(rows)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

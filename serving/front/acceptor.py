@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import socket
@@ -74,7 +75,8 @@ class Conn:
     id: int
     sock: socket.socket
     buf: bytes = b""
-    lent: bool = False  # the gateway has it
+    lent: bool = False  # the gateway is serving a request on it
+    known: bool = False  # the gateway holds a copy of the socket (after the first HAND)
     counted: bool = False  # ... and its request counts against max_in_flight
     idle_since: float = 0.0
 
@@ -186,19 +188,26 @@ class Front:
     def _hand(self, conn: Conn, counted: bool) -> None:
         self.loop.remove_reader(conn.sock.fileno())
         try:
-            channel.send_hand(self.chan, conn.id, counted, conn.buf, conn.sock.fileno())
+            if conn.known:
+                channel.send_resume(self.chan, conn.id, counted, conn.buf)
+            else:
+                channel.send_hand(self.chan, conn.id, counted, conn.buf, conn.sock.fileno())
         except OSError:  # the gateway is gone
             self.stopped.set()
             return
-        conn.buf, conn.lent, conn.counted = b"", True, counted
+        conn.buf, conn.lent, conn.known, conn.counted = b"", True, True, counted
         self.counted += counted
 
     def _close(self, conn: Conn) -> None:
         self.conns.pop(conn.id, None)
-        if conn.sock.fileno() >= 0:
-            if not conn.lent:
-                self.loop.remove_reader(conn.sock.fileno())
-            conn.sock.close()  # while lent, the gateway's copy keeps the connection open
+        if conn.sock.fileno() < 0:
+            return
+        if not conn.lent:
+            self.loop.remove_reader(conn.sock.fileno())
+            if conn.known:  # parked: the gateway's paused copy must go too
+                with contextlib.suppress(OSError):
+                    channel.send_close(self.chan, conn.id)
+        conn.sock.close()  # while lent, the gateway's copy keeps the connection open
 
     def _close_all(self) -> None:
         self.loop.remove_reader(self.listener.fileno())
@@ -223,15 +232,16 @@ class Front:
 
     def _done(self, conn_id: int, disposition: int) -> None:
         conn = self.conns.get(conn_id)
-        if conn is None or not conn.lent:
+        if conn is None:
             return
         self.counted -= conn.counted
-        conn.lent = conn.counted = False
+        lent, conn.lent, conn.counted = conn.lent, False, False
         if disposition != channel.RETURNED:
-            self._close(conn)  # CLOSED: the gateway closed its copy too; KEPT: it serves on
-            return
-        conn.idle_since = time.monotonic()
-        self.loop.add_reader(conn.sock.fileno(), self._readable, conn)
+            conn.known = False  # CLOSED: its copy is closed; KEPT: it serves on alone
+            self._close(conn)
+        elif lent:  # parked: the gateway stopped reading it; the next request is ours
+            conn.idle_since = time.monotonic()
+            self.loop.add_reader(conn.sock.fileno(), self._readable, conn)
 
     async def _sweep(self) -> None:
         """Once a second: refusals to the gateway's metrics, idle connections closed."""

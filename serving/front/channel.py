@@ -1,11 +1,15 @@
 """Messages between the front and the gateway, on a SOCK_SEQPACKET socket pair.
 
 One message per packet (the kernel keeps the boundaries), a 1-byte kind first:
-- HAND   front -> gateway: a connection (its socket as SCM_RIGHTS), its id, whether
-         the front counted it against `server.max_in_flight`, and the bytes read so far;
+- HAND   front -> gateway: a new connection's first request: the socket (SCM_RIGHTS),
+         its id, whether the front counted it against `server.max_in_flight`, and the
+         bytes read so far. The gateway keeps its copy of the socket from then on;
+- RESUME front -> gateway: the next request on a parked connection (id, counted, bytes);
 - DONE   gateway -> front: the request on connection `id` is answered, and what became
-         of the connection: RETURNED (idle, the front reads it again), CLOSED, or KEPT
-         (the gateway keeps serving it: a pipelined request or unwritten bytes);
+         of the connection: RETURNED (parked: the gateway stopped reading it and the
+         front reads the next request), CLOSED, or KEPT (the gateway serves it to its
+         end: a pipelined request or unwritten bytes);
+- CLOSE  front -> gateway: a parked connection ended (client gone, idle too long);
 - STATS  front -> gateway: refusals since the last STATS, per hot path;
 - STOP   gateway -> front: stop accepting, close what is parked, exit.
 """
@@ -16,10 +20,12 @@ import array
 import socket
 import struct
 
-HAND, DONE, STATS, STOP = 1, 2, 3, 4
+HAND, DONE, STATS, STOP, RESUME, CLOSE = 1, 2, 3, 4, 5, 6
 RETURNED, CLOSED, KEPT = 0, 1, 2
 _HAND = struct.Struct("!BIB")  # kind, connection id, counted
 _DONE = struct.Struct("!BIB")  # kind, connection id, disposition
+_RESUME = struct.Struct("!BIB")  # kind, connection id, counted
+_CLOSE = struct.Struct("!BI")  # kind, connection id
 _STATS = struct.Struct("!BII")  # kind, refused on chat, refused on completions
 MAX_PACKET = 512 * 1024  # the largest HAND: a 64 KiB head limit plus one read
 _FDS = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
@@ -39,6 +45,14 @@ def send_hand(chan: socket.socket, conn_id: int, counted: bool, data: bytes, fd:
     chan.sendmsg([_HAND.pack(HAND, conn_id, counted), data], fds)
 
 
+def send_resume(chan: socket.socket, conn_id: int, counted: bool, data: bytes) -> None:
+    chan.sendmsg([_RESUME.pack(RESUME, conn_id, counted), data])
+
+
+def send_close(chan: socket.socket, conn_id: int) -> None:
+    chan.send(_CLOSE.pack(CLOSE, conn_id))
+
+
 def send_done(chan: socket.socket, conn_id: int, disposition: int) -> None:
     chan.send(_DONE.pack(DONE, conn_id, disposition))
 
@@ -52,12 +66,18 @@ def send_stop(chan: socket.socket) -> None:
 
 
 def decode(packet: bytes, fds: list[int]) -> tuple:
-    """One packet as a tuple: (HAND, id, counted, data, fd), (DONE, id, disposition),
-    (STATS, chat, completions) or (STOP,). Raises ValueError on anything else."""
+    """One packet as a tuple: (HAND, id, counted, data, fd), (RESUME, id, counted, data),
+    (DONE, id, disposition), (CLOSE, id), (STATS, chat, completions) or (STOP,).
+    Raises ValueError on anything else."""
     kind = packet[:1]
     if kind == bytes([HAND]) and len(fds) == 1 and len(packet) >= _HAND.size:
         _, conn_id, counted = _HAND.unpack_from(packet)
         return HAND, conn_id, bool(counted), packet[_HAND.size :], fds[0]
+    if kind == bytes([RESUME]) and len(packet) >= _RESUME.size:
+        _, conn_id, counted = _RESUME.unpack_from(packet)
+        return RESUME, conn_id, bool(counted), packet[_RESUME.size :]
+    if kind == bytes([CLOSE]) and len(packet) == _CLOSE.size:
+        return _CLOSE.unpack(packet)
     if kind == bytes([DONE]) and len(packet) == _DONE.size:
         return _DONE.unpack(packet)
     if kind == bytes([STATS]) and len(packet) == _STATS.size:

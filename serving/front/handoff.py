@@ -1,13 +1,14 @@
-"""The gateway's side of `server.front`: start the front, take the connections it hands
-over, serve them with uvicorn's protocol, and give each back once it is idle.
+"""The gateway's side of `server.front`: start the front, adopt the connections it hands
+over, serve them with uvicorn's protocol, and park each one between requests.
 
 A handed connection is served exactly like one uvicorn accepted (the same protocol
-class as the port's, with admission in the parser callback), with two differences: the
-first request's slot was already counted by the front, and when a response is written
-and nothing else is pending, the connection goes back to the front (its reading paused
-here, this process's copy of the socket closed: the front's copy keeps it open). When
-anything is pending (a pipelined request, unwritten bytes) the gateway keeps the
-connection and serves it to its end, as without a front.
+class, admission in the parser callback included), with two differences: a request
+the front counted against `server.max_in_flight` is not asked again, and when a
+response is written and nothing else is pending, the connection is parked: reading
+paused here (the transport stays), the front told, and the front reads the next
+request and sends it over (RESUME), so a request costs two small messages, not a new
+transport. When anything is pending (a pipelined request, unwritten bytes) the gateway
+keeps the connection and serves it to its end, as without a front.
 """
 
 from __future__ import annotations
@@ -48,19 +49,27 @@ def raw_responses(refusals: list[list[dict]], close: bool) -> list[str]:
 
 
 class FrontedProtocol(AdmittingProtocol):
-    """uvicorn's protocol on a connection the front handed over (serving/front)."""
+    """uvicorn's protocol on a connection the front handed over (serving/front). Between
+    requests it is parked: reading paused here, the front reading the next request."""
 
     def __init__(self, link: FrontLink, conn_id: int, counted: bool, data: bytes, **kw: Any):
         super().__init__(**kw)
         self.link, self.conn_id, self.counted, self.handed = link, conn_id, counted, data
         self.mid_message = False
-        self.reported = False
+        self.managed = True  # the front holds a copy of the socket
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         data, self.handed = self.handed, b""
         if data:
             self.data_received(data)
+
+    def resume(self, counted: bool, data: bytes) -> None:
+        """The front read the next request (`data`, maybe only its start): serve it."""
+        self.counted = counted
+        self.data_received(data)
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -83,25 +92,22 @@ class FrontedProtocol(AdmittingProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.reported or self.transport.is_closing():
+        if not self.managed or self.transport.is_closing():
             return  # closing: connection_lost reports it
-        self.reported = True
         pending = self.pipeline or self.mid_message or self.transport.get_write_buffer_size()
-        if pending:  # served here to its end, as without a front
+        if pending or not self.link.park(self):
+            self.managed = False  # served here to its end, as without a front
             self.link.report(self.conn_id, channel.KEPT)
             return
-        if not self.link.report(self.conn_id, channel.RETURNED):
-            return  # the front is gone (shutting down): served here to its end
-        if self.timeout_keep_alive_task is not None:
+        if self.timeout_keep_alive_task is not None:  # the front times idle connections
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
         self.transport.pause_reading()
-        self.transport.abort()  # this copy only: the front's keeps the connection open
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.reported:
-            self.reported = True
-            self.link.report(self.conn_id, channel.CLOSED)
+        if self.managed:
+            self.managed = False
+            self.link.lost(self)
         super().connection_lost(exc)
 
 
@@ -115,6 +121,7 @@ class FrontLink:
         self.chan: socket.socket | None = None
         self.proc: subprocess.Popen | None = None
         self.factory: Any = None
+        self.parked: dict[int, FrontedProtocol] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
@@ -162,10 +169,20 @@ class FrontLink:
             self._detach()
             return
         for message in messages:
-            if message[0] == channel.HAND:
-                _, conn_id, counted, data, fd = message
-                self._adopt(conn_id, counted, data, fd)
-            elif message[0] == channel.STATS:
+            kind = message[0]
+            if kind == channel.RESUME:
+                protocol = self.parked.pop(message[1], None)
+                if protocol is None:  # closed here meanwhile; the front hears CLOSED
+                    continue
+                protocol.resume(message[2], message[3])
+            elif kind == channel.HAND:
+                self._adopt(*message[1:])
+            elif kind == channel.CLOSE:
+                protocol = self.parked.pop(message[1], None)
+                if protocol is not None:
+                    protocol.managed = False
+                    protocol.transport.close()
+            elif kind == channel.STATS:
                 for path, n in zip(_PATHS, message[1:], strict=True):
                     if n:
                         self.metrics.admission_refused("in_flight", n)
@@ -181,6 +198,17 @@ class FrontLink:
         # for connection_made, which feeds the handed bytes to the parser.
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: protocol, sock))
         task.add_done_callback(_adopted)
+
+    def park(self, protocol: FrontedProtocol) -> bool:
+        """The response is written and nothing is pending: the front reads what comes next."""
+        if not self.report(protocol.conn_id, channel.RETURNED):
+            return False
+        self.parked[protocol.conn_id] = protocol
+        return True
+
+    def lost(self, protocol: FrontedProtocol) -> None:
+        self.parked.pop(protocol.conn_id, None)
+        self.report(protocol.conn_id, channel.CLOSED)
 
     def report(self, conn_id: int, disposition: int) -> bool:
         if self.chan is None or self.factory is None:

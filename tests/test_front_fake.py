@@ -1,0 +1,271 @@
+"""server.front: a second process owns the port, parks idle keep-alive connections and
+answers max_in_flight 429s itself; every other request is served by the gateway on the
+socket the front hands over. Against FAKE engines (one that stalls streams on demand,
+one that streams like decode steps): a real engine cannot be made to stall."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from serving.front import channel
+from serving.front.acceptor import Head, parse_head
+from tests.fake_engine import FakeEngine
+from tests.utils import GatewayProcess
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+
+
+# -- the head parser (pure)
+def test_parse_head_reads_what_the_front_needs() -> None:
+    raw = (
+        b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n"
+        b"Connection: keep-alive\r\n\r\n{}"
+    )
+    assert parse_head(raw) == Head(
+        b"POST",
+        b"/v1/chat/completions",
+        raw.index(b"{}"),
+        12,
+        chunked=False,
+        expect=False,
+        close=False,
+    )
+    assert parse_head(raw[:20]) is None  # incomplete: wait for more
+    one = parse_head(b"GET / HTTP/1.0\r\n\r\n")
+    assert one is not None and one.close  # HTTP/1.0 closes unless asked to keep alive
+    keep = parse_head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+    assert keep is not None and not keep.close
+    odd = parse_head(
+        b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+        b"Expect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    assert odd is not None and (odd.chunked, odd.expect, odd.close) == (True, True, True)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /v1/completions HTTP/2\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"POST / HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    ],
+)
+def test_parse_head_leaves_odd_requests_to_the_gateway(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_head(raw)
+
+
+def test_channel_messages_round_trip() -> None:
+    gateway, front = channel.pair()
+    try:
+        r, w = socket.socketpair()
+        channel.send_hand(front, 7, True, b"POST / HTTP/1.1\r\n", r.fileno())
+        channel.send_resume(front, 7, False, b"next")
+        channel.send_stats(front, 3, 4)
+        gateway.setblocking(False)
+        got = channel.receive(gateway)
+        assert got is not None and len(got) == 3
+        kind, conn_id, counted, data, fd = got[0]
+        assert (kind, conn_id, counted, data) == (channel.HAND, 7, True, b"POST / HTTP/1.1\r\n")
+        os.write(fd, b"!")  # the passed descriptor is the same socket
+        assert w.recv(1) == b"!"
+        os.close(fd)
+        assert got[1] == (channel.RESUME, 7, False, b"next")
+        assert got[2] == (channel.STATS, 3, 4)
+        channel.send_done(gateway, 7, channel.RETURNED)
+        channel.send_close(gateway, 8)
+        front.setblocking(False)
+        assert channel.receive(front) == [(channel.DONE, 7, channel.RETURNED), (channel.CLOSE, 8)]
+        gateway.close()
+        assert channel.receive(front) is None  # the other end is gone
+        r.close()
+        w.close()
+    finally:
+        front.close()
+
+
+# -- the front in front of a real gateway process
+def _config(tmp_path: Path, url: str, **server) -> Path:
+    path = tmp_path / "front.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"front": True, "drain_timeout": 1, **server},
+                "engines": [{"name": "e", "model": "m", "url": url}],
+                "timeouts": {"health_interval": 0.2},
+            }
+        )
+    )
+    return path
+
+
+def _fronts(gw: GatewayProcess) -> list[psutil.Process]:
+    found = []
+    for p in gw.descendants():
+        try:
+            if "serving.front.acceptor" in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _post(path: str, body: dict, extra: str = "") -> bytes:
+    data = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(data)}\r\n{extra}\r\n"
+    ).encode() + data
+
+
+class Raw:
+    """One keep-alive connection, read response by response (chunked or sized)."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.buf = b""
+
+    def _until(self, ready) -> None:
+        while not ready():
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed")
+            self.buf += data
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        self._until(lambda: b"\r\n\r\n" in self.buf)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines[1:])}
+        if "content-length" in headers:
+            n = int(headers["content-length"])
+            self._until(lambda: len(self.buf) >= n)
+            body, self.buf = self.buf[:n], self.buf[n:]
+        else:  # chunked: up to the last chunk
+            self._until(lambda: b"0\r\n\r\n" in self.buf)
+            end = self.buf.index(b"0\r\n\r\n") + 5
+            body, self.buf = self.buf[:end], self.buf[end:]
+        return int(lines[0].split(" ", 2)[1]), headers, body
+
+    def closed(self) -> bool:
+        self.sock.settimeout(5)
+        return self.sock.recv(1) == b""
+
+
+def test_front_serves_keep_alive_pipelined_and_closing_connections(tmp_path: Path) -> None:
+    with FakeEngine(force="drip") as fake:
+        with GatewayProcess(_config(tmp_path, fake.url), tmp_path / "serve.log") as gw:
+            gw.wait_ready(60)
+            assert len(_fronts(gw)) == 1
+            conn = Raw(gw.url)
+            for _ in range(3):  # one connection, parked in the front between requests
+                conn.sock.sendall(_post("/v1/chat/completions", CHAT))
+                status, _, body = conn.response()
+                assert status == 200 and b"data: [DONE]" in body and body.count(b"tok") == 20
+            conn.sock.sendall(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
+            assert conn.response()[0] == 200
+            # two requests in one write: the gateway keeps that connection and answers both
+            conn.sock.sendall(_post("/v1/chat/completions", CHAT) * 2)
+            assert [conn.response()[0] for _ in range(2)] == [200, 200]
+            conn.sock.sendall(_post("/v1/chat/completions", CHAT))
+            assert conn.response()[0] == 200
+            last = Raw(gw.url)
+            last.sock.sendall(_post("/v1/chat/completions", CHAT, "connection: close\r\n"))
+            assert last.response()[0] == 200 and last.closed()
+            assert len(fake.app.state.seen) == 7
+            assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+        assert gw.seen and not gw.survivors(), gw.log_tail()
+
+
+def test_front_refuses_at_capacity_and_loses_nothing(tmp_path: Path) -> None:
+    with FakeEngine(force="stall-stream") as fake:
+        config = _config(tmp_path, fake.url, max_in_flight=2)
+        with GatewayProcess(config, tmp_path / "serve.log") as gw:
+            gw.wait_ready(60)
+
+            async def burst() -> list[int]:
+                async with httpx.AsyncClient(timeout=10) as http:
+                    streams = [
+                        http.stream("POST", gw.url + "/v1/chat/completions", json=CHAT)
+                        for _ in range(12)
+                    ]
+                    replies = await asyncio.gather(*(s.__aenter__() for s in streams))
+                    statuses = [r.status_code for r in replies]
+                    refused = [r for r in replies if r.status_code == 429]
+                    for r in refused:
+                        body = json.loads(await r.aread())
+                        assert body["error"]["code"] == "rate_limit_exceeded"
+                        assert body["error"]["type"] == "rate_limit_error"
+                        assert r.headers["retry-after"] == "1"
+                        assert 500 <= int(r.headers["retry-after-ms"]) <= 1500
+                    # while both slots are held: refused on a kept-alive connection,
+                    # the body sent after the head, twice on the same connection
+                    conn = Raw(gw.url)
+                    request = _post("/v1/chat/completions", CHAT)
+                    for _ in range(2):
+                        conn.sock.sendall(request[:40])
+                        await asyncio.sleep(0.1)
+                        conn.sock.sendall(request[40:])
+                        status, _, body = conn.response()
+                        assert status == 429 and json.loads(body)["error"]["param"] is None
+                    for s in streams:  # the clients leave: the slots come back
+                        await s.__aexit__(None, None, None)
+                    return statuses
+
+            statuses = asyncio.run(burst())
+            assert sorted(statuses) == [200] * 2 + [429] * 10
+            assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
+            unary = {**CHAT, "stream": False}
+            gw.wait_for(
+                lambda: httpx.post(gw.url + "/v1/chat/completions", json=unary).status_code == 200,
+                10,
+                "a free slot",
+            )
+
+            def refused() -> float:
+                return sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in gw.get("/metrics").text.splitlines()
+                    if line.startswith('tiergate_admission_refused_total{reason="in_flight"}')
+                )
+
+            gw.wait_for(lambda: refused() == 12, 10, "the front's refusals on /metrics")
+            # uvicorn re-raises the signal once shut down: a SIGTERM exit, after a clean drain
+            assert gw.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM), gw.log_tail()
+            assert "Application shutdown complete" in gw.log_tail()
+        assert gw.seen and not gw.survivors(), gw.log_tail()
+
+
+def test_front_exits_when_the_gateway_dies(tmp_path: Path) -> None:
+    with FakeEngine(force="ok") as fake:
+        with GatewayProcess(_config(tmp_path, fake.url), tmp_path / "serve.log") as gw:
+            gw.wait_ready(60)
+            fronts = _fronts(gw)
+            assert len(fronts) == 1
+            os.kill(gw.proc.pid, signal.SIGKILL)  # no STOP: the front sees its pair close
+            _, alive = psutil.wait_procs(fronts, timeout=10)
+            assert not alive
+            gw.stop()
+        time.sleep(0.1)
+        assert not gw.survivors(), gw.log_tail()
+
+
+def test_front_wants_one_worker() -> None:
+    from serving.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="front: works with one gateway process"):
+        load_settings(None, server={"front": True, "workers": 2})
