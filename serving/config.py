@@ -82,6 +82,13 @@ class ServerSettings(_Strict):
         "core is saturated; every other request is handed to the gateway with its socket "
         "(serving/front). With server.workers 1 only.",
     )
+    front_max_refusals_s: int = Field(
+        5000,
+        gt=0,
+        description="With server.front: past this many 429s a second, a refused connection "
+        "is not read again until its Retry-After-Ms has passed, so clients that re-send at "
+        "once cannot spend the gateway's core on refusals (benchmarks/RESULTS.md).",
+    )
 
     @model_validator(mode="after")
     def _front_needs_one_worker(self) -> ServerSettings:

@@ -269,3 +269,32 @@ def test_front_wants_one_worker() -> None:
 
     with pytest.raises(ConfigError, match="front: works with one gateway process"):
         load_settings(None, server={"front": True, "workers": 2})
+
+
+def test_refusal_budget_paces_clients_that_resend_at_once(tmp_path: Path) -> None:
+    from serving.front.acceptor import Budget
+
+    budget = Budget(2)
+    assert [budget.take(10.0) for _ in range(3)] == [True, True, False]
+    assert budget.take(10.5)  # half a second refills one
+    with FakeEngine(force="stall-stream") as fake:
+        config = _config(tmp_path, fake.url, max_in_flight=1, front_max_refusals_s=1)
+        with GatewayProcess(config, tmp_path / "serve.log") as gw:
+            gw.wait_ready(60)
+            with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as held:
+                assert held.status_code == 200  # the one slot
+                conn = Raw(gw.url)
+                request = _post("/v1/chat/completions", CHAT)
+                conn.sock.sendall(request)
+                assert conn.response()[0] == 429  # within the budget (one a second)
+                conn.sock.sendall(request)  # at once, ignoring Retry-After: over the budget,
+                status, headers, _ = conn.response()  # answered, and the connection paced
+                assert status == 429
+                wait = int(headers["retry-after-ms"]) / 1000
+                t0 = time.monotonic()
+                conn.sock.sendall(request)  # not read before that retry-after-ms
+                status, _, _ = conn.response()
+                assert status == 429 and time.monotonic() - t0 >= wait - 0.05
+            assert len(fake.app.state.seen) == 1
+            assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+        assert gw.seen and not gw.survivors(), gw.log_tail()

@@ -79,6 +79,24 @@ class Conn:
     known: bool = False  # the gateway holds a copy of the socket (after the first HAND)
     counted: bool = False  # ... and its request counts against max_in_flight
     idle_since: float = 0.0
+    paced: bool = False  # not read until its retry-after-ms passed (a refusal storm)
+
+
+class Budget:
+    """A token bucket of refusals: `rate` a second, up to a second's worth at once."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.last = 0.0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
 
 
 class Front:
@@ -92,6 +110,8 @@ class Front:
         self.keep_alive_s = config["keep_alive_s"]
         self.access_log = config["access_log"]
         self.refusals = [base64.b64decode(r) for r in config["refusals"]]
+        self.refusal_s = [ms / 1000 for ms in config["refusal_ms"]]  # each one's retry-after-ms
+        self.budget = Budget(config["max_refusals_s"])
         self.refusals_close = [base64.b64decode(r) for r in config["refusals_close"]]
         self.turn = 0
         self.conns: dict[int, Conn] = {}
@@ -169,6 +189,8 @@ class Front:
             if head.close or conn.sock.fileno() < 0:
                 self._close(conn)
                 return
+            if conn.paced:
+                return  # what else came is read after the wait
         conn.idle_since = time.monotonic()
 
     def _refuse(self, conn: Conn, head: Head) -> None:
@@ -184,6 +206,18 @@ class Front:
             sent = -1
         if sent != len(answer):  # a client that does not read 300 bytes: let it go
             self._close(conn)
+        elif not self.budget.take(time.monotonic()):
+            # A refusal storm (clients that re-send at once): this connection's next
+            # request waits, unread, for the retry-after-ms it was just given.
+            self.loop.remove_reader(conn.sock.fileno())
+            conn.paced, conn.idle_since = True, time.monotonic()
+            self.loop.call_later(self.refusal_s[self.turn], self._unpace, conn)
+
+    def _unpace(self, conn: Conn) -> None:
+        conn.paced = False
+        if self.conns.get(conn.id) is conn and not conn.lent:
+            conn.idle_since = time.monotonic()
+            self.loop.add_reader(conn.sock.fileno(), self._readable, conn)
 
     def _hand(self, conn: Conn, counted: bool) -> None:
         self.loop.remove_reader(conn.sock.fileno())
