@@ -119,6 +119,7 @@ class Front:
         self.counted = 0  # hot-path requests handed and not yet answered
         self.refused = {_CHAT: 0, _COMPLETIONS: 0}
         self.stopped = asyncio.Event()
+        self.resumes = channel.Outbox(chan, channel.RESUME, self.stopped.set)
 
     async def run(self) -> None:
         self.listener.setblocking(False)
@@ -223,7 +224,7 @@ class Front:
         self.loop.remove_reader(conn.sock.fileno())
         try:
             if conn.known:
-                channel.send_resume(self.chan, conn.id, counted, conn.buf)
+                self.resumes.add(channel.resume_entry(conn.id, counted, conn.buf))
             else:
                 channel.send_hand(self.chan, conn.id, counted, conn.buf, conn.sock.fileno())
         except OSError:  # the gateway is gone
@@ -260,7 +261,8 @@ class Front:
             return
         for message in messages:
             if message[0] == channel.DONE:
-                self._done(message[1], message[2])
+                for conn_id, disposition in message[1]:
+                    self._done(conn_id, disposition)
             elif message[0] == channel.STOP:
                 self.stopped.set()
 

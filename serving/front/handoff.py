@@ -122,6 +122,7 @@ class FrontLink:
         self.proc: subprocess.Popen | None = None
         self.factory: Any = None
         self.parked: dict[int, FrontedProtocol] = {}
+        self.dones: channel.Outbox | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
@@ -148,6 +149,7 @@ class FrontLink:
         theirs.close()
         mine.setblocking(False)
         self.chan = mine
+        self.dones = channel.Outbox(mine, channel.DONE, self._front_gone)
 
     def attach(self, server: Any) -> None:
         """Adopt handed connections into `server` (a started uvicorn.Server)."""
@@ -167,16 +169,15 @@ class FrontLink:
             log.exception("the front sent a bad message")
             messages = None
         if messages is None:
-            log.error("the front process is gone: no new connections can reach this gateway")
-            self._detach()
+            self._front_gone()
             return
         for message in messages:
             kind = message[0]
             if kind == channel.RESUME:
-                protocol = self.parked.pop(message[1], None)
-                if protocol is None:  # closed here meanwhile; the front hears CLOSED
-                    continue
-                protocol.resume(message[2], message[3])
+                for conn_id, counted, data in message[1]:
+                    protocol = self.parked.pop(conn_id, None)
+                    if protocol is not None:  # else closed here meanwhile: CLOSED is sent
+                        protocol.resume(counted, data)
             elif kind == channel.HAND:
                 self._adopt(*message[1:])
             elif kind == channel.CLOSE:
@@ -189,6 +190,11 @@ class FrontLink:
                     if n:
                         self.metrics.admission_refused("in_flight", n)
                         self.metrics.request_done("unknown", path, 429, n)
+
+    def _front_gone(self) -> None:
+        if self.factory is not None:
+            log.error("the front process is gone: no new connections can reach this gateway")
+        self._detach()
 
     def _adopt(self, conn_id: int, counted: bool, data: bytes, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -213,19 +219,24 @@ class FrontLink:
         self.report(protocol.conn_id, channel.CLOSED)
 
     def report(self, conn_id: int, disposition: int) -> bool:
-        if self.chan is None or self.factory is None:
+        if self.dones is None or self.factory is None:
             return False
-        try:
-            channel.send_done(self.chan, conn_id, disposition)
-        except OSError:
-            return False
+        self.dones.add(channel.done_entry(conn_id, disposition))
         return True
 
     def _detach(self) -> None:
+        """No more messages either way. Parked connections cannot be read by anyone now:
+        they are closed (their clients reconnect)."""
+        if self.dones is not None:
+            self.dones.flush()
         if self.chan is not None and self.loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.chan.fileno())
         self.factory = None
+        parked, self.parked = self.parked, {}
+        for protocol in parked.values():
+            protocol.managed = False
+            protocol.transport.close()
 
     def stop(self) -> None:
         """Stop accepting: the front closes the port and what it parked, then exits."""
