@@ -77,7 +77,6 @@ class Conn:
     buf: bytes = b""
     lent: bool = False  # the gateway is serving a request on it
     known: bool = False  # the gateway holds a copy of the socket (after the first HAND)
-    counted: bool = False  # ... and its request counts against max_in_flight
     idle_since: float = 0.0
     paced: bool = False  # not read until its retry-after-ms passed (a refusal storm)
 
@@ -116,7 +115,8 @@ class Front:
         self.turn = 0
         self.conns: dict[int, Conn] = {}
         self.next_id = 1
-        self.counted = 0  # hot-path requests handed and not yet answered
+        self.handed = 0  # hot-path requests handed; in flight: handed - released
+        self.released = channel.Released(config["released_fd"])
         self.refused = {_CHAT: 0, _COMPLETIONS: 0}
         self.stopped = asyncio.Event()
         self.resumes = channel.Outbox(chan, channel.RESUME, self.stopped.set)
@@ -177,7 +177,7 @@ class Front:
             if not hot:
                 self._hand(conn, counted=False)
                 return
-            full = self.max_in_flight and self.counted >= self.max_in_flight
+            full = self.max_in_flight and self.handed - self.released.value >= self.max_in_flight
             plain = not (head.chunked or head.expect) and head.content_length <= self.max_body
             if not (full and plain):
                 self._hand(conn, counted=True)
@@ -230,8 +230,8 @@ class Front:
         except OSError:  # the gateway is gone
             self.stopped.set()
             return
-        conn.buf, conn.lent, conn.known, conn.counted = b"", True, True, counted
-        self.counted += counted
+        conn.buf, conn.lent, conn.known = b"", True, True
+        self.handed += counted
 
     def _close(self, conn: Conn) -> None:
         self.conns.pop(conn.id, None)
@@ -270,8 +270,7 @@ class Front:
         conn = self.conns.get(conn_id)
         if conn is None:
             return
-        self.counted -= conn.counted
-        lent, conn.lent, conn.counted = conn.lent, False, False
+        lent, conn.lent = conn.lent, False
         if disposition != channel.RETURNED:
             conn.known = False  # CLOSED: its copy is closed; KEPT: it serves on alone
             self._close(conn)

@@ -57,6 +57,7 @@ class FrontedProtocol(AdmittingProtocol):
         self.link, self.conn_id, self.counted, self.handed = link, conn_id, counted, data
         self.mid_message = False
         self.managed = True  # the front holds a copy of the socket
+        self.holding = False  # the request being served holds a front-counted slot
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -81,7 +82,7 @@ class FrontedProtocol(AdmittingProtocol):
 
     def _start_asgi_task(self, cycle, app) -> None:
         if self.counted:  # the front counted this one; the gateway counts it as well
-            self.counted = False
+            self.counted, self.holding = False, True
             hot = getattr(getattr(self.app, "state", None), "hot", None)
             if hot is not None and ROUTES.get(cycle.scope["path"]) is not None:
                 hot.in_flight += 1
@@ -90,7 +91,13 @@ class FrontedProtocol(AdmittingProtocol):
                 return
         super()._start_asgi_task(cycle, app)
 
+    def _release(self) -> None:
+        if self.holding or self.counted:  # counted but never started: released as well
+            self.holding = self.counted = False
+            self.link.released.add()
+
     def on_response_complete(self) -> None:
+        self._release()
         super().on_response_complete()
         if not self.managed or self.transport.is_closing():
             return  # closing: connection_lost reports it
@@ -105,6 +112,7 @@ class FrontedProtocol(AdmittingProtocol):
         self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release()
         if self.managed:
             self.managed = False
             self.link.lost(self)
@@ -123,6 +131,7 @@ class FrontLink:
         self.factory: Any = None
         self.parked: dict[int, FrontedProtocol] = {}
         self.dones: channel.Outbox | None = None
+        self.released = channel.Released()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
@@ -132,6 +141,7 @@ class FrontLink:
         config = {
             "listen_fd": self.listener.fileno(),
             "channel_fd": theirs.fileno(),
+            "released_fd": self.released.fd,
             "max_in_flight": settings.server.max_in_flight,
             "max_body_bytes": settings.server.max_body_bytes,
             "max_head_bytes": MAX_HEAD_BYTES,
@@ -144,7 +154,7 @@ class FrontLink:
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serving.front.acceptor", json.dumps(config)],
-            pass_fds=(self.listener.fileno(), theirs.fileno()),
+            pass_fds=(self.listener.fileno(), theirs.fileno(), self.released.fd),
         )
         theirs.close()
         mine.setblocking(False)
