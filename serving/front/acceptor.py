@@ -77,6 +77,7 @@ class Conn:
     buf: bytes = b""
     lent: bool = False  # the gateway is serving a request on it
     known: bool = False  # the gateway holds a copy of the socket (after the first HAND)
+    counted: bool = False  # ... and its request counts against max_in_flight
     idle_since: float = 0.0
     paced: bool = False  # not read until its retry-after-ms passed (a refusal storm)
 
@@ -115,11 +116,9 @@ class Front:
         self.turn = 0
         self.conns: dict[int, Conn] = {}
         self.next_id = 1
-        self.handed = 0  # hot-path requests handed; in flight: handed - released
-        self.released = channel.Released(config["released_fd"])
+        self.counted = 0  # hot-path requests handed and not yet answered
         self.refused = {_CHAT: 0, _COMPLETIONS: 0}
         self.stopped = asyncio.Event()
-        self.resumes = channel.Outbox(chan, channel.RESUME, self.stopped.set)
 
     async def run(self) -> None:
         self.listener.setblocking(False)
@@ -177,7 +176,7 @@ class Front:
             if not hot:
                 self._hand(conn, counted=False)
                 return
-            full = self.max_in_flight and self.handed - self.released.value >= self.max_in_flight
+            full = self.max_in_flight and self.counted >= self.max_in_flight
             plain = not (head.chunked or head.expect) and head.content_length <= self.max_body
             if not (full and plain):
                 self._hand(conn, counted=True)
@@ -224,14 +223,14 @@ class Front:
         self.loop.remove_reader(conn.sock.fileno())
         try:
             if conn.known:
-                self.resumes.add(channel.resume_entry(conn.id, counted, conn.buf))
+                channel.send_resume(self.chan, conn.id, counted, conn.buf)
             else:
                 channel.send_hand(self.chan, conn.id, counted, conn.buf, conn.sock.fileno())
         except OSError:  # the gateway is gone
             self.stopped.set()
             return
-        conn.buf, conn.lent, conn.known = b"", True, True
-        self.handed += counted
+        conn.buf, conn.lent, conn.known, conn.counted = b"", True, True, counted
+        self.counted += counted
 
     def _close(self, conn: Conn) -> None:
         self.conns.pop(conn.id, None)
@@ -261,8 +260,7 @@ class Front:
             return
         for message in messages:
             if message[0] == channel.DONE:
-                for conn_id, disposition in message[1]:
-                    self._done(conn_id, disposition)
+                self._done(message[1], message[2])
             elif message[0] == channel.STOP:
                 self.stopped.set()
 
@@ -270,7 +268,8 @@ class Front:
         conn = self.conns.get(conn_id)
         if conn is None:
             return
-        lent, conn.lent = conn.lent, False
+        self.counted -= conn.counted
+        lent, conn.lent, conn.counted = conn.lent, False, False
         if disposition != channel.RETURNED:
             conn.known = False  # CLOSED: its copy is closed; KEPT: it serves on alone
             self._close(conn)

@@ -57,7 +57,6 @@ class FrontedProtocol(AdmittingProtocol):
         self.link, self.conn_id, self.counted, self.handed = link, conn_id, counted, data
         self.mid_message = False
         self.managed = True  # the front holds a copy of the socket
-        self.holding = False  # the request being served holds a front-counted slot
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -82,7 +81,7 @@ class FrontedProtocol(AdmittingProtocol):
 
     def _start_asgi_task(self, cycle, app) -> None:
         if self.counted:  # the front counted this one; the gateway counts it as well
-            self.counted, self.holding = False, True
+            self.counted = False
             hot = getattr(getattr(self.app, "state", None), "hot", None)
             if hot is not None and ROUTES.get(cycle.scope["path"]) is not None:
                 hot.in_flight += 1
@@ -91,13 +90,7 @@ class FrontedProtocol(AdmittingProtocol):
                 return
         super()._start_asgi_task(cycle, app)
 
-    def _release(self) -> None:
-        if self.holding or self.counted:  # counted but never started: released as well
-            self.holding = self.counted = False
-            self.link.released.add()
-
     def on_response_complete(self) -> None:
-        self._release()
         super().on_response_complete()
         if not self.managed or self.transport.is_closing():
             return  # closing: connection_lost reports it
@@ -112,7 +105,6 @@ class FrontedProtocol(AdmittingProtocol):
         self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._release()
         if self.managed:
             self.managed = False
             self.link.lost(self)
@@ -130,8 +122,6 @@ class FrontLink:
         self.proc: subprocess.Popen | None = None
         self.factory: Any = None
         self.parked: dict[int, FrontedProtocol] = {}
-        self.dones: channel.Outbox | None = None
-        self.released = channel.Released()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
@@ -141,7 +131,6 @@ class FrontLink:
         config = {
             "listen_fd": self.listener.fileno(),
             "channel_fd": theirs.fileno(),
-            "released_fd": self.released.fd,
             "max_in_flight": settings.server.max_in_flight,
             "max_body_bytes": settings.server.max_body_bytes,
             "max_head_bytes": MAX_HEAD_BYTES,
@@ -154,12 +143,11 @@ class FrontLink:
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serving.front.acceptor", json.dumps(config)],
-            pass_fds=(self.listener.fileno(), theirs.fileno(), self.released.fd),
+            pass_fds=(self.listener.fileno(), theirs.fileno()),
         )
         theirs.close()
         mine.setblocking(False)
         self.chan = mine
-        self.dones = channel.Outbox(mine, channel.DONE, self._front_gone)
 
     def attach(self, server: Any) -> None:
         """Adopt handed connections into `server` (a started uvicorn.Server)."""
@@ -179,15 +167,16 @@ class FrontLink:
             log.exception("the front sent a bad message")
             messages = None
         if messages is None:
-            self._front_gone()
+            log.error("the front process is gone: no new connections can reach this gateway")
+            self._detach()
             return
         for message in messages:
             kind = message[0]
             if kind == channel.RESUME:
-                for conn_id, counted, data in message[1]:
-                    protocol = self.parked.pop(conn_id, None)
-                    if protocol is not None:  # else closed here meanwhile: CLOSED is sent
-                        protocol.resume(counted, data)
+                protocol = self.parked.pop(message[1], None)
+                if protocol is None:  # closed here meanwhile; the front hears CLOSED
+                    continue
+                protocol.resume(message[2], message[3])
             elif kind == channel.HAND:
                 self._adopt(*message[1:])
             elif kind == channel.CLOSE:
@@ -200,11 +189,6 @@ class FrontLink:
                     if n:
                         self.metrics.admission_refused("in_flight", n)
                         self.metrics.request_done("unknown", path, 429, n)
-
-    def _front_gone(self) -> None:
-        if self.factory is not None:
-            log.error("the front process is gone: no new connections can reach this gateway")
-        self._detach()
 
     def _adopt(self, conn_id: int, counted: bool, data: bytes, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -229,16 +213,17 @@ class FrontLink:
         self.report(protocol.conn_id, channel.CLOSED)
 
     def report(self, conn_id: int, disposition: int) -> bool:
-        if self.dones is None or self.factory is None:
+        if self.chan is None or self.factory is None:
             return False
-        self.dones.add(channel.done_entry(conn_id, disposition))
+        try:
+            channel.send_done(self.chan, conn_id, disposition)
+        except OSError:
+            return False
         return True
 
     def _detach(self) -> None:
         """No more messages either way. Parked connections cannot be read by anyone now:
         they are closed (their clients reconnect)."""
-        if self.dones is not None:
-            self.dones.flush()
         if self.chan is not None and self.loop is not None:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.chan.fileno())
