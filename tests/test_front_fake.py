@@ -70,11 +70,14 @@ def test_parse_head_leaves_odd_requests_to_the_gateway(raw: bytes) -> None:
 
 def test_channel_messages_round_trip() -> None:
     gateway, front = channel.pair()
-    try:
-        r, w = socket.socketpair()
-        channel.send_hand(front, 7, True, b"POST / HTTP/1.1\r\n", r.fileno())
-        channel.send_resume(front, 7, False, b"next")
-        channel.send_stats(front, 3, 4)
+    r, w = socket.socketpair()
+
+    async def exchange() -> None:
+        errors: list[str] = []
+        to_gateway = channel.Sender(front, lambda: errors.append("gone"))
+        to_gateway.send(channel.hand(7, True, b"POST / HTTP/1.1\r\n"), r.fileno())
+        to_gateway.send(channel.resume(7, False, b"next"))
+        to_gateway.send(channel.stats(3, 4))
         gateway.setblocking(False)
         got = channel.receive(gateway)
         assert got is not None and len(got) == 3
@@ -83,18 +86,36 @@ def test_channel_messages_round_trip() -> None:
         os.write(fd, b"!")  # the passed descriptor is the same socket
         assert w.recv(1) == b"!"
         os.close(fd)
-        assert got[1] == (channel.RESUME, 7, False, b"next")
-        assert got[2] == (channel.STATS, 3, 4)
-        channel.send_done(gateway, 7, channel.RETURNED)
-        channel.send_close(gateway, 8)
+        assert got[1:] == [(channel.RESUME, 7, False, b"next"), (channel.STATS, 3, 4)]
+
+        # the front does not read for a while: DONEs wait, in order, none lost
+        to_front = channel.Sender(gateway, lambda: errors.append("gone"))
+        for i in range(20000):
+            to_front.send(channel.done(i, channel.RETURNED))
+        assert to_front.queue  # the pair's buffer filled; the rest waits here
         front.setblocking(False)
-        assert channel.receive(front) == [(channel.DONE, 7, channel.RETURNED), (channel.CLOSE, 8)]
+        seen: list[int] = []
+        while len(seen) < 20000:
+            for message in channel.receive(front) or []:
+                assert message[0] == channel.DONE
+                seen.append(message[1])
+            await asyncio.sleep(0.001)  # the sender's writer callback runs
+        assert seen == list(range(20000)) and not to_front.queue and not errors
+        to_front.send(channel.close(8))
+        await asyncio.sleep(0)
+        assert channel.receive(front) == [(channel.CLOSE, 8)]
+        with pytest.raises(ValueError):
+            channel.decode(b"\x09junk", [])
         gateway.close()
         assert channel.receive(front) is None  # the other end is gone
-        r.close()
-        w.close()
+        to_gateway.send(channel.stop())
+        assert errors == ["gone"]
+
+    try:
+        asyncio.run(exchange())
     finally:
-        front.close()
+        for s in (front, r, w):
+            s.close()
 
 
 # -- the front in front of a real gateway process

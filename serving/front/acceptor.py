@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import signal
 import socket
@@ -119,6 +118,7 @@ class Front:
         self.counted = 0  # hot-path requests handed and not yet answered
         self.refused = {_CHAT: 0, _COMPLETIONS: 0}
         self.stopped = asyncio.Event()
+        self.out = channel.Sender(chan, self.stopped.set)
 
     async def run(self) -> None:
         self.listener.setblocking(False)
@@ -221,14 +221,10 @@ class Front:
 
     def _hand(self, conn: Conn, counted: bool) -> None:
         self.loop.remove_reader(conn.sock.fileno())
-        try:
-            if conn.known:
-                channel.send_resume(self.chan, conn.id, counted, conn.buf)
-            else:
-                channel.send_hand(self.chan, conn.id, counted, conn.buf, conn.sock.fileno())
-        except OSError:  # the gateway is gone
-            self.stopped.set()
-            return
+        if conn.known:
+            self.out.send(channel.resume(conn.id, counted, conn.buf))
+        else:
+            self.out.send(channel.hand(conn.id, counted, conn.buf), conn.sock.fileno())
         conn.buf, conn.lent, conn.known, conn.counted = b"", True, True, counted
         self.counted += counted
 
@@ -239,8 +235,7 @@ class Front:
         if not conn.lent:
             self.loop.remove_reader(conn.sock.fileno())
             if conn.known:  # parked: the gateway's paused copy must go too
-                with contextlib.suppress(OSError):
-                    channel.send_close(self.chan, conn.id)
+                self.out.send(channel.close(conn.id))
         conn.sock.close()  # while lent, the gateway's copy keeps the connection open
 
     def _close_all(self) -> None:
@@ -282,11 +277,7 @@ class Front:
         while True:
             await asyncio.sleep(1.0)
             if any(self.refused.values()):
-                try:
-                    channel.send_stats(self.chan, self.refused[_CHAT], self.refused[_COMPLETIONS])
-                except OSError:
-                    self.stopped.set()
-                    return
+                self.out.send(channel.stats(self.refused[_CHAT], self.refused[_COMPLETIONS]))
                 self.refused = dict.fromkeys(self.refused, 0)
             cutoff = time.monotonic() - self.keep_alive_s
             for conn in [c for c in self.conns.values() if not c.lent and c.idle_since < cutoff]:

@@ -17,8 +17,12 @@ One message per packet (the kernel keeps the boundaries), a 1-byte kind first:
 from __future__ import annotations
 
 import array
+import asyncio
+import collections
+import contextlib
 import socket
 import struct
+from collections.abc import Callable
 
 HAND, DONE, STATS, STOP, RESUME, CLOSE = 1, 2, 3, 4, 5, 6
 RETURNED, CLOSED, KEPT = 0, 1, 2
@@ -40,29 +44,71 @@ def pair() -> tuple[socket.socket, socket.socket]:
     return ends
 
 
-def send_hand(chan: socket.socket, conn_id: int, counted: bool, data: bytes, fd: int) -> None:
-    fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
-    chan.sendmsg([_HAND.pack(HAND, conn_id, counted), data], fds)
+def hand(conn_id: int, counted: bool, data: bytes) -> list[bytes]:
+    return [_HAND.pack(HAND, conn_id, counted), data]  # sent with the socket's descriptor
 
 
-def send_resume(chan: socket.socket, conn_id: int, counted: bool, data: bytes) -> None:
-    chan.sendmsg([_RESUME.pack(RESUME, conn_id, counted), data])
+def resume(conn_id: int, counted: bool, data: bytes) -> list[bytes]:
+    return [_RESUME.pack(RESUME, conn_id, counted), data]
 
 
-def send_close(chan: socket.socket, conn_id: int) -> None:
-    chan.send(_CLOSE.pack(CLOSE, conn_id))
+def done(conn_id: int, disposition: int) -> list[bytes]:
+    return [_DONE.pack(DONE, conn_id, disposition)]
 
 
-def send_done(chan: socket.socket, conn_id: int, disposition: int) -> None:
-    chan.send(_DONE.pack(DONE, conn_id, disposition))
+def close(conn_id: int) -> list[bytes]:
+    return [_CLOSE.pack(CLOSE, conn_id)]
 
 
-def send_stats(chan: socket.socket, chat: int, completions: int) -> None:
-    chan.send(_STATS.pack(STATS, chat, completions))
+def stats(chat: int, completions: int) -> list[bytes]:
+    return [_STATS.pack(STATS, chat, completions)]
 
 
-def send_stop(chan: socket.socket) -> None:
-    chan.send(bytes([STOP]))
+def stop() -> list[bytes]:
+    return [bytes([STOP])]
+
+
+class Sender:
+    """Sends packets in order and never drops one: when the pair's buffer is full (the
+    other process is starved for a while), they wait here until it is writable. A lost
+    HAND would lose a request; a lost DONE, a slot. `on_error`: the other end is gone."""
+
+    def __init__(self, chan: socket.socket, on_error: Callable[[], None]) -> None:
+        self.chan, self.on_error = chan, on_error
+        self.queue: collections.deque[tuple[list[bytes], int | None]] = collections.deque()
+
+    def send(self, parts: list[bytes], fd: int | None = None) -> None:
+        if not self.queue:
+            try:
+                self._send(parts, fd)
+                return
+            except BlockingIOError:
+                asyncio.get_running_loop().add_writer(self.chan.fileno(), self._drain)
+            except OSError:
+                self.on_error()
+                return
+        self.queue.append((parts, fd))
+
+    def _send(self, parts: list[bytes], fd: int | None) -> None:
+        if fd is None:
+            self.chan.sendmsg(parts)
+        else:
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            self.chan.sendmsg(parts, rights)
+
+    def _drain(self) -> None:
+        while self.queue:
+            try:
+                self._send(*self.queue[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self.queue.clear()
+                self.on_error()
+                break
+            self.queue.popleft()
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_writer(self.chan.fileno())
 
 
 def decode(packet: bytes, fds: list[int]) -> tuple:

@@ -122,6 +122,7 @@ class FrontLink:
         self.proc: subprocess.Popen | None = None
         self.factory: Any = None
         self.parked: dict[int, FrontedProtocol] = {}
+        self.out: channel.Sender | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
@@ -148,6 +149,7 @@ class FrontLink:
         theirs.close()
         mine.setblocking(False)
         self.chan = mine
+        self.out = channel.Sender(mine, self._front_gone)
 
     def attach(self, server: Any) -> None:
         """Adopt handed connections into `server` (a started uvicorn.Server)."""
@@ -167,8 +169,7 @@ class FrontLink:
             log.exception("the front sent a bad message")
             messages = None
         if messages is None:
-            log.error("the front process is gone: no new connections can reach this gateway")
-            self._detach()
+            self._front_gone()
             return
         for message in messages:
             kind = message[0]
@@ -189,6 +190,11 @@ class FrontLink:
                     if n:
                         self.metrics.admission_refused("in_flight", n)
                         self.metrics.request_done("unknown", path, 429, n)
+
+    def _front_gone(self) -> None:
+        if self.factory is not None:
+            log.error("the front process is gone: no new connections can reach this gateway")
+        self._detach()
 
     def _adopt(self, conn_id: int, counted: bool, data: bytes, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -213,12 +219,9 @@ class FrontLink:
         self.report(protocol.conn_id, channel.CLOSED)
 
     def report(self, conn_id: int, disposition: int) -> bool:
-        if self.chan is None or self.factory is None:
+        if self.out is None or self.factory is None:
             return False
-        try:
-            channel.send_done(self.chan, conn_id, disposition)
-        except OSError:
-            return False
+        self.out.send(channel.done(conn_id, disposition))
         return True
 
     def _detach(self) -> None:
@@ -235,9 +238,8 @@ class FrontLink:
 
     def stop(self) -> None:
         """Stop accepting: the front closes the port and what it parked, then exits."""
-        if self.chan is not None:
-            with contextlib.suppress(OSError):
-                channel.send_stop(self.chan)
+        if self.out is not None and self.factory is not None:
+            self.out.send(channel.stop())
         self._detach()
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -250,6 +252,8 @@ class FrontLink:
                 self.proc.kill()
                 await asyncio.to_thread(self.proc.wait)
         if self.chan is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_writer(self.chan.fileno())
             self.chan.close()
             self.chan = None
 
