@@ -99,7 +99,14 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
     if settings.server.front:
         from serving.front.handoff import FrontLink, fronted_server, listen
 
-        link = FrontLink(listen(settings.server.host, settings.server.port), metrics)
+        try:
+            listener = listen(settings.server.host, settings.server.port)
+        except OSError as exc:
+            await supervisor.stop()
+            raise ConfigError(
+                f"server.port: cannot bind {settings.server.host}:{settings.server.port}: {exc}"
+            ) from exc
+        link = FrontLink(listener, metrics)
         server = fronted_server(config, app, settings, link)
     else:
         server = uvicorn.Server(config)

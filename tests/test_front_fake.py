@@ -319,3 +319,27 @@ def test_refusal_budget_paces_clients_that_resend_at_once(tmp_path: Path) -> Non
             assert len(fake.app.state.seen) == 1
             assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
         assert gw.seen and not gw.survivors(), gw.log_tail()
+
+
+def test_front_port_clash_names_the_key(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.utils import REPO
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        config = _config(tmp_path, "http://127.0.0.1:1")
+        serve = ["serve", "--config", str(config), "--port", str(port)]
+        run = subprocess.run(
+            [sys.executable, "-m", "serving.cli", *serve],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        taken.close()
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert f"server.port: cannot bind 127.0.0.1:{port}" in run.stderr

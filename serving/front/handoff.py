@@ -127,6 +127,7 @@ class FrontLink:
 
     def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
         """Start the front process; it accepts at once (the gateway adopts once attached)."""
+        self.listener.listen(2048)
         mine, theirs = channel.pair()
         refusals = hot.refusal_messages("in_flight")
         config = {
@@ -264,9 +265,17 @@ def _adopted(task: asyncio.Task) -> None:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The port, bound here so that a clash fails at start; the front accepts on it."""
+    """The port, bound now so that a clash fails at start; it listens (and the front
+    accepts) once the gateway has started, as uvicorn's own listener would."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=2048)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def fronted_server(config: Any, app: Any, settings: Any, link: FrontLink) -> Any:
