@@ -214,7 +214,7 @@ def test_front_serves_keep_alive_pipelined_and_closing_connections(tmp_path: Pat
 
 def test_front_refuses_at_capacity_and_loses_nothing(tmp_path: Path) -> None:
     with FakeEngine(force="stall-stream") as fake:
-        config = _config(tmp_path, fake.url, max_in_flight=2)
+        config = _config(tmp_path, fake.url, max_in_flight=2, access_log="json")
         with GatewayProcess(config, tmp_path / "serve.log") as gw:
             gw.wait_ready(60)
 
@@ -265,6 +265,15 @@ def test_front_refuses_at_capacity_and_loses_nothing(tmp_path: Path) -> None:
                 )
 
             gw.wait_for(lambda: refused() == 12, 10, "the front's refusals on /metrics")
+            lines = [
+                json.loads(line)
+                for line in gw.log_path.read_text().splitlines()
+                if line.startswith('{"time"') and '"by": "front"' in line
+            ]
+            assert len(lines) == 12  # the access log has the front's refusals too
+            assert {(x["message"], x["status"], x["error"]) for x in lines} == {
+                ("request", 429, "rate_limit_exceeded")
+            }
             # uvicorn re-raises the signal once shut down: a SIGTERM exit, after a clean drain
             assert gw.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM), gw.log_tail()
             assert "Application shutdown complete" in gw.log_tail()

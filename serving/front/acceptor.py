@@ -197,8 +197,11 @@ class Front:
         self.turn = (self.turn + 7) % len(self.refusals)  # 7 is prime to 32: all in turn
         answer = (self.refusals_close if head.close else self.refusals)[self.turn]
         self.refused[head.path] += 1
-        if self.access_log:
-            line = {"request_id": uuid.uuid4().hex, "path": head.path.decode(), "status": 429}
+        if self.access_log:  # the gateway's line (serving/api/access_log.py), by the front
+            now = time.time()
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            line = {"time": f"{stamp},{int(now % 1 * 1000):03d}", "message": "request"}
+            line |= {"request_id": uuid.uuid4().hex, "path": head.path.decode(), "status": 429}
             print(json.dumps(line | {"error": "rate_limit_exceeded", "by": "front"}), flush=True)
         try:
             sent = conn.sock.send(answer)
