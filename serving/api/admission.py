@@ -19,11 +19,24 @@ from serving.api.hotpath import ADMITTED, ROUTES
 
 
 class AdmittingProtocol(HttpToolsProtocol):
+    def admitted_elsewhere(self) -> bool:
+        """This request's slot was counted before it got here (serving/front)."""
+        return False
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         scope = cycle.scope
         kind = ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
         hot = getattr(getattr(self.app, "state", None), "hot", None)
-        if kind is None or hot is None or self.flow.write_paused:
+        elsewhere = self.admitted_elsewhere()
+        if kind is None or hot is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        if elsewhere:  # counted here as well: the gateway's own count stays whole
+            hot.take()
+            scope[ADMITTED] = True
+            super()._start_asgi_task(cycle, app)
+            return
+        if self.flow.write_paused:
             super()._start_asgi_task(cycle, app)
             return
         refusal = hot.admit(kind)

@@ -138,6 +138,10 @@ class HotPath:
         self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
         return self._refusals[why][self._turn]
 
+    def take(self) -> None:
+        """A slot for a request admitted before it reached this process (serving/front)."""
+        self.in_flight += 1
+
     def refusal_messages(self, why: str) -> list[list[dict]]:
         """The prebuilt 429s for `why` (the front sends the same bytes)."""
         return self._refusals[why]

@@ -25,7 +25,7 @@ import sys
 from typing import Any
 
 from serving.api.admission import AdmittingProtocol
-from serving.api.hotpath import ADMITTED, ROUTES, HotPath
+from serving.api.hotpath import HotPath
 from serving.front import channel
 from serving.metrics import GatewayMetrics
 
@@ -79,16 +79,9 @@ class FrontedProtocol(AdmittingProtocol):
         super().on_message_complete()
         self.mid_message = False
 
-    def _start_asgi_task(self, cycle, app) -> None:
-        if self.counted:  # the front counted this one; the gateway counts it as well
-            self.counted = False
-            hot = getattr(getattr(self.app, "state", None), "hot", None)
-            if hot is not None and ROUTES.get(cycle.scope["path"]) is not None:
-                hot.in_flight += 1
-                cycle.scope[ADMITTED] = True
-                super(AdmittingProtocol, self)._start_asgi_task(cycle, app)
-                return
-        super()._start_asgi_task(cycle, app)
+    def admitted_elsewhere(self) -> bool:
+        counted, self.counted = self.counted, False  # the front counted this request
+        return counted
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
