@@ -294,6 +294,30 @@ def test_front_exits_when_the_gateway_dies(tmp_path: Path) -> None:
         assert not gw.survivors(), gw.log_tail()
 
 
+def test_a_dead_front_is_replaced(tmp_path: Path) -> None:
+    with FakeEngine(force="drip") as fake:
+        with GatewayProcess(_config(tmp_path, fake.url), tmp_path / "serve.log") as gw:
+            gw.wait_ready(60)
+            first = _fronts(gw)
+            assert len(first) == 1
+            # a stream in flight when the front dies is served to its end by the gateway
+            with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status_code == 200
+                first[0].kill()
+                body = b"".join(r.iter_bytes())
+            assert body.endswith(b"data: [DONE]\n\n") and body.count(b"tok") == 20
+            gw.wait_for(
+                lambda: [p.pid for p in _fronts(gw)] not in ([], [first[0].pid]), 10, "a new front"
+            )
+            conn = Raw(gw.url)
+            for _ in range(3):  # the new front serves the port, keep-alive included
+                conn.sock.sendall(_post("/v1/chat/completions", CHAT))
+                assert conn.response()[0] == 200
+            assert "starting a new one" in gw.log_tail()
+            assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+        assert gw.seen and not gw.survivors(), gw.log_tail()
+
+
 def test_front_wants_one_worker() -> None:
     from serving.config import ConfigError, load_settings
 

@@ -22,6 +22,7 @@ import logging
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 from serving.api.admission import AdmittingProtocol
@@ -32,6 +33,7 @@ from serving.metrics import GatewayMetrics
 log = logging.getLogger("tiergate.front")
 
 MAX_HEAD_BYTES = 64 * 1024
+MAX_RESTARTS = 5  # of the front within a minute
 _PATHS = ("/v1/chat/completions", "/v1/completions")  # the STATS message's order
 
 
@@ -87,11 +89,12 @@ class FrontedProtocol(AdmittingProtocol):
         super().on_response_complete()
         if not self.managed or self.transport.is_closing():
             return  # closing: connection_lost reports it
-        pending = self.pipeline or self.mid_message or self.transport.get_write_buffer_size()
-        if pending or not self.link.park(self):
+        if self.pipeline or self.mid_message or self.transport.get_write_buffer_size():
             self.managed = False  # served here to its end, as without a front
             self.link.report(self.conn_id, channel.KEPT)
             return
+        if not self.link.park(self):
+            return  # the front is gone: served here to its end
         if self.timeout_keep_alive_task is not None:  # the front times idle connections
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
@@ -116,16 +119,17 @@ class FrontLink:
         self.factory: Any = None
         self.parked: dict[int, FrontedProtocol] = {}
         self.out: channel.Sender | None = None
+        self.config: dict = {}
+        self.server: Any = None
+        self.restarts: list[float] = []
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
         """Start the front process; it accepts at once (the gateway adopts once attached)."""
         self.listener.listen(2048)
-        mine, theirs = channel.pair()
         refusals = hot.refusal_messages("in_flight")
-        config = {
+        self.config = {
             "listen_fd": self.listener.fileno(),
-            "channel_fd": theirs.fileno(),
             "max_in_flight": settings.server.max_in_flight,
             "max_body_bytes": settings.server.max_body_bytes,
             "max_head_bytes": MAX_HEAD_BYTES,
@@ -136,6 +140,11 @@ class FrontLink:
             "refusals": raw_responses(refusals, close=False),
             "refusals_close": raw_responses(refusals, close=True),
         }
+        self._spawn()
+
+    def _spawn(self) -> None:
+        mine, theirs = channel.pair()
+        config = self.config | {"channel_fd": theirs.fileno()}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serving.front.acceptor", json.dumps(config)],
             pass_fds=(self.listener.fileno(), theirs.fileno()),
@@ -148,6 +157,7 @@ class FrontLink:
     def attach(self, server: Any) -> None:
         """Adopt handed connections into `server` (a started uvicorn.Server)."""
         self.loop = asyncio.get_running_loop()
+        self.server = server
         self.factory = functools.partial(
             FrontedProtocol,
             config=server.config,
@@ -186,9 +196,34 @@ class FrontLink:
                         self.metrics.request_done("unknown", path, 429, n)
 
     def _front_gone(self) -> None:
-        if self.factory is not None:
-            log.error("the front process is gone: no new connections can reach this gateway")
+        """The front died (it is never stopped but by us): every connection it handed
+        over is served here to its end, and a new front takes the port. After
+        MAX_RESTARTS within a minute the gateway stops instead (its supervisor - the
+        shell, Kubernetes - sees it)."""
+        if self.factory is None:
+            return  # stopping, or gone already
+        factory = self.factory
         self._detach()
+        for protocol in list(self.server.server_state.connections):
+            if isinstance(protocol, FrontedProtocol):
+                protocol.managed = False  # no front to park with: served here as uvicorn's
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+        if len(self.restarts) > MAX_RESTARTS:
+            log.error("the front process keeps dying; stopping the gateway")
+            self.server.should_exit = True
+            return
+        log.error("the front process is gone; starting a new one")
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.chan is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_writer(self.chan.fileno())
+            self.chan.close()
+        self._spawn()
+        self.factory = factory
+        self.loop.add_reader(self.chan.fileno(), self._from_front)
 
     def _adopt(self, conn_id: int, counted: bool, data: bytes, fd: int) -> None:
         sock = socket.socket(fileno=fd)
@@ -203,7 +238,8 @@ class FrontLink:
 
     def park(self, protocol: FrontedProtocol) -> bool:
         """The response is written and nothing is pending: the front reads what comes next."""
-        if not self.report(protocol.conn_id, channel.RETURNED):
+        if not self.report(protocol.conn_id, channel.RETURNED) or not protocol.managed:
+            protocol.managed = False  # (the send found the front gone: a new one knows not)
             return False
         self.parked[protocol.conn_id] = protocol
         return True
