@@ -109,7 +109,8 @@ class FrontedProtocol(AdmittingProtocol):
 
 class FrontLink:
     """Starts the front on `listener`, adopts what it hands over, feeds its refusals to
-    the metrics, and stops it (STOP, then wait; killed if it does not go)."""
+    the metrics, replaces it if it dies, and stops it (STOP, then wait; killed if it
+    does not go)."""
 
     def __init__(self, listener: socket.socket, metrics: GatewayMetrics) -> None:
         self.listener = listener
