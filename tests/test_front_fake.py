@@ -6,11 +6,13 @@ one that streams like decode steps): a real engine cannot be made to stall."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -77,7 +79,7 @@ def test_channel_messages_round_trip() -> None:
         to_gateway = channel.Sender(front, lambda: errors.append("gone"))
         to_gateway.send(channel.hand(7, True, b"POST / HTTP/1.1\r\n"), r.fileno())
         to_gateway.send(channel.resume(7, False, b"next"))
-        to_gateway.send(channel.stats(3, 4))
+        to_gateway.send(channel.stats([3, 4]))
         gateway.setblocking(False)
         got = channel.receive(gateway)
         assert got is not None and len(got) == 3
@@ -131,6 +133,16 @@ def _config(tmp_path: Path, url: str, **server) -> Path:
         )
     )
     return path
+
+
+@contextlib.contextmanager
+def _fronted(tmp_path: Path, force: str, **server) -> Iterator[tuple[FakeEngine, GatewayProcess]]:
+    """A FAKE engine behind a ready gateway with server.front (and these settings)."""
+    with FakeEngine(force=force) as fake:
+        config = _config(tmp_path, fake.url, **server)
+        with GatewayProcess(config, tmp_path / "serve.log") as gw:
+            gw.wait_ready(60)
+            yield fake, gw
 
 
 def _fronts(gw: GatewayProcess) -> list[psutil.Process]:
@@ -188,134 +200,125 @@ class Raw:
 
 
 def test_front_serves_keep_alive_pipelined_and_closing_connections(tmp_path: Path) -> None:
-    with FakeEngine(force="drip") as fake:
-        with GatewayProcess(_config(tmp_path, fake.url), tmp_path / "serve.log") as gw:
-            gw.wait_ready(60)
-            assert len(_fronts(gw)) == 1
-            conn = Raw(gw.url)
-            for _ in range(3):  # one connection, parked in the front between requests
-                conn.sock.sendall(_post("/v1/chat/completions", CHAT))
-                status, _, body = conn.response()
-                assert status == 200 and b"data: [DONE]" in body and body.count(b"tok") == 20
-            conn.sock.sendall(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
-            assert conn.response()[0] == 200
-            # two requests in one write: the gateway keeps that connection and answers both
-            conn.sock.sendall(_post("/v1/chat/completions", CHAT) * 2)
-            assert [conn.response()[0] for _ in range(2)] == [200, 200]
+    with _fronted(tmp_path, "drip") as (fake, gw):
+        assert len(_fronts(gw)) == 1
+        conn = Raw(gw.url)
+        for _ in range(3):  # one connection, parked in the front between requests
             conn.sock.sendall(_post("/v1/chat/completions", CHAT))
-            assert conn.response()[0] == 200
-            last = Raw(gw.url)
-            last.sock.sendall(_post("/v1/chat/completions", CHAT, "connection: close\r\n"))
-            assert last.response()[0] == 200 and last.closed()
-            assert len(fake.app.state.seen) == 7
-            assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
-        assert gw.seen and not gw.survivors(), gw.log_tail()
+            status, _, body = conn.response()
+            assert status == 200 and b"data: [DONE]" in body and body.count(b"tok") == 20
+        conn.sock.sendall(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
+        assert conn.response()[0] == 200
+        # two requests in one write: the gateway keeps that connection and answers both
+        conn.sock.sendall(_post("/v1/chat/completions", CHAT) * 2)
+        assert [conn.response()[0] for _ in range(2)] == [200, 200]
+        conn.sock.sendall(_post("/v1/chat/completions", CHAT))
+        assert conn.response()[0] == 200
+        last = Raw(gw.url)
+        last.sock.sendall(_post("/v1/chat/completions", CHAT, "connection: close\r\n"))
+        assert last.response()[0] == 200 and last.closed()
+        assert len(fake.app.state.seen) == 7
+        assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+    assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
 def test_front_refuses_at_capacity_and_loses_nothing(tmp_path: Path) -> None:
-    with FakeEngine(force="stall-stream") as fake:
-        config = _config(tmp_path, fake.url, max_in_flight=2, access_log="json")
-        with GatewayProcess(config, tmp_path / "serve.log") as gw:
-            gw.wait_ready(60)
+    with _fronted(tmp_path, "stall-stream", max_in_flight=2, access_log="json") as (fake, gw):
 
-            async def burst() -> list[int]:
-                async with httpx.AsyncClient(timeout=10) as http:
-                    streams = [
-                        http.stream("POST", gw.url + "/v1/chat/completions", json=CHAT)
-                        for _ in range(12)
-                    ]
-                    replies = await asyncio.gather(*(s.__aenter__() for s in streams))
-                    statuses = [r.status_code for r in replies]
-                    refused = [r for r in replies if r.status_code == 429]
-                    for r in refused:
-                        body = json.loads(await r.aread())
-                        assert body["error"]["code"] == "rate_limit_exceeded"
-                        assert body["error"]["type"] == "rate_limit_error"
-                        assert r.headers["retry-after"] == "1"
-                        assert 500 <= int(r.headers["retry-after-ms"]) <= 1500
-                    # while both slots are held: refused on a kept-alive connection,
-                    # the body sent after the head, twice on the same connection
-                    conn = Raw(gw.url)
-                    request = _post("/v1/chat/completions", CHAT)
-                    for _ in range(2):
-                        conn.sock.sendall(request[:40])
-                        await asyncio.sleep(0.1)
-                        conn.sock.sendall(request[40:])
-                        status, _, body = conn.response()
-                        assert status == 429 and json.loads(body)["error"]["param"] is None
-                    for s in streams:  # the clients leave: the slots come back
-                        await s.__aexit__(None, None, None)
-                    return statuses
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=10) as http:
+                streams = [
+                    http.stream("POST", gw.url + "/v1/chat/completions", json=CHAT)
+                    for _ in range(12)
+                ]
+                replies = await asyncio.gather(*(s.__aenter__() for s in streams))
+                statuses = [r.status_code for r in replies]
+                refused = [r for r in replies if r.status_code == 429]
+                for r in refused:
+                    body = json.loads(await r.aread())
+                    assert body["error"]["code"] == "rate_limit_exceeded"
+                    assert body["error"]["type"] == "rate_limit_error"
+                    assert r.headers["retry-after"] == "1"
+                    assert 500 <= int(r.headers["retry-after-ms"]) <= 1500
+                # while both slots are held: refused on a kept-alive connection,
+                # the body sent after the head, twice on the same connection
+                conn = Raw(gw.url)
+                request = _post("/v1/chat/completions", CHAT)
+                for _ in range(2):
+                    conn.sock.sendall(request[:40])
+                    await asyncio.sleep(0.1)
+                    conn.sock.sendall(request[40:])
+                    status, _, body = conn.response()
+                    assert status == 429 and json.loads(body)["error"]["param"] is None
+                for s in streams:  # the clients leave: the slots come back
+                    await s.__aexit__(None, None, None)
+                return statuses
 
-            statuses = asyncio.run(burst())
-            assert sorted(statuses) == [200] * 2 + [429] * 10
-            assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
-            unary = {**CHAT, "stream": False}
-            gw.wait_for(
-                lambda: httpx.post(gw.url + "/v1/chat/completions", json=unary).status_code == 200,
-                10,
-                "a free slot",
+        statuses = asyncio.run(burst())
+        assert sorted(statuses) == [200] * 2 + [429] * 10
+        assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
+        unary = {**CHAT, "stream": False}
+        gw.wait_for(
+            lambda: httpx.post(gw.url + "/v1/chat/completions", json=unary).status_code == 200,
+            10,
+            "a free slot",
+        )
+
+        def refused() -> float:
+            return sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in gw.get("/metrics").text.splitlines()
+                if line.startswith('tiergate_admission_refused_total{reason="in_flight"}')
             )
 
-            def refused() -> float:
-                return sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in gw.get("/metrics").text.splitlines()
-                    if line.startswith('tiergate_admission_refused_total{reason="in_flight"}')
-                )
-
-            gw.wait_for(lambda: refused() == 12, 10, "the front's refusals on /metrics")
-            lines = [
-                json.loads(line)
-                for line in gw.log_path.read_text().splitlines()
-                if line.startswith('{"time"') and '"by": "front"' in line
-            ]
-            assert len(lines) == 12  # the access log has the front's refusals too
-            assert {(x["message"], x["status"], x["error"]) for x in lines} == {
-                ("request", 429, "rate_limit_exceeded")
-            }
-            # uvicorn re-raises the signal once shut down: a SIGTERM exit, after a clean drain
-            assert gw.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM), gw.log_tail()
-            assert "Application shutdown complete" in gw.log_tail()
-        assert gw.seen and not gw.survivors(), gw.log_tail()
+        gw.wait_for(lambda: refused() == 12, 10, "the front's refusals on /metrics")
+        lines = [
+            json.loads(line)
+            for line in gw.log_path.read_text().splitlines()
+            if line.startswith('{"time"') and '"by": "front"' in line
+        ]
+        assert len(lines) == 12  # the access log has the front's refusals too
+        assert {(x["message"], x["status"], x["error"]) for x in lines} == {
+            ("request", 429, "rate_limit_exceeded")
+        }
+        # uvicorn re-raises the signal once shut down: a SIGTERM exit, after a clean drain
+        assert gw.stop(signal.SIGTERM, timeout=30) in (0, -signal.SIGTERM), gw.log_tail()
+        assert "Application shutdown complete" in gw.log_tail()
+    assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
 def test_front_exits_when_the_gateway_dies(tmp_path: Path) -> None:
-    with FakeEngine(force="ok") as fake:
-        with GatewayProcess(_config(tmp_path, fake.url), tmp_path / "serve.log") as gw:
-            gw.wait_ready(60)
-            fronts = _fronts(gw)
-            assert len(fronts) == 1
-            os.kill(gw.proc.pid, signal.SIGKILL)  # no STOP: the front sees its pair close
-            _, alive = psutil.wait_procs(fronts, timeout=10)
-            assert not alive
-            gw.stop()
-        time.sleep(0.1)
-        assert not gw.survivors(), gw.log_tail()
+    with _fronted(tmp_path, "ok") as (_, gw):
+        fronts = _fronts(gw)
+        assert len(fronts) == 1
+        os.kill(gw.proc.pid, signal.SIGKILL)  # no STOP: the front sees its pair close
+        _, alive = psutil.wait_procs(fronts, timeout=10)
+        assert not alive
+        gw.stop()
+    time.sleep(0.1)
+    assert not gw.survivors(), gw.log_tail()
 
 
 def test_a_dead_front_is_replaced(tmp_path: Path) -> None:
-    with FakeEngine(force="drip") as fake:
-        with GatewayProcess(_config(tmp_path, fake.url), tmp_path / "serve.log") as gw:
-            gw.wait_ready(60)
-            first = _fronts(gw)
-            assert len(first) == 1
-            # a stream in flight when the front dies is served to its end by the gateway
-            with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as r:
-                assert r.status_code == 200
-                first[0].kill()
-                body = b"".join(r.iter_bytes())
-            assert body.endswith(b"data: [DONE]\n\n") and body.count(b"tok") == 20
-            gw.wait_for(
-                lambda: [p.pid for p in _fronts(gw)] not in ([], [first[0].pid]), 10, "a new front"
-            )
-            conn = Raw(gw.url)
-            for _ in range(3):  # the new front serves the port, keep-alive included
-                conn.sock.sendall(_post("/v1/chat/completions", CHAT))
-                assert conn.response()[0] == 200
-            assert "starting a new one" in gw.log_tail()
-            assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
-        assert gw.seen and not gw.survivors(), gw.log_tail()
+    with _fronted(tmp_path, "drip") as (_, gw):
+        first = _fronts(gw)
+        assert len(first) == 1
+        # a stream in flight when the front dies is served to its end by the gateway
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status_code == 200
+            first[0].kill()
+            body = b"".join(r.iter_bytes())
+        assert body.endswith(b"data: [DONE]\n\n") and body.count(b"tok") == 20
+        gw.wait_for(
+            lambda: [p.pid for p in _fronts(gw)] not in ([], [first[0].pid]), 10, "a new front"
+        )
+        conn = Raw(gw.url)
+        for _ in range(3):  # the new front serves the port, keep-alive included
+            conn.sock.sendall(_post("/v1/chat/completions", CHAT))
+            assert conn.response()[0] == 200
+        assert "starting a new one" in gw.log_tail()
+        assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+    assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
 def test_front_wants_one_worker() -> None:
@@ -331,27 +334,24 @@ def test_refusal_budget_paces_clients_that_resend_at_once(tmp_path: Path) -> Non
     budget = Budget(2)
     assert [budget.take(10.0) for _ in range(3)] == [True, True, False]
     assert budget.take(10.5)  # half a second refills one
-    with FakeEngine(force="stall-stream") as fake:
-        config = _config(tmp_path, fake.url, max_in_flight=1, front_max_refusals_s=1)
-        with GatewayProcess(config, tmp_path / "serve.log") as gw:
-            gw.wait_ready(60)
-            with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as held:
-                assert held.status_code == 200  # the one slot
-                conn = Raw(gw.url)
-                request = _post("/v1/chat/completions", CHAT)
-                conn.sock.sendall(request)
-                assert conn.response()[0] == 429  # within the budget (one a second)
-                conn.sock.sendall(request)  # at once, ignoring Retry-After: over the budget,
-                status, headers, _ = conn.response()  # answered, and the connection paced
-                assert status == 429
-                wait = int(headers["retry-after-ms"]) / 1000
-                t0 = time.monotonic()
-                conn.sock.sendall(request)  # not read before that retry-after-ms
-                status, _, _ = conn.response()
-                assert status == 429 and time.monotonic() - t0 >= wait - 0.05
-            assert len(fake.app.state.seen) == 1
-            assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
-        assert gw.seen and not gw.survivors(), gw.log_tail()
+    with _fronted(tmp_path, "stall-stream", max_in_flight=1, front_max_refusals_s=1) as (fake, gw):
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as held:
+            assert held.status_code == 200  # the one slot
+            conn = Raw(gw.url)
+            request = _post("/v1/chat/completions", CHAT)
+            conn.sock.sendall(request)
+            assert conn.response()[0] == 429  # within the budget (one a second)
+            conn.sock.sendall(request)  # at once, ignoring Retry-After: over the budget,
+            status, headers, _ = conn.response()  # answered, and the connection paced
+            assert status == 429
+            wait = int(headers["retry-after-ms"]) / 1000
+            t0 = time.monotonic()
+            conn.sock.sendall(request)  # not read before that retry-after-ms
+            status, _, _ = conn.response()
+            assert status == 429 and time.monotonic() - t0 >= wait - 0.05
+        assert len(fake.app.state.seen) == 1
+        assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+    assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
 def test_front_port_clash_names_the_key(tmp_path: Path) -> None:

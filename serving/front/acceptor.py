@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 from serving.front import channel
 
-_CHAT, _COMPLETIONS = b"/v1/chat/completions", b"/v1/completions"
-
 
 @dataclass(frozen=True, slots=True)
 class Head:
@@ -75,8 +73,8 @@ class Conn:
     sock: socket.socket
     buf: bytes = b""
     lent: bool = False  # the gateway is serving a request on it
+    counted: bool = False  # ... and that request counts against max_in_flight
     known: bool = False  # the gateway holds a copy of the socket (after the first HAND)
-    counted: bool = False  # ... and its request counts against max_in_flight
     idle_since: float = 0.0
     paced: bool = False  # not read until its retry-after-ms passed (a refusal storm)
 
@@ -116,7 +114,8 @@ class Front:
         self.conns: dict[int, Conn] = {}
         self.next_id = 1
         self.counted = 0  # hot-path requests handed and not yet answered
-        self.refused = {_CHAT: 0, _COMPLETIONS: 0}
+        # the hot paths (serving/api/hotpath.ROUTES, from the gateway): refusals per path
+        self.refused = dict.fromkeys((p.encode() for p in config["paths"]), 0)
         self.stopped = asyncio.Event()
         self.out = channel.Sender(chan, self.stopped.set)
 
@@ -280,7 +279,7 @@ class Front:
         while True:
             await asyncio.sleep(1.0)
             if any(self.refused.values()):
-                self.out.send(channel.stats(self.refused[_CHAT], self.refused[_COMPLETIONS]))
+                self.out.send(channel.stats(list(self.refused.values())))
                 self.refused = dict.fromkeys(self.refused, 0)
             cutoff = time.monotonic() - self.keep_alive_s
             for conn in [c for c in self.conns.values() if not c.lent and c.idle_since < cutoff]:
@@ -301,10 +300,10 @@ def main(argv: list[str]) -> int:
 
     try:
         import uvloop
-
-        uvloop.run(run())
     except ImportError:  # pragma: no cover - uvloop is a dependency
         asyncio.run(run())
+    else:
+        uvloop.run(run())
     return 0
 
 

@@ -10,7 +10,8 @@ One message per packet (the kernel keeps the boundaries), a 1-byte kind first:
          front reads the next request), CLOSED, or KEPT (the gateway serves it to its
          end: a pipelined request or unwritten bytes);
 - CLOSE  front -> gateway: a parked connection ended (client gone, idle too long);
-- STATS  front -> gateway: refusals since the last STATS, per hot path;
+- STATS  front -> gateway: refusals since the last STATS, per hot path (the order of
+         the paths the gateway gave the front at start);
 - STOP   gateway -> front: stop accepting, close what is parked, exit.
 """
 
@@ -30,7 +31,6 @@ _HAND = struct.Struct("!BIB")  # kind, connection id, counted
 _DONE = struct.Struct("!BIB")  # kind, connection id, disposition
 _RESUME = struct.Struct("!BIB")  # kind, connection id, counted
 _CLOSE = struct.Struct("!BI")  # kind, connection id
-_STATS = struct.Struct("!BII")  # kind, refused on chat, refused on completions
 MAX_PACKET = 512 * 1024  # the largest HAND: a 64 KiB head limit plus one read
 _FDS = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
 
@@ -60,8 +60,8 @@ def close(conn_id: int) -> list[bytes]:
     return [_CLOSE.pack(CLOSE, conn_id)]
 
 
-def stats(chat: int, completions: int) -> list[bytes]:
-    return [_STATS.pack(STATS, chat, completions)]
+def stats(counts: list[int]) -> list[bytes]:
+    return [bytes([STATS]), struct.pack(f"!{len(counts)}I", *counts)]
 
 
 def stop() -> list[bytes]:
@@ -113,7 +113,7 @@ class Sender:
 
 def decode(packet: bytes, fds: list[int]) -> tuple:
     """One packet as a tuple: (HAND, id, counted, data, fd), (RESUME, id, counted, data),
-    (DONE, id, disposition), (CLOSE, id), (STATS, chat, completions) or (STOP,).
+    (DONE, id, disposition), (CLOSE, id), (STATS, *counts) or (STOP,).
     Raises ValueError on anything else."""
     kind = packet[:1]
     if kind == bytes([HAND]) and len(fds) == 1 and len(packet) >= _HAND.size:
@@ -126,8 +126,8 @@ def decode(packet: bytes, fds: list[int]) -> tuple:
         return _CLOSE.unpack(packet)
     if kind == bytes([DONE]) and len(packet) == _DONE.size:
         return _DONE.unpack(packet)
-    if kind == bytes([STATS]) and len(packet) == _STATS.size:
-        return _STATS.unpack(packet)
+    if kind == bytes([STATS]) and (len(packet) - 1) % 4 == 0:
+        return (STATS, *struct.unpack(f"!{(len(packet) - 1) // 4}I", packet[1:]))
     if kind == bytes([STOP]) and len(packet) == 1:
         return (STOP,)
     raise ValueError(f"bad packet from the other end: {packet[:16]!r}")

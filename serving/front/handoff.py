@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from serving.api.admission import AdmittingProtocol
-from serving.api.hotpath import HotPath
+from serving.api.hotpath import ROUTES, HotPath
 from serving.front import channel
 from serving.metrics import GatewayMetrics
 
@@ -34,7 +34,7 @@ log = logging.getLogger("tiergate.front")
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_RESTARTS = 5  # of the front within a minute
-_PATHS = ("/v1/chat/completions", "/v1/completions")  # the STATS message's order
+_PATHS = tuple(ROUTES)  # the hot paths the front may refuse, in the STATS message's order
 
 
 def raw_responses(refusals: list[list[dict]], close: bool) -> list[str]:
@@ -131,6 +131,7 @@ class FrontLink:
         refusals = hot.refusal_messages("in_flight")
         self.config = {
             "listen_fd": self.listener.fileno(),
+            "paths": _PATHS,
             "max_in_flight": settings.server.max_in_flight,
             "max_body_bytes": settings.server.max_body_bytes,
             "max_head_bytes": MAX_HEAD_BYTES,
