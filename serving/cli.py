@@ -84,8 +84,7 @@ messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)"
 
 
 async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
-    import uvicorn
-
+    from serving.api.server import GatewayServer
     from serving.app import build_registry, create_app, uvicorn_config
     from serving.engines.supervisor import EngineStartError, Supervisor
     from serving.metrics import GatewayMetrics
@@ -109,7 +108,7 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
         link = FrontLink(listener, metrics)
         server = fronted_server(config, app, settings, link)
     else:
-        server = uvicorn.Server(config)
+        server = GatewayServer(config)
     failed = False
 
     async def announce() -> None:

@@ -175,8 +175,7 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
 
 def worker_main(job: Path) -> int:
     """One worker: the gateway app on the shared port, engines by URL."""
-    import uvicorn
-
+    from serving.api.server import GatewayServer
     from serving.app import create_app, uvicorn_config
 
     settings, model_dirs, host, port = pickle.loads(job.read_bytes())
@@ -185,7 +184,7 @@ def worker_main(job: Path) -> int:
     )
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     app = create_app(settings, model_dirs=model_dirs)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = GatewayServer(uvicorn_config(app, settings))
     sock = reuse_port_socket(host, port)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve(sockets=[sock]))

@@ -62,3 +62,31 @@ def test_sigterm_drains_or_ends_streams_cleanly(tmp_path: Path, drain: float, cu
         else:
             assert errors == [] and len(events) == 60 + 1  # every token, then [DONE]
     assert not gw.survivors()
+
+
+def test_server_wakes_for_should_exit_not_for_a_tick() -> None:
+    """GatewayServer's main loop sleeps between ticks; setting `should_exit` (as a signal
+    handler or our own code does) ends it at once, not at the next tick."""
+    import asyncio
+
+    import uvicorn
+
+    from serving.api.server import GatewayServer
+
+    async def app(scope, receive, send) -> None:  # a bare ASGI app; lifespan unsupported
+        if scope["type"] != "http":
+            raise RuntimeError("lifespan unsupported")
+
+    async def main() -> float:
+        server = GatewayServer(uvicorn.Config(app, port=0, log_level="warning", lifespan="off"))
+        server.tick_s = 3600.0
+        task = asyncio.create_task(server.serve())
+        while not server.started:  # noqa: ASYNC110 (uvicorn only exposes a flag)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # in main_loop's wait by now
+        started = time.monotonic()
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 20  # an hour's tick was not waited for

@@ -310,11 +310,11 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def fronted_server(config: Any, app: Any, settings: Any, link: FrontLink) -> Any:
-    """A uvicorn.Server that listens on nothing itself: after start-up the front starts
+    """A GatewayServer that listens on nothing itself: after start-up the front starts
     and hands it connections; shutdown stops the front first (no new requests)."""
-    import uvicorn
+    from serving.api.server import GatewayServer
 
-    class FrontedServer(uvicorn.Server):
+    class FrontedServer(GatewayServer):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=[])
             if self.should_exit:
