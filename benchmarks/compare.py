@@ -5,8 +5,15 @@ difference, so that "B is faster" is said only when it is beyond noise.
     tiergate bench compare benchmarks/out/eager benchmarks/out/compiled --out benchmarks/out/cmp
 
 Latency medians (TTFT, TPOT, E2E) are bootstrapped over the run's requests; output
-throughput over its time slices (the runner's four equal slices of each window). The
-statistics are pure functions; the page is one self-contained HTML file.
+throughput over its time slices (the runner's four equal slices of each window). A name
+given to several runs makes them repeats of one configuration: the bootstrap then draws
+runs as well as requests (a cluster bootstrap), so drift between sittings widens the
+interval instead of hiding in it, and the value shown is the median over the repeats.
+
+    tiergate bench compare eager-1 compiled-1 compiled-2 eager-2 \
+        --names eager compiled compiled eager --out benchmarks/out/cmp
+
+The statistics are pure functions; the page is one self-contained HTML file.
 """
 
 from __future__ import annotations
@@ -47,15 +54,37 @@ def bootstrap_diff(
     seed: int = 0,
 ) -> Interval | None:
     """Percentile bootstrap of stat(b) - stat(a), resampling each side on its own."""
-    if len(a) < 2 or len(b) < 2:
+    return bootstrap_runs_diff([a], [b], stat, rounds, level, seed)
+
+
+def bootstrap_runs_diff(
+    a_runs: Sequence[Sequence[float]],
+    b_runs: Sequence[Sequence[float]],
+    stat: Callable[[Sequence[float]], float] = statistics.median,
+    rounds: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Interval | None:
+    """stat(b) - stat(a) over each side's pooled samples, with a two-stage percentile
+    bootstrap: draw runs with replacement, then samples within each drawn run. One run
+    per side is the plain bootstrap; with repeats, run-to-run drift is in the interval."""
+    a_runs, b_runs = [r for r in a_runs if r], [r for r in b_runs if r]
+    if sum(map(len, a_runs)) < 2 or sum(map(len, b_runs)) < 2:
         return None
     rng = random.Random(seed)
-    diffs = sorted(
-        stat(rng.choices(b, k=len(b))) - stat(rng.choices(a, k=len(a))) for _ in range(rounds)
-    )
+
+    def draw(runs: Sequence[Sequence[float]]) -> float:
+        pooled: list[float] = []
+        for run in rng.choices(runs, k=len(runs)):
+            pooled += rng.choices(run, k=len(run))
+        return stat(pooled)
+
+    diffs = sorted(draw(b_runs) - draw(a_runs) for _ in range(rounds))
     tail = (1 - level) / 2
     lo, hi = diffs[int(tail * rounds)], diffs[min(rounds - 1, int((1 - tail) * rounds))]
-    return Interval(stat(b) - stat(a), lo, hi)
+    pooled_a = [x for r in a_runs for x in r]
+    pooled_b = [x for r in b_runs for x in r]
+    return Interval(stat(pooled_b) - stat(pooled_a), lo, hi)
 
 
 def load_run(path: Path) -> dict:
@@ -77,33 +106,62 @@ def samples(point: dict, metric: str) -> list[float]:
     ]
 
 
+def group(runs: list[dict], names: list[str]) -> dict[str, list[dict]]:
+    """Runs by configuration name, in the order the names first appear (the first is
+    the baseline); a repeated name is a repeat of that configuration."""
+    groups: dict[str, list[dict]] = {}
+    for run, name in zip(runs, names, strict=True):
+        groups.setdefault(name, []).append(run)
+    return groups
+
+
 def compare(runs: list[dict], names: list[str]) -> list[dict]:
-    """One row per (load, metric): each run's value, ratio to the first, and the CI."""
-    base = {(p["load"]["kind"], p["load"]["value"]): p for p in runs[0]["points"]}
+    """One row per (load, metric): each configuration's value (the median over its
+    repeats), the ratio to the first, and the CI of the difference."""
+    groups = group(runs, names)
+    configs = list(groups)
+    base = groups[configs[0]][0]
+
+    def key(p: dict) -> tuple[str, float]:
+        return p["load"]["kind"], p["load"]["value"]
+
     rows = []
-    for key, first in sorted(base.items(), key=lambda kv: kv[0][1]):
-        others = [
-            next((p for p in r["points"] if (p["load"]["kind"], p["load"]["value"]) == key), None)
-            for r in runs[1:]
-        ]
-        if any(o is None for o in others):
+    for first in sorted(base["points"], key=lambda p: p["load"]["value"]):
+        points = {
+            name: [next((p for p in r["points"] if key(p) == key(first)), None) for r in group_]
+            for name, group_ in groups.items()
+        }
+        if any(p is None for ps in points.values() for p in ps):
             continue
-        points = [first, *others]
         for metric, title in [*LATENCY.items(), ("output_tok_s", THROUGHPUT)]:
             if metric == "output_tok_s":
-                values = [p["summary"]["output_tok_s"] for p in points]
-                series = [p.get("facts", {}).get("bucket_tok_s") or [] for p in points]
+
+                def value(p: dict) -> float:
+                    return p["summary"]["output_tok_s"]
+
+                def series(p: dict) -> list[float]:
+                    return p.get("facts", {}).get("bucket_tok_s") or []
+
                 stat = statistics.mean
             else:
-                values = [p["summary"][metric]["p50"] for p in points]
-                series = [samples(p, metric) for p in points]
+
+                def value(p: dict, metric: str = metric) -> float:
+                    return p["summary"][metric]["p50"]
+
+                def series(p: dict, metric: str = metric) -> list[float]:
+                    return samples(p, metric)
+
                 stat = statistics.median
-            row = {"load": _label(first["load"]), "metric": title}
-            for name, value in zip(names, values, strict=True):
-                row[name] = value
-            for name, value, s in zip(names[1:], values[1:], series[1:], strict=True):
-                ci = bootstrap_diff(series[0], s, stat)
-                row[f"{name} / {names[0]}"] = value / values[0] if values[0] and value else None
+            row: dict = {"load": _label(first["load"]), "metric": title}
+            for name, ps in points.items():
+                row[name] = statistics.median(value(p) for p in ps)
+                if len(ps) > 1:
+                    row[f"{name} runs"] = [value(p) for p in ps]
+            base_series = [series(p) for p in points[configs[0]]]
+            for name in configs[1:]:
+                ci = bootstrap_runs_diff(base_series, [series(p) for p in points[name]], stat)
+                v0, v = row[configs[0]], row[name]
+                row[f"{name} / {configs[0]}"] = v / v0 if v0 and v else None
                 row[f"{name} CI"] = asdict(ci) if ci else None
                 row[f"{name} beyond noise"] = bool(ci and ci.beyond_noise)
             rows.append(row)
@@ -126,6 +184,17 @@ def verdict(rows: list[dict], names: list[str]) -> list[str]:
             )
         lines.append(f"{name} differs from {names[0]} beyond noise in " + "; ".join(parts) + ".")
     return lines
+
+
+def run_labels(names: list[str]) -> list[str]:
+    """A name per run for the plot: repeats numbered (eager #1, eager #2)."""
+    count = {n: names.count(n) for n in names}
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(f"{n} #{seen[n]}" if count[n] > 1 else n)
+    return out
 
 
 def plot(runs: list[dict], names: list[str]) -> bytes:
@@ -182,8 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(a.runs) < 2:
         p.error("compare needs at least two runs")
     names = a.names or [r.name if r.is_dir() else r.parent.name for r in a.runs]
-    if len(names) != len(a.runs) or len(set(names)) != len(names):
-        p.error("--names: one distinct name per run")
+    if len(names) != len(a.runs):
+        p.error("--names: one name per run (a repeated name marks repeats of one configuration)")
+    configs = list(dict.fromkeys(names))
+    if not a.names and len(configs) < len(names):
+        p.error("two runs' folders share a name: give --names (one per run)")
+    if len(configs) < 2:
+        p.error("--names: at least two configurations")
     runs = [load_run(r) for r in a.runs]
     kinds = {r["meta"]["load_kind"] for r in runs}
     if len(kinds) > 1:
@@ -191,14 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(runs, names)
     if not rows:
         p.error("the runs share no load point")
-    lines = verdict(rows, names)
-    table = markdown(rows, names)
+    lines = verdict(rows, configs)
+    table = markdown(rows, configs)
     print(table)
     print("\n".join(lines))
     a.out.mkdir(parents=True, exist_ok=True)
     with (a.out / "compare.csv").open("w", newline="") as f:
         flat = [
-            {k: json.dumps(v) if isinstance(v, dict) else v for k, v in r.items()} for r in rows
+            {k: json.dumps(v) if isinstance(v, dict | list) else v for k, v in r.items()}
+            for r in rows
         ]
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()
@@ -209,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         undefined=jinja2.StrictUndefined,
     )
     html = env.get_template("compare.html.j2").render(
-        names=names,
+        names=configs,
+        run_names=names,
         runs=[r["meta"] for r in runs],
         rows=rows,
         verdict=lines,
-        image=base64.b64encode(plot(runs, names)).decode(),
+        image=base64.b64encode(plot(runs, run_labels(names))).decode(),
     )
     (a.out / "compare.html").write_text(html)
     print(f"page: {a.out / 'compare.html'}")

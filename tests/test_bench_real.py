@@ -185,6 +185,21 @@ def test_bench_compare_two_real_runs(gateway: GatewayProcess, sweep: Path, tmp_p
     assert "second" in html and "95 % CI" in html and "data:image/png;base64," in html
     assert "beyond noise" in done.stdout  # the verdict says whether they differ
 
+    # A repeat of the first configuration: the same name on a third real run groups it.
+    repeat = tmp_path / "repeat"
+    run_bench(gateway, repeat, "--concurrency", "1", "2", "--requests", "3",
+              "--input-len", "32", "--output-len", "8")  # fmt: skip
+    grouped = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "bench", "compare", str(sweep), str(other),
+         str(repeat), "--names", "first", "second", "first", "--out", str(tmp_path / "g")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert grouped.returncode == 0, grouped.stderr
+    rows = list(csv.DictReader((tmp_path / "g" / "compare.csv").open()))
+    ttft = next(r for r in rows if r["load"] == "C=1" and r["metric"].startswith("TTFT"))
+    assert len(json.loads(ttft["first runs"])) == 2 and "second runs" not in ttft
+    assert float(ttft["first"]) > 0 and json.loads(ttft["second CI"])["lo"] is not None
+
 
 def test_repeated_prompts_are_flagged_as_cache_hits(gateway: GatewayProcess, tmp_path) -> None:
     common = [

@@ -233,6 +233,30 @@ def test_bootstrap_tells_noise_from_a_shift() -> None:
     assert bootstrap_diff([1.0], shifted) is None  # one sample is no distribution
 
 
+def test_the_run_bootstrap_counts_drift_between_repeats() -> None:
+    """Two sittings of each configuration (means, as for throughput). When each side's
+    sittings disagree (drift), the interval over runs includes 0 though one pooled
+    sitting would call it a shift; when the sittings agree, the shift is still found."""
+    import random as _random
+
+    from benchmarks.compare import bootstrap_diff, bootstrap_runs_diff
+
+    rng = _random.Random(5)
+
+    def sitting(mean: float) -> list[float]:
+        return [mean + rng.gauss(0, 2) for _ in range(150)]
+
+    a_runs, b_runs = [sitting(100), sitting(112)], [sitting(104), sitting(116)]
+    mean = statistics.mean
+    pooled = bootstrap_diff([x for r in a_runs for x in r], [x for r in b_runs for x in r], mean)
+    assert pooled.beyond_noise  # within-run noise alone: "B is higher"
+    drift = bootstrap_runs_diff(a_runs, b_runs, mean)
+    assert not drift.beyond_noise and drift.lo < 0 < drift.hi
+    steady = bootstrap_runs_diff([sitting(100), sitting(101)], [sitting(110), sitting(111)], mean)
+    assert steady.beyond_noise and 8 < steady.diff < 12
+    assert bootstrap_runs_diff([[1.0], []], b_runs) is None  # one sample is no distribution
+
+
 def _run(ttft: list[float], tok_s: float, buckets: list[float]) -> dict:
     requests = [
         {"measured": True, "error_kind": None, "ttft_ms": t, "tpot_ms": 10.0, "e2e_ms": t + 100}
@@ -268,3 +292,37 @@ def test_compare_rows_and_verdict() -> None:
     lines = verdict(rows, ["eager", "compiled"])
     assert lines[0].startswith("compiled differs from eager beyond noise in TTFT")
     assert "| C=4 | TTFT p50 (ms) |" in markdown(rows, ["eager", "compiled"])
+
+
+def test_compare_groups_repeats_by_name(tmp_path) -> None:
+    """Runs named alike are repeats: one column per configuration (the median over its
+    runs), the runs' own values kept, the CSV and page written; folders that share a
+    name without --names are refused rather than merged."""
+    import json as _json
+
+    from benchmarks.compare import compare, main
+
+    a1 = _run([200 + i % 7 for i in range(60)], 100.0, [99, 101, 100, 100])
+    a2 = _run([220 + i % 7 for i in range(60)], 104.0, [103, 105, 104, 104])
+    b1 = _run([150 + i % 7 for i in range(60)], 120.0, [119, 121, 120, 120])
+    b2 = _run([160 + i % 7 for i in range(60)], 126.0, [125, 127, 126, 126])
+    rows = compare([a1, b1, b2, a2], ["eager", "compiled", "compiled", "eager"])
+    tok = next(r for r in rows if r["metric"] == "output tok/s")
+    assert tok["eager"] == 102.0 and tok["compiled"] == 123.0
+    assert tok["eager runs"] == [100.0, 104.0] and tok["compiled runs"] == [120.0, 126.0]
+    assert set(tok) >= {"compiled / eager", "compiled CI", "compiled beyond noise"}
+    paths = []
+    for name, run in [("x", a1), ("y", b1), ("z", b2), ("w", a2)]:
+        run["meta"] |= {"command": f"tiergate bench ({name})", "date": "2026-11-26", "host": "h"}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench.json").write_text(_json.dumps(run))
+        paths.append(str(tmp_path / name))
+    names = ["eager", "compiled", "compiled", "eager"]
+    assert main([*paths, "--names", *names, "--out", str(tmp_path / "out")]) == 0
+    assert "eager #2" not in (tmp_path / "out" / "compare.csv").read_text()
+    assert "draws runs as well as requests" in (tmp_path / "out" / "compare.html").read_text()
+    for d in ("p", "q"):
+        (tmp_path / d / "sweep").mkdir(parents=True)
+        (tmp_path / d / "sweep" / "bench.json").write_text(_json.dumps(a1))
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "p" / "sweep"), str(tmp_path / "q" / "sweep"), "--out", "o"])

@@ -143,12 +143,17 @@ def summarize(batches: list[BatchResult], pair: tuple[str, str]) -> list[dict]:
                 tokens = sum(r.completion_tokens for b in mine for r in b.requests if r.ok)
                 side[target]["gateway_cpu_ms_per_1k_tokens"] = sum(cpu) * 1e6 / max(tokens, 1)
         g, e = side[pair[0]], side[pair[1]]
+        # Round i's two batches ran next to each other (ABBA): on a host that drifts
+        # within the run, their ratio is steadier than the ratio of the two medians.
+        paired = [a / b for a, b in zip(g["output_tps_rounds"], e["output_tps_rounds"])]
         rows.append(
             {
                 "concurrency": c,
                 **{f"{k}_{t}": v for t, s in side.items() for k, v in s.items()},
                 "ttft_added_ms": g["ttft_p50_ms"] - e["ttft_p50_ms"],
                 "throughput_ratio": g["output_tps_median"] / e["output_tps_median"],
+                "throughput_ratio_rounds": [round(r, 3) for r in paired],
+                "throughput_ratio_paired_median": statistics.median(paired),
             }
         )
     return rows
@@ -169,6 +174,11 @@ def print_table(rows: list[dict], pair: tuple[str, str]) -> None:
             f"{r['throughput_ratio']:.3f} | {r[f'errors_{a}'] + r[f'errors_{b}']} |"
         )
     for r in rows:
+        rounds = ", ".join(f"{x:.3f}" for x in r["throughput_ratio_rounds"])
+        print(
+            f"C={r['concurrency']}: {a}/{b} per round {rounds}; "
+            f"median of the rounds {r['throughput_ratio_paired_median']:.3f}"
+        )
         cpu = r.get(f"gateway_cpu_ms_per_1k_tokens_{a}")
         if cpu is not None:
             print(f"C={r['concurrency']}: gateway CPU {cpu:.1f} ms per 1,000 streamed tokens")
