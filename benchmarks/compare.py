@@ -106,6 +106,19 @@ def samples(point: dict, metric: str) -> list[float]:
     ]
 
 
+def _value(point: dict, metric: str) -> float:
+    """The run's own figure: output tok/s, or a latency's p50."""
+    summary = point["summary"]
+    return summary[metric] if metric == "output_tok_s" else summary[metric]["p50"]
+
+
+def _series(point: dict, metric: str) -> list[float]:
+    """What the bootstrap draws: throughput per time slice, or per-request latencies."""
+    if metric == "output_tok_s":
+        return point.get("facts", {}).get("bucket_tok_s") or []
+    return samples(point, metric)
+
+
 def group(runs: list[dict], names: list[str]) -> dict[str, list[dict]]:
     """Runs by configuration name, in the order the names first appear (the first is
     the baseline); a repeated name is a repeat of that configuration."""
@@ -134,32 +147,16 @@ def compare(runs: list[dict], names: list[str]) -> list[dict]:
         if any(p is None for ps in points.values() for p in ps):
             continue
         for metric, title in [*LATENCY.items(), ("output_tok_s", THROUGHPUT)]:
-            if metric == "output_tok_s":
-
-                def value(p: dict) -> float:
-                    return p["summary"]["output_tok_s"]
-
-                def series(p: dict) -> list[float]:
-                    return p.get("facts", {}).get("bucket_tok_s") or []
-
-                stat = statistics.mean
-            else:
-
-                def value(p: dict, metric: str = metric) -> float:
-                    return p["summary"][metric]["p50"]
-
-                def series(p: dict, metric: str = metric) -> list[float]:
-                    return samples(p, metric)
-
-                stat = statistics.median
+            stat = statistics.mean if metric == "output_tok_s" else statistics.median
             row: dict = {"load": _label(first["load"]), "metric": title}
             for name, ps in points.items():
-                row[name] = statistics.median(value(p) for p in ps)
+                row[name] = statistics.median(_value(p, metric) for p in ps)
                 if len(ps) > 1:
-                    row[f"{name} runs"] = [value(p) for p in ps]
-            base_series = [series(p) for p in points[configs[0]]]
+                    row[f"{name} runs"] = [_value(p, metric) for p in ps]
+            base_series = [_series(p, metric) for p in points[configs[0]]]
             for name in configs[1:]:
-                ci = bootstrap_runs_diff(base_series, [series(p) for p in points[name]], stat)
+                runs_ = [_series(p, metric) for p in points[name]]
+                ci = bootstrap_runs_diff(base_series, runs_, stat)
                 v0, v = row[configs[0]], row[name]
                 row[f"{name} / {configs[0]}"] = v / v0 if v0 and v else None
                 row[f"{name} CI"] = asdict(ci) if ci else None

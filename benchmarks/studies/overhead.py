@@ -145,7 +145,8 @@ def summarize(batches: list[BatchResult], pair: tuple[str, str]) -> list[dict]:
         g, e = side[pair[0]], side[pair[1]]
         # Round i's two batches ran next to each other (ABBA): on a host that drifts
         # within the run, their ratio is steadier than the ratio of the two medians.
-        paired = [a / b for a, b in zip(g["output_tps_rounds"], e["output_tps_rounds"])]
+        rounds = zip(g["output_tps_rounds"], e["output_tps_rounds"], strict=True)
+        paired = [x / y for x, y in rounds]
         rows.append(
             {
                 "concurrency": c,

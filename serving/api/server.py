@@ -2,8 +2,7 @@
 
 uvicorn's own main loop wakes ten times a second to look at `should_exit`. On the hosts
 measured here a wake-up of an idle event loop costs ~0.2 ms of CPU, so those ticks
-were over half of an idle gateway's CPU (4.0 -> 1.8 ms/s without them,
-benchmarks/RESULTS.md), and they add to every streamed token's share under load.
+were half of an idle gateway's CPU (3.7 -> 1.8 ms/s without them, benchmarks/RESULTS.md).
 Here the loop wakes once a second (the Date header's resolution) or at once when
 `should_exit` is set, by a signal handler or by our own code.
 """
@@ -17,7 +16,7 @@ import uvicorn
 
 
 class GatewayServer(uvicorn.Server):
-    tick_s = 1.0
+    tick_s = 1.0  # the longest sleep between ticks
 
     def __init__(self, config: uvicorn.Config) -> None:
         self._nudge: asyncio.Event | None = None
