@@ -80,8 +80,8 @@ class ServerSettings(_Strict):
         description="A second process owns the port, parks idle keep-alive connections and "
         "answers the max_in_flight 429s itself, in milliseconds even while the gateway's "
         "core is saturated; every other request is handed to the gateway with its socket "
-        "(serving/front). With server.workers 1 only; server.max_loop_lag_ms does not "
-        "apply to the requests the front admits.",
+        "(serving/front). With server.workers 1 only. server.max_loop_lag_ms still "
+        "applies: the gateway refuses what the front hands it while its loop lags.",
     )
     front_max_refusals_s: int = Field(
         5000,

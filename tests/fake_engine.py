@@ -201,12 +201,14 @@ async def in_process_gateway(settings: Settings) -> AsyncIterator[httpx.AsyncCli
 
 
 @contextlib.asynccontextmanager
-async def served(settings: Settings) -> AsyncIterator[tuple[Any, str]]:
+async def served(settings: Settings, http: type | None = None) -> AsyncIterator[tuple[Any, str]]:
     """The gateway on a real uvicorn server, configured as `tiergate serve` configures it
-    (uvloop, the admitting HTTP protocol); yields (app, url) once ready."""
+    (uvloop, the admitting HTTP protocol, or `http`); yields (app, url) once ready."""
     app = create_app(settings)
     port = free_port()
     config = uvicorn_config(app, settings, host="127.0.0.1", port=port)
+    if http is not None:
+        config.http = http
     config.timeout_graceful_shutdown = 2
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())

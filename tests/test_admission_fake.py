@@ -122,6 +122,57 @@ async def test_refused_in_the_parser_callback_keeps_the_connection_and_loses_not
                 assert r.status_code == 200
 
 
+async def test_what_the_front_counted_is_refused_only_for_loop_lag() -> None:
+    """Requests counted before they reach the gateway (serving/front holds
+    max_in_flight; here a protocol that says so, as the front's does) are not refused
+    for the gateway's own in-flight count, but are for its loop lag, which only the
+    gateway sees: a 429 with reason loop_lag, nothing sent to the engine."""
+    from serving.api.admission import AdmittingProtocol
+    from serving.api.hotpath import LoopLag
+
+    class Counted(AdmittingProtocol):
+        def admitted_elsewhere(self) -> bool:
+            return True
+
+    with FakeEngine(force="stall-stream") as fake:
+        settings = Settings(
+            engines=[{"name": "e", "model": "m", "url": fake.url}],
+            server={"max_in_flight": 1, "max_loop_lag_ms": 50},
+        )
+        async with served(settings, http=Counted) as (app, url), httpx.AsyncClient() as http:
+            hot = app.state.hot
+            hot.lag = LoopLag()  # not running: its lag is what the test sets
+            held = []
+            for _ in range(2):  # two past max_in_flight 1: the front counted them
+                stream = http.stream("POST", url + "/v1/chat/completions", json=CHAT)
+                r = await stream.__aenter__()
+                assert r.status_code == 200
+                held.append(stream)
+            assert hot.in_flight == 2
+
+            hot.lag.lag_ms = 80.0  # the loop runs late: the core is saturated
+            r = await http.post(url + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 429 and "retry-after-ms" in r.headers
+            error = r.json()["error"]
+            assert error["code"] == "rate_limit_exceeded" and "(loop_lag)" in error["message"]
+            metrics = (await http.get(url + "/metrics")).text
+            assert _metric(metrics, 'tiergate_admission_refused_total{reason="loop_lag"}') == 1
+            assert _metric(metrics, 'tiergate_admission_refused_total{reason="in_flight"}') == 0
+            assert len(fake.app.state.seen) == 2  # the refused one never reached it
+            assert hot.in_flight == 2
+
+            hot.lag.lag_ms = 0.0
+            for stream in held:
+                await stream.__aexit__(None, None, None)
+            async with http.stream("POST", url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status_code == 200
+            for _ in range(40):
+                if hot.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert hot.in_flight == 0
+
+
 async def test_a_burst_cannot_slip_past_the_limit() -> None:
     # Many requests read in one pass of the loop: each takes its slot as it is parsed,
     # before any of their tasks has run, so no more than the limit are admitted.

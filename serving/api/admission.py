@@ -31,15 +31,15 @@ class AdmittingProtocol(HttpToolsProtocol):
         if kind is None or hot is None:
             super()._start_asgi_task(cycle, app)
             return
-        if elsewhere:  # counted here as well: the gateway's own count stays whole
-            hot.take()
-            scope[ADMITTED] = True
+        if self.flow.write_paused:  # a 429 cannot be written from here: the task decides
+            if elsewhere:  # the front counted it: admitted, and counted here as well
+                hot.take()
+                scope[ADMITTED] = True
             super()._start_asgi_task(cycle, app)
             return
-        if self.flow.write_paused:
-            super()._start_asgi_task(cycle, app)
-            return
-        refusal = hot.admit(kind)
+        # What the front counted is counted here as well (the gateway's own count stays
+        # whole), and may still be refused for loop lag, which only this process sees.
+        refusal = hot.admit(kind, counted=elsewhere)
         if refusal is None:
             scope[ADMITTED] = True  # the hot path releases the slot it was given here
             super()._start_asgi_task(cycle, app)

@@ -123,9 +123,11 @@ class HotPath:
         }
         self._turn = 0
 
-    def admit(self, kind: Kind) -> list[dict] | None:
-        """Take a slot (None), or count, log and return the 429's ASGI messages."""
-        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+    def admit(self, kind: Kind, counted: bool = False) -> list[dict] | None:
+        """Take a slot (None), or count, log and return the 429's ASGI messages.
+        `counted`: the request's slot was counted before it got here (serving/front
+        holds max_in_flight), so only the loop-lag check is this process's to make."""
+        if not counted and self.max_in_flight and self.in_flight >= self.max_in_flight:
             why = "in_flight"
         elif self.max_loop_lag_ms and self.lag.lag_ms > self.max_loop_lag_ms:
             why = "loop_lag"
@@ -139,7 +141,8 @@ class HotPath:
         return self._refusals[why][self._turn]
 
     def take(self) -> None:
-        """A slot for a request admitted before it reached this process (serving/front)."""
+        """A slot with no checks: a request the front counted that cannot be refused from
+        the parser callback (its client's socket is not writable)."""
         self.in_flight += 1
 
     def refusal_messages(self, why: str) -> list[list[dict]]:
