@@ -84,7 +84,7 @@ messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)"
 
 
 async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
-    from serving.api.server import GatewayServer
+    from serving.api.server import GatewayServer, bind
     from serving.app import build_registry, create_app, uvicorn_config
     from serving.engines.supervisor import EngineStartError, Supervisor
     from serving.metrics import GatewayMetrics
@@ -94,17 +94,17 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
     supervisor = Supervisor(settings, registry, model_dirs, metrics)
     app = create_app(settings, registry, metrics, supervisor, model_dirs=model_dirs)
     config = uvicorn_config(app, settings, host=settings.server.host, port=settings.server.port)
+    try:
+        listener = bind(settings.server.host, settings.server.port)
+    except OSError as exc:
+        await supervisor.stop()
+        raise ConfigError(
+            f"server.port: cannot bind {settings.server.host}:{settings.server.port}: {exc}"
+        ) from exc
     link = None
     if settings.server.front:
-        from serving.front.handoff import FrontLink, fronted_server, listen
+        from serving.front.handoff import FrontLink, fronted_server
 
-        try:
-            listener = listen(settings.server.host, settings.server.port)
-        except OSError as exc:
-            await supervisor.stop()
-            raise ConfigError(
-                f"server.port: cannot bind {settings.server.host}:{settings.server.port}: {exc}"
-            ) from exc
         link = FrontLink(listener, metrics)
         server = fronted_server(config, app, settings, link)
     else:
@@ -122,18 +122,17 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
             failed = True
             server.should_exit = True
             return
-        sock = link.listener if link is not None else server.servers[0].sockets[0]
-        port = sock.getsockname()[1]
+        port = listener.getsockname()[1]
         print(banner(settings.server.host, port, registry.models()), flush=True)
 
     watcher = asyncio.create_task(announce())
     try:
-        await server.serve()
+        await server.serve(sockets=[] if link is not None else [listener])
     finally:
         watcher.cancel()
         if link is not None:
             await link.close()
-            link.listener.close()
+        listener.close()
         await supervisor.stop()  # idempotent; covers a failed bind too
     return 1 if failed else 0
 

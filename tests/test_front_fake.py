@@ -354,7 +354,9 @@ def test_refusal_budget_paces_clients_that_resend_at_once(tmp_path: Path) -> Non
     assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
-def test_front_port_clash_names_the_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front", [True, False])
+def test_port_clash_names_the_key(tmp_path: Path, front: bool) -> None:
+    """With or without the front, the port is bound before anything starts."""
     import subprocess
     import sys
 
@@ -363,7 +365,7 @@ def test_front_port_clash_names_the_key(tmp_path: Path) -> None:
     taken = socket.create_server(("127.0.0.1", 0))
     try:
         port = taken.getsockname()[1]
-        config = _config(tmp_path, "http://127.0.0.1:1")
+        config = _config(tmp_path, "http://127.0.0.1:1", front=front)
         serve = ["serve", "--config", str(config), "--port", str(port)]
         run = subprocess.run(
             [sys.executable, "-m", "serving.cli", *serve],

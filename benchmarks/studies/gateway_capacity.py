@@ -164,7 +164,7 @@ def parse_wrk(text: str) -> dict:
     seconds = ms(re.search(r"requests in ([\d.]+\w+),", text).group(1)) / 1000
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors = re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    dist = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)$", text, re.MULTILINE))
+    dist = dict(re.findall(r"^\s+(\d+)%\s+([\d.]+\w+)\s*$", text, re.MULTILINE))  # "2.93s "
     refused = int(non2xx.group(1)) if non2xx else 0
     return {
         "requests": total,
@@ -180,8 +180,10 @@ def parse_wrk(text: str) -> dict:
     }
 
 
-def run_wrk(url: str, script: Path, concurrency: int, duration: float, cpu: str) -> dict:
-    cmd = ["taskset", "-c", cpu, "wrk", "-t1", f"-c{concurrency}", f"-d{duration:g}s"]
+def run_wrk(
+    url: str, script: Path, concurrency: int, duration: float, cpu: str, threads: int = 1
+) -> dict:
+    cmd = ["taskset", "-c", cpu, "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration:g}s"]
     cmd += ["--latency", "--timeout", "10s", "-s", str(script), url + "/v1/chat/completions"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)

@@ -295,20 +295,6 @@ def _adopted(task: asyncio.Task) -> None:
         log.warning("a handed connection could not be adopted: %r", task.exception())
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """The port, bound now so that a clash fails at start; it listens (and the front
-    accepts) once the gateway has started, as uvicorn's own listener would."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def fronted_server(config: Any, app: Any, settings: Any, link: FrontLink) -> Any:
     """A GatewayServer that listens on nothing itself: after start-up the front starts
     and hands it connections; shutdown stops the front first (no new requests)."""
