@@ -42,6 +42,8 @@ from benchmarks.launch import REPO, exit_on_sigterm, free_port
 
 EVENTS = 16
 KEY = "bench-key"
+SETTLE_S = 1.0
+PROBE_GAP_S = 0.05  # between one probe client's requests: samples, not load
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -183,6 +185,9 @@ def parse_wrk(text: str) -> dict:
 def run_wrk(
     url: str, script: Path, concurrency: int, duration: float, cpu: str, threads: int = 1
 ) -> dict:
+    """One wrk run, after SETTLE_S: the previous run's connections close off the clock (a
+    gateway tearing down 512 streams while 512 new clients arrive measured that too)."""
+    time.sleep(SETTLE_S)
     cmd = ["taskset", "-c", cpu, "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration:g}s"]
     cmd += ["--latency", "--timeout", "10s", "-s", str(script), url + "/v1/chat/completions"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -236,7 +241,9 @@ async def probe_statuses(url: str, model: str, seconds: float) -> dict[int, list
     """A few clients during an overload, one request at a time each: the time (ms) to a
     response's status line and headers, by status. Raw keep-alive sockets, so that the
     probe's own cost is tens of microseconds, not an HTTP library's milliseconds. They
-    ignore Retry-After (5 ms apart), to sample the 429s; a 200 is read to its end."""
+    ignore Retry-After (PROBE_GAP_S apart), to sample the 429s; a 200 is read to its end.
+    (5 ms apart, as before session 10, 8 clients added ~1,500 refusals/s of their own
+    where 429s take 0.1 ms: as much as wrk's whole overload.)"""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(
         {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -264,7 +271,7 @@ async def probe_statuses(url: str, model: str, seconds: float) -> dict[int, list
                     await reader.readexactly(int(length.group(1)))
                 else:  # chunked: the stream ends with the last chunk
                     await reader.readuntil(b"\r\n0\r\n\r\n")
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(PROBE_GAP_S)
         finally:
             writer.close()
 
@@ -473,12 +480,13 @@ def main(argv: list[str] | None = None) -> int:
                 pids["limited"] = stack.enter_context(
                     started(limited, a.gateway_cpu, urls["limited"] + "/ready")
                 )
-            # Rounds alternate the best point (again, same gateway as the sweep) with the
-            # overload, so that the ratio compares neighbours on a host whose speed drifts.
+            # Rounds alternate the best point with the overload, on the same (warm) gateway
+            # process, so that the ratio compares neighbours on a host whose speed drifts;
+            # at the best point's concurrency the limit never refuses (its 429s are kept).
             statuses: dict[int, list[float]] = {}
             pairs = []
             for _ in range(a.overload_rounds):
-                again = run_wrk(urls[of], script, best["concurrency"], a.duration, a.load_cpu)
+                again = run_wrk(urls[target], script, best["concurrency"], a.duration, a.load_cpu)
                 probe = start_probe(urls[target], a.model, a.duration, a.load_cpu)
                 cpu0 = cpu_seconds(pids[target])
                 r = run_wrk(urls[target], script, c, a.duration, a.load_cpu)
