@@ -75,3 +75,51 @@ def test_a_busy_loop_accepts_a_burst_of_connections_within_a_few_passes() -> Non
     assert all(a.startswith(b"HTTP/1.1 200") and a.endswith(b"ok") for a in answers)
     assert passes < CLIENTS // 4, passes  # one accept per pass would need >= 100
     assert left == 0
+
+
+def test_an_accept_error_pauses_the_listener_then_it_serves_again() -> None:
+    """Out of file descriptors (EMFILE), accept fails while the connection stays queued:
+    the listener stops watching the socket for a moment instead of spinning on it, then
+    accepts the waiting client."""
+    import errno
+
+    async def main() -> tuple[bytes, int]:
+        config = uvicorn.Config(_app, port=0, log_level="warning", lifespan="off", http="httptools")
+        server = GatewayServer(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:  # noqa: ASYNC110 (uvicorn only exposes a flag)
+            await asyncio.sleep(0.01)
+        listener = server.servers[0]
+        real, failures = listener.sock, 0
+
+        class Failing:  # the listening socket, failing its first accept as at EMFILE
+            def __getattr__(self, name: str):
+                return getattr(real, name)
+
+            def accept(self):
+                nonlocal failures
+                if failures == 0:
+                    failures += 1
+                    raise OSError(errno.EMFILE, "Too many open files")
+                return real.accept()
+
+        listener.sock = Failing()
+        port = real.getsockname()[1]
+        answer = await asyncio.to_thread(_clients_one, port)
+        listener.sock = real
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        return answer, failures
+
+    answer, failures = uvloop.run(main())
+    assert failures == 1
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
+
+
+def _clients_one(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"ok") and (chunk := s.recv(1024)):
+            answer += chunk
+        return answer
