@@ -8,7 +8,7 @@ Here the loop wakes once a second (the Date header's resolution) or at once when
 `should_exit` is set, by a signal handler or by our own code.
 
 uvloop's listener (libuv since 1.45) accepts one connection per loop iteration. A busy
-gateway's iteration takes 10-20 ms, so a burst of new connections (clients reconnecting
+gateway's iteration takes 10-30 ms, so a burst of new connections (clients reconnecting
 together) waited in the kernel's queue for seconds: 512 at once took 5 s to accept.
 `BatchListener` accepts up to `ACCEPT_BATCH` per wake-up, as asyncio's own loop does.
 """
