@@ -304,6 +304,17 @@ def cpu_flags() -> str:
     return " ".join(sorted(flags() & wanted))
 
 
+def run_meta(study: str, argv: list[str] | None, **extra: object) -> dict:
+    """What a study's --out file records of its run: date, host, CPU flags, command."""
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu_flags": cpu_flags(),
+        **extra,
+        "command": " ".join([f"python -m benchmarks.studies.{study}", *(argv or sys.argv[1:])]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128, 512])
@@ -528,14 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "cpu_flags": cpu_flags(),
-            "command": " ".join(
-                ["python -m benchmarks.studies.gateway_capacity", *(argv or sys.argv[1:])]
-            ),
-        }
+        meta = run_meta("gateway_capacity", argv)
         a.out.write_text(json.dumps({"meta": meta, "rows": rows, "overload": overload}, indent=1))
     return 0
 

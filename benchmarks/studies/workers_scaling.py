@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -34,8 +33,8 @@ from benchmarks.launch import exit_on_sigterm, free_port
 from benchmarks.studies.gateway_capacity import (
     EVENTS,
     KEY,
-    cpu_flags,
     cpu_seconds,
+    run_meta,
     run_wrk,
     started,
     wrk_script,
@@ -141,16 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(summary)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "cpu": _cpu_model(),
-            "cpu_flags": cpu_flags(),
-            "cores": os.cpu_count(),
-            "command": " ".join(
-                ["python -m benchmarks.studies.workers_scaling", *(argv or sys.argv[1:])]
-            ),
-        }
+        meta = run_meta("workers_scaling", argv, cpu=_cpu_model(), cores=os.cpu_count())
         a.out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=1))
     return 0
 
