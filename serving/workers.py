@@ -35,7 +35,6 @@ import math
 import pickle
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -68,15 +67,6 @@ def worker_settings(settings: Settings, urls: dict[str, str], workers: int) -> S
             "validate_engine_args": False,
         }
     )
-
-
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
 
 
 async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
@@ -175,7 +165,7 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
 
 def worker_main(job: Path) -> int:
     """One worker: the gateway app on the shared port, engines by URL."""
-    from serving.api.server import GatewayServer
+    from serving.api.server import GatewayServer, bind
     from serving.app import create_app, uvicorn_config
 
     settings, model_dirs, host, port = pickle.loads(job.read_bytes())
@@ -185,7 +175,7 @@ def worker_main(job: Path) -> int:
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     app = create_app(settings, model_dirs=model_dirs)
     server = GatewayServer(uvicorn_config(app, settings))
-    sock = reuse_port_socket(host, port)
+    sock = bind(host, port, reuse_port=True)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve(sockets=[sock]))
     return 0

@@ -30,11 +30,14 @@ ACCEPT_BATCH = 256  # per wake-up: the streams already served are waiting too
 ACCEPT_PAUSE_S = 0.1  # after an accept error such as EMFILE, instead of spinning on it
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The gateway's port, bound now so that a clash fails at start (it listens later)."""
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The gateway's port, bound now so that a clash fails at start (it listens later).
+    `reuse_port`: each of server.workers binds its own socket to the same port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
