@@ -9,6 +9,7 @@ Gauges say how to combine workers: in-flight counts add up, states take the max.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -209,6 +210,17 @@ class GatewayMetrics:
 
     def admission_refused(self, reason: str, n: int = 1) -> None:
         self._child(self.admission, reason).inc(n)
+
+    def refusal_counter(self, reason: str, endpoint: str, status: int) -> Callable[[], None]:
+        """Counts one admission refusal: both counters' children looked up once, here."""
+        refused = self._child(self.admission, reason).inc
+        done = self._child(self.requests, "unknown", endpoint, str(status)).inc
+
+        def count() -> None:
+            refused()
+            done()
+
+        return count
 
     def request_done(self, model: str, endpoint: str, status: int, n: int = 1) -> None:
         self._child(self.requests, model, endpoint, str(status)).inc(n)

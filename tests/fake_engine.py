@@ -40,6 +40,7 @@ BEHAVIOURS = (
     "stall-body",
     "drip",
     "trickle",
+    "late-end",
 )
 
 
@@ -122,6 +123,8 @@ async def _chat(request: Request) -> Response:
             raise RuntimeError("fake engine drops the connection")
         if mode != "no-done":
             yield b"data: [DONE]\n\n"
+        if mode == "late-end":  # the body's end comes 0.2 s after [DONE]
+            await asyncio.sleep(0.2)
 
     return StreamingResponse(events(), media_type="text/event-stream")
 

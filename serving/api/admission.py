@@ -15,6 +15,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from serving.api.coalesce import head_with_body
 from serving.api.hotpath import ADMITTED, ROUTES
 
 
@@ -46,11 +47,12 @@ class AdmittingProtocol(HttpToolsProtocol):
             return
         # uvicorn's own send: headers checked, keep-alive or close, the next request
         # read. It cannot suspend while the socket is writable (checked above).
-        for message in refusal:
-            coro = cycle.send(message)
-            try:
-                coro.send(None)
-            except StopIteration:
-                continue
-            coro.close()  # pragma: no cover - only if uvicorn's send changes
-            raise RuntimeError("uvicorn's send suspended")
+        with head_with_body(cycle):
+            for message in refusal:
+                coro = cycle.send(message)
+                try:
+                    coro.send(None)
+                except StopIteration:
+                    continue
+                coro.close()  # pragma: no cover - only if uvicorn's send changes
+                raise RuntimeError("uvicorn's send suspended")

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 
 from serving.api.access_log import request_id
+from serving.api.coalesce import head_with_body
 from serving.api.protocol import Kind
 from serving.api.serving import PATHS, ProxyService, Streamed, Unary
 from serving.errors import (
@@ -122,6 +123,11 @@ class HotPath:
             for why in ("in_flight", "loop_lag")
         }
         self._turn = 0
+        self._count_refusal = {
+            (why, kind): metrics.refusal_counter(why, path, Saturated.status)
+            for why in self._refusals
+            for kind, path in PATHS.items()
+        }
 
     def admit(self, kind: Kind, counted: bool = False) -> list[dict] | None:
         """Take a slot (None), or count, log and return the 429's ASGI messages.
@@ -134,8 +140,7 @@ class HotPath:
         else:
             self.in_flight += 1
             return None
-        self.metrics.admission_refused(why)
-        self.metrics.request_done("unknown", PATHS[kind], Saturated.status)
+        self._count_refusal[why, kind]()
         self.proxy.access.write(path=PATHS[kind], status=Saturated.status, error=Saturated.code)
         self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
         return self._refusals[why][self._turn]
@@ -227,15 +232,17 @@ def _error_messages(exc: GatewayError, rid: str | None = None) -> list[dict]:
 
 
 async def _send_error(send, exc: GatewayError, rid: str | None = None) -> None:
-    for message in _error_messages(exc, rid):
-        await send(message)
+    with head_with_body(send):
+        for message in _error_messages(exc, rid):
+            await send(message)
 
 
 async def _send_unary(send, reply: Unary) -> None:
     length = [(b"content-length", str(len(reply.body)).encode())]
     headers = _JSON + length + _extra(reply.headers)
-    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
-    await send({"type": "http.response.body", "body": reply.body, "more_body": False})
+    with head_with_body(send):
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body, "more_body": False})
 
 
 async def _send_stream(send, receive, reply: Streamed) -> None:
@@ -244,19 +251,25 @@ async def _send_stream(send, receive, reply: Streamed) -> None:
     async def watch() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        reply.relay.abort()
+        if not reply.relay.ended:  # uvicorn says "disconnect" once a response is complete
+            reply.relay.abort()
 
     watcher = asyncio.ensure_future(watch())
+    relay = reply.relay
     try:
         headers = _SSE + _extra(reply.headers)
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await reply.relay.pump(send)
+        with head_with_body(send):  # the head leaves with the first event, already read
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if message := relay.opening():
+                await send(message)
+        await relay.pump(send)
         watcher.cancel()
-        await send(_END)
+        if not relay.ended:
+            await send(_END)
     except asyncio.CancelledError:
         # The server is shutting down and the drain time is over: end the stream the
         # way the SSE error rule says, rather than cutting it mid-event.
-        if not reply.relay.outcome.disconnected:
+        if not relay.outcome.disconnected and not relay.ended:
             reply.relay.outcome.error = "shutting_down"
             await send({"type": "http.response.body", "body": _SHUTDOWN, "more_body": False})
         raise

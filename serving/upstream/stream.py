@@ -8,7 +8,9 @@ request and free its KV cache.
 
 Each chunk is written from the engine socket's read callback: the ASGI `send` is run
 there to its end, which it reaches at once unless the client's socket is full (then a
-task finishes it, the engine's socket is paused, and later chunks wait in order).
+task finishes it, the engine's socket is paused, and later chunks wait in order). The
+chunk that carries `[DONE]` ends the response (`more_body: False`), so the last event
+and the body's end leave in one write.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class Relay:
     __slots__ = (
         "buffer",
         "drop_usage",
+        "ended",
         "failed",
         "first",
         "outcome",
@@ -100,6 +103,7 @@ class Relay:
         self.pending: list[bytes] | None = None  # chunks held while a send is suspended
         self.resumer: asyncio.Task | None = None
         self.failed: BaseException | None = None  # raised by send in the read callback
+        self.ended = False  # the client's response is complete (sent with [DONE])
 
     def _tail(self, chunk: bytes) -> bytes:
         """Chunks near the end of a stream: parse them event by event."""
@@ -122,6 +126,18 @@ class Relay:
                 return chunk  # whole events, nothing to look at
         return self._tail(chunk)
 
+    def message(self, chunk: bytes) -> dict | None:
+        """The ASGI body message that relays `chunk`, the last one if it holds [DONE]."""
+        if self.ended or not (out := self.feed(chunk)):
+            return None
+        self.ended = self.outcome.done
+        return {"type": "http.response.body", "body": out, "more_body": not self.ended}
+
+    def opening(self) -> dict | None:
+        """The message for what prime() read (sent once, with the response's head)."""
+        first, self.first = self.first, b""
+        return self.message(first) if first else None
+
     def _chunk(self, chunk: bytes) -> None:
         """The sink: called from the engine socket's read callback."""
         if self.pending is not None:
@@ -130,8 +146,8 @@ class Relay:
         if self.failed is not None:
             return
         try:
-            if out := self.feed(chunk):
-                coro = self.send({"type": "http.response.body", "body": out, "more_body": True})
+            if message := self.message(chunk):
+                coro = self.send(message)
                 try:
                     waiting = coro.send(None)
                 except StopIteration:
@@ -169,8 +185,8 @@ class Relay:
         callback, with no task wake-up between the socket read and the client write."""
         self.send = send
         try:
-            if out := self.feed(self.first):
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+            if message := self.opening():
+                await send(message)
             try:
                 await self.response.stream(self._chunk)
             finally:
@@ -185,9 +201,12 @@ class Relay:
                 return  # we closed it because the client left
             if self.failed is not None:  # we closed it because the client's side failed
                 raise self.failed from exc
+            if self.ended:
+                return  # the client has every event; the engine's connection is closed
             self.outcome.error = exc.code or type(exc).__name__
+            self.ended = True  # the error event and [DONE] end the response
             await send(
-                {"type": "http.response.body", "body": sse_error_event(exc), "more_body": True}
+                {"type": "http.response.body", "body": sse_error_event(exc), "more_body": False}
             )
         finally:
             self.close()

@@ -1,0 +1,175 @@
+"""One write where uvicorn would make two (serving/api/coalesce.py): a 429 answered in
+the HTTP parser's callback leaves as one write, head and body; a stream's head leaves
+with its first event and its [DONE] with the body's end. uvicorn's own protocol runs
+on a transport that records each write; the streams run end to end against a FAKE
+engine, whose connection must stay reusable after each."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from serving.api.admission import AdmittingProtocol
+from serving.api.coalesce import OneWrite, head_with_body
+from serving.config import Settings
+from serving.upstream.stream import Relay, StreamOutcome
+from tests.fake_engine import FakeEngine, served
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+REFUSAL = [
+    {
+        "type": "http.response.start",
+        "status": 429,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"2")],
+    },
+    {"type": "http.response.body", "body": b"{}", "more_body": False},
+]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Recording:
+    """A transport that keeps each write (a FAKE socket)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5555)}.get(name, default)
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class FullHot:
+    """The hot path's admission when every slot is taken."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def admit(self, kind: object, counted: bool = False) -> list[dict]:
+        self.asked += 1
+        return REFUSAL
+
+
+class Stub:
+    def __init__(self) -> None:
+        self.state = type("State", (), {"hot": FullHot()})()
+
+    async def __call__(self, scope, receive, send) -> None:  # pragma: no cover - not reached
+        raise AssertionError("a refused request reached the app")
+
+
+def test_one_write_holds_the_head_for_the_body() -> None:
+    t = Recording()
+    w = OneWrite(t)
+    w.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert t.writes == []
+    w.write(b"body")
+    w.write(b"more")
+    assert t.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"more"]
+    lone = OneWrite(t)
+    lone.write(b"HEAD")
+    lone.close()  # a head with nothing after it still goes, before the close
+    assert t.writes[-1] == b"HEAD" and t.closed
+
+
+def test_outside_uvicorn_nothing_changes() -> None:
+    async def send(message: dict) -> None: ...
+
+    with head_with_body(send):
+        pass  # not a uvicorn cycle's send: no transport to stand in for
+
+
+async def test_a_refusal_in_the_parser_callback_is_one_write_each() -> None:
+    app = Stub()
+    config = Config(app=app, http=AdmittingProtocol, lifespan="off", proxy_headers=False)
+    config.access_log = False
+    config.load()
+    proto = AdmittingProtocol(
+        config=config,
+        server_state=ServerState(),
+        app_state={},
+        _loop=asyncio.get_running_loop(),
+    )
+    transport = Recording()
+    proto.connection_made(transport)
+    body = json.dumps(CHAT).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    proto.data_received(request * 3)  # pipelined: each refused in turn, in order
+    assert app.state.hot.asked == 3
+    assert len(transport.writes) == 3
+    for write in transport.writes:
+        assert write.startswith(b"HTTP/1.1 429 ") and write.endswith(b"\r\n\r\n{}")
+    assert not transport.closed  # kept alive
+    proto.connection_lost(None)
+
+
+def test_the_done_chunk_ends_the_response() -> None:
+    relay = Relay(response=None, outcome=StreamOutcome(started=0.0), drop_usage=False, first=b"")
+    token = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+    assert relay.message(token) == {"type": "http.response.body", "body": token, "more_body": True}
+    last = relay.message(b"data: [DONE]\n\n")
+    assert last == {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
+    assert relay.ended and relay.outcome.done
+    assert relay.message(token) is None  # nothing after the end
+
+
+async def test_streams_end_whole_and_keep_the_engine_connection() -> None:
+    with FakeEngine(force="late-end") as fake:  # vLLM too ends its body after [DONE]
+        settings = Settings(engines=[{"name": "e", "model": "m", "url": fake.url}])
+        async with served(settings) as (app, url), httpx.AsyncClient() as http:
+            upstream = app.state.hot.proxy.upstream
+            opened = upstream.open_count
+            for _ in range(4):
+                async with http.stream("POST", url + "/v1/chat/completions", json=CHAT) as r:
+                    assert r.status_code == 200
+                    text = (await r.aread()).decode()
+                events = [e for e in text.split("\n\n") if e]
+                assert events[-1] == "data: [DONE]" and len(events) >= 3
+                assert all(e.startswith("data: {") for e in events[:-1])
+                # the client has it all at [DONE]; the gateway still reads the engine's end
+                for _ in range(100):
+                    if app.state.hot.in_flight == 0 and upstream.busy == 0:
+                        break
+                    await asyncio.sleep(0.01)
+                assert app.state.hot.in_flight == 0 and upstream.busy == 0
+            # each stream's engine connection was read to its end and kept: a relay that
+            # took uvicorn's "disconnect" after a complete response would close it (vLLM
+            # would abort) and count a client disconnect
+            assert upstream.open_count - opened <= 1  # a health poll may race a stream
+            metrics = (await http.get(url + "/metrics")).text
+            assert _total(metrics, "tiergate_client_disconnects_total") == 0
+            assert _total(metrics, "tiergate_stream_errors_total") == 0
+            ok = 'tiergate_requests_total{endpoint="/v1/chat/completions",model="m",status="200"}'
+            assert _total(metrics, ok) == 4
+
+
+def _total(text: str, prefix: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
