@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -83,12 +91,14 @@ class ServerSettings(_Strict):
         "(serving/front). With server.workers 1 only. server.max_loop_lag_ms still "
         "applies: the gateway refuses what the front hands it while its loop lags.",
     )
-    front_max_refusals_s: int = Field(
+    max_refusals_s: int = Field(
         5000,
         gt=0,
-        description="With server.front: past this many 429s a second, a refused connection "
-        "is not read again until its Retry-After-Ms has passed, so clients that re-send at "
-        "once cannot spend the gateway's core on refusals (benchmarks/RESULTS.md).",
+        validation_alias=AliasChoices("max_refusals_s", "front_max_refusals_s"),
+        description="Past this many 429s a second, a refused keep-alive connection is not "
+        "read again until its Retry-After-Ms has passed, so clients that re-send at once "
+        "cannot spend the gateway's core on refusals; clients that honour Retry-After "
+        "never notice (benchmarks/RESULTS.md). Also read as front_max_refusals_s.",
     )
 
     @model_validator(mode="after")

@@ -213,3 +213,57 @@ async def test_another_asgi_server_gets_the_same_refusal() -> None:
             assert second.json()["error"]["code"] == "rate_limit_exceeded"
             assert (await first).status_code == 200
             assert client.app.state.hot.in_flight == 0
+
+
+async def test_a_refusal_storm_is_paced_per_connection() -> None:
+    """Past server.max_refusals_s, a refused connection is not read again until its
+    Retry-After-Ms has passed: a client that re-sends at once gets its next answer only
+    then (a 429 again, the connection still usable), not a burst of refusals; a client
+    within the budget is answered at once. Nothing is lost and the slot comes back."""
+    with FakeEngine(force="stall-stream") as fake:
+        settings = Settings(
+            engines=[{"name": "e", "model": "m", "url": fake.url}],
+            server={"max_in_flight": 1, "max_refusals_s": 1},
+        )
+        async with served(settings) as (app, url), httpx.AsyncClient() as http:
+            stream = http.stream("POST", url + "/v1/chat/completions", json=CHAT)
+            r = await stream.__aenter__()  # holds the only slot
+            assert r.status_code == 200
+
+            port = int(url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head, body = _request("/v1/chat/completions", json.dumps(CHAT).encode())
+            writer.write(head + body)  # within the budget (1 a second): answered at once
+            status, headers, _ = await asyncio.wait_for(_read_response(reader), 2)
+            assert status == 429
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            writer.write(head + body)  # the budget is spent: refused, then paced
+            status, headers, _ = await asyncio.wait_for(_read_response(reader), 2)
+            assert status == 429 and loop.time() - t0 < 0.4
+            wait = int(headers["retry-after-ms"]) / 1000
+            t1 = loop.time()
+            writer.write(head + body)  # re-sent at once: read only after that wait
+            status, headers, payload = await asyncio.wait_for(_read_response(reader), 3)
+            waited = loop.time() - t1
+            assert status == 429 and json.loads(payload)["error"]["code"] == "rate_limit_exceeded"
+            assert wait - 0.05 <= waited <= wait + 1.0
+            assert len(fake.app.state.seen) == 1  # no refused request reached the engine
+
+            await stream.__aexit__(None, None, None)
+            for _ in range(40):  # the slot comes back; the paced connection is served
+                if app.state.hot.in_flight == 0:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(float(headers["retry-after-ms"]) / 1000)
+            writer.write(head + body)
+            status, _, _ = await asyncio.wait_for(_read_response_start(reader), 3)
+            assert status == 200
+            writer.close()
+            metrics = (await http.get(url + "/metrics")).text
+            assert _metric(metrics, 'tiergate_admission_refused_total{reason="in_flight"}') == 3
+
+
+async def _read_response_start(reader: asyncio.StreamReader) -> tuple[int, str, None]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    return int(head.split(" ", 2)[1]), head, None

@@ -72,6 +72,9 @@ class FullHot:
         self.asked += 1
         return REFUSAL
 
+    def pace_for(self, now: float) -> None:
+        return None  # within the refusal budget
+
 
 class Stub:
     def __init__(self) -> None:

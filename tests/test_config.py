@@ -30,6 +30,13 @@ def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None
     assert s.engines[0].name == "smollm2-cpu"
 
 
+def test_the_refusal_budget_keeps_its_old_name(tmp_path: Path) -> None:
+    """server.max_refusals_s was server.front_max_refusals_s: configs with it still load."""
+    s = load_settings(write_config(tmp_path / "c.yaml", server={"front_max_refusals_s": 7}))
+    assert s.server.max_refusals_s == 7
+    assert load_settings(write_config(tmp_path / "d.yaml")).server.max_refusals_s == 5000
+
+
 def test_cli_overrides_win(tmp_path: Path) -> None:
     s = load_settings(write_config(tmp_path / "c.yaml"), server={"port": 1234})
     assert s.server.port == 1234
@@ -53,6 +60,7 @@ def test_cli_overrides_win(tmp_path: Path) -> None:
         ),
         ({"engines": [default_engine(discover={"dns": "e.test", "port": 0})]}, "discover.port"),
         ({"engines": [default_engine(discover={"dsn": "e.test"})]}, "discover.dsn"),
+        ({"server": {"max_refusals_s": 0}}, "server.max_refusals_s"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, changes: dict, key: str) -> None:

@@ -329,12 +329,12 @@ def test_front_wants_one_worker() -> None:
 
 
 def test_refusal_budget_paces_clients_that_resend_at_once(tmp_path: Path) -> None:
-    from serving.front.acceptor import Budget
+    from serving.router.breaker import RefusalBudget
 
-    budget = Budget(2)
+    budget = RefusalBudget(2)
     assert [budget.take(10.0) for _ in range(3)] == [True, True, False]
     assert budget.take(10.5)  # half a second refills one
-    with _fronted(tmp_path, "stall-stream", max_in_flight=1, front_max_refusals_s=1) as (fake, gw):
+    with _fronted(tmp_path, "stall-stream", max_in_flight=1, max_refusals_s=1) as (fake, gw):
         with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as held:
             assert held.status_code == 200  # the one slot
             conn = Raw(gw.url)

@@ -6,7 +6,10 @@ work. A refusal decided there waits for all of it. This protocol asks the hot pa
 admission as soon as the request line and headers are parsed, and either answers the
 429 right there (the rest of the body is read and dropped, the connection stays open)
 or starts the task with its slot already taken, so a burst of new requests cannot all
-slip past one stale count. Everything else is uvicorn's own HTTP/1.1 protocol.
+slip past one stale count. Past `server.max_refusals_s` 429s a second, a refused
+connection is not read again until its Retry-After-Ms has passed: clients that re-send
+at once then wait as the SDK's do, instead of spending the core on refusals. Everything
+else is uvicorn's own HTTP/1.1 protocol.
 """
 
 from __future__ import annotations
@@ -56,3 +59,15 @@ class AdmittingProtocol(HttpToolsProtocol):
                     continue
                 coro.close()  # pragma: no cover - only if uvicorn's send changes
                 raise RuntimeError("uvicorn's send suspended")
+        if elsewhere or self.transport.is_closing():
+            return  # a handed connection's reads are the front's to pace
+        wait = hot.pace_for(self.loop.time())
+        if wait is not None:
+            # A refusal storm: the next request on this connection waits, unread, for
+            # the Retry-After-Ms it was just given (what is already read goes on).
+            self.flow.pause_reading()
+            self.loop.call_later(wait, self._unpace)
+
+    def _unpace(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()

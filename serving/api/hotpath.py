@@ -34,6 +34,7 @@ from serving.errors import (
     sse_error_event,
 )
 from serving.metrics import GatewayMetrics
+from serving.router.breaker import RefusalBudget
 from serving.tenants.auth import Authenticator
 
 log = logging.getLogger("tiergate.hotpath")
@@ -98,6 +99,7 @@ class HotPath:
         max_loop_lag_ms: float,
         retry_after_s: int,
         lag: LoopLag | None = None,
+        max_refusals_s: int = 5000,
     ) -> None:
         self.proxy = proxy
         self.metrics = metrics
@@ -123,6 +125,11 @@ class HotPath:
             for why in ("in_flight", "loop_lag")
         }
         self._turn = 0
+        self._refusal_s = [
+            int(dict(start["headers"])[b"retry-after-ms"]) / 1000
+            for start, _ in self._refusals["in_flight"]
+        ]
+        self.refusal_budget = RefusalBudget(max_refusals_s)
         self._count_refusal = {
             (why, kind): metrics.refusal_counter(why, path, Saturated.status)
             for why in self._refusals
@@ -144,6 +151,14 @@ class HotPath:
         self.proxy.access.write(path=PATHS[kind], status=Saturated.status, error=Saturated.code)
         self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
         return self._refusals[why][self._turn]
+
+    def pace_for(self, now: float) -> float | None:
+        """After a refusal: None within server.max_refusals_s; past it, how long the
+        refused connection should go unread (the Retry-After-Ms it was just given), so
+        that clients which re-send at once wait as the SDK's clients do."""
+        if self.refusal_budget.take(now):
+            return None
+        return self._refusal_s[self._turn]
 
     def take(self) -> None:
         """A slot with no checks: a request the front counted that cannot be refused from

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 from serving.front import channel
+from serving.router.breaker import RefusalBudget
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,23 +80,6 @@ class Conn:
     paced: bool = False  # not read until its retry-after-ms passed (a refusal storm)
 
 
-class Budget:
-    """A token bucket of refusals: `rate` a second, up to a second's worth at once."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.last = 0.0
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
-
-
 class Front:
     def __init__(self, config: dict, listener: socket.socket, chan: socket.socket) -> None:
         self.loop = asyncio.get_running_loop()
@@ -108,7 +92,7 @@ class Front:
         self.access_log = config["access_log"]
         self.refusals = [base64.b64decode(r) for r in config["refusals"]]
         self.refusal_s = [ms / 1000 for ms in config["refusal_ms"]]  # each one's retry-after-ms
-        self.budget = Budget(config["max_refusals_s"])
+        self.budget = RefusalBudget(config["max_refusals_s"])
         self.refusals_close = [base64.b64decode(r) for r in config["refusals_close"]]
         self.turn = 0
         self.conns: dict[int, Conn] = {}

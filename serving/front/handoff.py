@@ -137,7 +137,7 @@ class FrontLink:
             "max_head_bytes": MAX_HEAD_BYTES,
             "keep_alive_s": keep_alive_s,
             "access_log": settings.server.access_log == "json",
-            "max_refusals_s": settings.server.front_max_refusals_s,
+            "max_refusals_s": settings.server.max_refusals_s,
             "refusal_ms": [int(dict(start["headers"])[b"retry-after-ms"]) for start, _ in refusals],
             "refusals": raw_responses(refusals, close=False),
             "refusals_close": raw_responses(refusals, close=True),

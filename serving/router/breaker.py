@@ -1,4 +1,5 @@
-"""Per-replica circuit breaker and the retry budget. Pure state; time is passed in."""
+"""Per-replica circuit breaker, the retry budget and the refusal budget. Pure state; time
+is passed in."""
 
 from __future__ import annotations
 
@@ -90,3 +91,21 @@ class RetryBudget:
             return False
         self.retries += 1
         return True
+
+
+class RefusalBudget:
+    """A token bucket of 429s: `rate` a second, up to a second's worth at once. Past it,
+    the caller paces the refused connection (serving/api/admission.py, serving/front)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.last = 0.0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
