@@ -11,11 +11,12 @@ What is shared between workers, and what stays per worker (and why):
   Readiness and load come from each worker's own /health polls and /metrics scrapes:
   an engine's load is what the engine reports, the same for every worker, at most one
   scrape interval old.
-- Admission (`server.max_in_flight`) and the per-replica in-flight limit
-  (`router.spill.max_in_flight`) are divided by N: each worker holds its share, so
-  together they hold the configured totals with no shared counter (no lock, no IPC) on
-  the hot path. SO_REUSEPORT hashes connections evenly, so the shares stay balanced; a
-  worker that gets more than its share refuses early rather than overfilling an engine.
+- Admission (`server.max_in_flight`), the refusal budget (`server.max_refusals_s`)
+  and the per-replica in-flight limit (`router.spill.max_in_flight`) are divided by N:
+  each worker holds its share, so together they hold the configured totals with no
+  shared counter (no lock, no IPC) on the hot path. SO_REUSEPORT hashes connections
+  evenly, so the shares stay balanced; a worker that gets more than its share refuses
+  early rather than overfilling an engine.
 - Circuit breakers and retry budgets stay per worker: each learns a replica's failures
   from its own traffic. The cost is up to N x `breaker.failures` failed attempts before
   every worker has opened; the gain is no cross-process state to corrupt or wait on.
@@ -51,7 +52,11 @@ def worker_settings(settings: Settings, urls: dict[str, str], workers: int) -> S
         return math.ceil(limit / workers) if limit else 0
 
     server = settings.server.model_copy(
-        update={"workers": 1, "max_in_flight": share(settings.server.max_in_flight)}
+        update={
+            "workers": 1,
+            "max_in_flight": share(settings.server.max_in_flight),
+            "max_refusals_s": share(settings.server.max_refusals_s),
+        }
     )
     spill = settings.router.spill.model_copy(
         update={"max_in_flight": share(settings.router.spill.max_in_flight)}

@@ -33,12 +33,13 @@ def _workers(gw: GatewayProcess) -> list[psutil.Process]:
 def test_worker_settings_share_the_limits() -> None:
     settings = Settings(
         engines=[{"name": "e", "model": "m"}],
-        server={"workers": 3, "max_in_flight": 100},
+        server={"workers": 3, "max_in_flight": 100, "max_refusals_s": 900},
         router={"spill": {"max_in_flight": 10}},
     )
     one = worker_settings(settings, {"e": "http://127.0.0.1:1"}, 3)
     assert one.engines[0].url == "http://127.0.0.1:1"
     assert (one.server.workers, one.server.max_in_flight) == (1, 34)
+    assert one.server.max_refusals_s == 300
     assert one.router.spill.max_in_flight == 4
     assert settings.engines[0].url is None  # the parent's settings are untouched
 
