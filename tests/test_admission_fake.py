@@ -78,6 +78,7 @@ async def test_refused_in_the_parser_callback_keeps_the_connection_and_loses_not
             assert status == 429
             assert headers["retry-after"] == "1"
             assert 500 <= int(headers["retry-after-ms"]) <= 1500
+            assert headers["content-type"] == "application/json" and "date" in headers
             error = json.loads(payload)["error"]
             assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
             assert "at capacity (in_flight)" in error["message"] and error["param"] is None

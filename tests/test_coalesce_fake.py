@@ -1,8 +1,8 @@
-"""One write where uvicorn would make two (serving/api/coalesce.py): a 429 answered in
-the HTTP parser's callback leaves as one write, head and body; a stream's head leaves
-with its first event and its [DONE] with the body's end. uvicorn's own protocol runs
-on a transport that records each write; the streams run end to end against a FAKE
-engine, whose connection must stay reusable after each."""
+"""One write where uvicorn would make two (serving/api/coalesce.py and the parser
+callback's direct 429, serving/api/admission.py): a 429 leaves as one write, head and
+body; a stream's head leaves with its first event and its [DONE] with the body's end.
+uvicorn's own protocol runs on a transport that records each write; the streams run end
+to end against a FAKE engine, whose connection must stay reusable after each."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from uvicorn.server import ServerState
 
 from serving.api.admission import AdmittingProtocol
 from serving.api.coalesce import OneWrite, head_with_body
+from serving.api.hotpath import wire_head
 from serving.config import Settings
 from serving.upstream.stream import Relay, StreamOutcome
 from tests.fake_engine import FakeEngine, served
@@ -67,6 +68,7 @@ class FullHot:
 
     def __init__(self) -> None:
         self.asked = 0
+        self.wire_of = {id(REFUSAL): (wire_head(REFUSAL[0]), REFUSAL[1]["body"])}
 
     def admit(self, kind: object, counted: bool = False) -> list[dict]:
         self.asked += 1
@@ -128,7 +130,12 @@ async def test_a_refusal_in_the_parser_callback_is_one_write_each() -> None:
     assert len(transport.writes) == 3
     for write in transport.writes:
         assert write.startswith(b"HTTP/1.1 429 ") and write.endswith(b"\r\n\r\n{}")
+        assert b"content-length: 2\r\n" in write and b"connection: close" not in write
     assert not transport.closed  # kept alive
+    closing = request.replace(b"host: gw\r\n", b"host: gw\r\nconnection: close\r\n")
+    proto.data_received(closing)  # the client asks to close: said, and done
+    assert len(transport.writes) == 4 and transport.closed
+    assert b"\r\nconnection: close\r\n" in transport.writes[-1]
     proto.connection_lost(None)
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from serving.api.coalesce import head_with_body
 from serving.api.hotpath import ADMITTED, ROUTES
 
 
@@ -48,17 +47,7 @@ class AdmittingProtocol(HttpToolsProtocol):
             scope[ADMITTED] = True  # the hot path releases the slot it was given here
             super()._start_asgi_task(cycle, app)
             return
-        # uvicorn's own send: headers checked, keep-alive or close, the next request
-        # read. It cannot suspend while the socket is writable (checked above).
-        with head_with_body(cycle):
-            for message in refusal:
-                coro = cycle.send(message)
-                try:
-                    coro.send(None)
-                except StopIteration:
-                    continue
-                coro.close()  # pragma: no cover - only if uvicorn's send changes
-                raise RuntimeError("uvicorn's send suspended")
+        self._refuse(cycle, *hot.wire_of[id(refusal)])
         if elsewhere or self.transport.is_closing():
             return  # a handed connection's reads are the front's to pace
         wait = hot.pace_for(self.loop.time())
@@ -67,6 +56,21 @@ class AdmittingProtocol(HttpToolsProtocol):
             # the Retry-After-Ms it was just given (what is already read goes on).
             self.flow.pause_reading()
             self.loop.call_later(wait, self._unpace)
+
+    def _refuse(self, cycle: RequestResponseCycle, head: bytes, body: bytes) -> None:
+        """The prebuilt 429 in one write, and the cycle ended as uvicorn's `send` ends it
+        (keep-alive or close, then the next request). Its two ASGI sends, which check
+        every header and frame the body, cost twice this (benchmarks/RESULTS.md)."""
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        date = b"".join(k + b": " + v + b"\r\n" for k, v in cycle.default_headers)
+        close = b"" if cycle.keep_alive else b"connection: close\r\n"
+        self.transport.write(head + date + close + b"\r\n" + body)
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self.transport.close()
+        cycle.on_response()
 
     def _unpace(self) -> None:
         if not self.transport.is_closing():

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 
 from serving.api.access_log import request_id
 from serving.api.coalesce import head_with_body
@@ -123,6 +124,13 @@ class HotPath:
                 for i in range(SPREAD)
             ]
             for why in ("in_flight", "loop_lag")
+        }
+        # ... and each one's status line and headers as HTTP/1.1 bytes, for the parser
+        # callback's direct write (serving/api/admission.py) and the front's.
+        self.wire_of = {
+            id(refusal): (wire_head(refusal[0]), refusal[1]["body"])
+            for refusals in self._refusals.values()
+            for refusal in refusals
         }
         self._turn = 0
         self._refusal_s = [
@@ -228,6 +236,15 @@ class HotPath:
             await _send_error(send, GatewayError(f"internal error: {type(exc).__name__}"), rid)
         finally:
             self.in_flight -= 1
+
+
+def wire_head(start: dict) -> bytes:
+    """An http.response.start message as HTTP/1.1: status line and headers, each line
+    ended, the blank line not yet."""
+    status = start["status"]
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())]
+    lines += [k + b": " + v + b"\r\n" for k, v in start["headers"]]
+    return b"".join(lines)
 
 
 def _extra(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

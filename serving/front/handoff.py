@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from serving.api.admission import AdmittingProtocol
-from serving.api.hotpath import ROUTES, HotPath
+from serving.api.hotpath import ROUTES, HotPath, wire_head
 from serving.front import channel
 from serving.metrics import GatewayMetrics
 
@@ -41,12 +41,8 @@ def raw_responses(refusals: list[list[dict]], close: bool) -> list[str]:
     """The gateway's prebuilt 429s (ASGI messages) as HTTP/1.1 bytes, base64 for JSON."""
     out = []
     for start, body in refusals:
-        head = [b"HTTP/1.1 429 Too Many Requests"]
-        head += [k + b": " + v for k, v in start["headers"]]
-        if close:
-            head.append(b"connection: close")
-        raw = b"\r\n".join(head) + b"\r\n\r\n" + body["body"]
-        out.append(base64.b64encode(raw).decode())
+        raw = wire_head(start) + (b"connection: close\r\n" if close else b"") + b"\r\n"
+        out.append(base64.b64encode(raw + body["body"]).decode())
     return out
 
 
