@@ -296,6 +296,28 @@ def start_probe(url: str, model: str, seconds: float, cpu: str) -> subprocess.Po
     return subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=subprocess.PIPE, text=True)
 
 
+def overload_summary(pairs: list[dict], statuses: dict[int, list[float]]) -> dict:
+    """One side's overload rounds: goodput against its own peak per round, their median,
+    timeouts, and the probe's latencies by status."""
+    ratios = [p["overload"]["ok_req_s"] / p["peak"]["ok_req_s"] for p in pairs]
+    return {
+        "rounds": pairs,
+        "goodput_vs_peak_per_round": ratios,
+        "goodput_vs_peak": statistics.median(ratios),
+        "timeouts": sum(p["overload"]["timeouts"] for p in pairs),
+        "probe": {
+            str(s): {
+                "n": len(v),
+                "p50_ms": percentile(v, 0.5),
+                "p90_ms": percentile(v, 0.9),
+                "p99_ms": percentile(v, 0.99),
+                "max_ms": max(v),
+            }
+            for s, v in statuses.items()
+        },
+    }
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -336,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
     p.add_argument("--tokenizer", type=Path, help="for --model auto (a prepared model folder)")
     p.add_argument("--overload", action="store_true", help="also tiergate at 4x its best point")
+    p.add_argument(
+        "--overload-before",
+        action="store_true",
+        help="with --overload-server and --before-repo: the same overload on --before-repo's "
+        "gateway too, both in each round, in alternating order",
+    )
     p.add_argument(
         "--overload-rounds",
         type=int,
@@ -392,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(uvloop.run(probe_statuses(a.probe, a.model, a.duration))))
         return 0
+    if a.overload_before and not (a.overload_server and a.before_repo):
+        p.error("--overload-before needs --overload-server and --before-repo")
     if not shutil.which("wrk"):
         print("gateway_capacity needs wrk: apt-get install wrk", file=sys.stderr)
         return 2
@@ -402,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     # one script for every run, so that the Lua callbacks' cost on the load core is alike
     script = wrk_script(a.model, work, honour_retry_after=a.clients == "retry-after")
     names = ("upstream", "yardstick", "rawasgi", "raw", "tiergate", "front", "before", "tenancy")
-    names += ("limited",)
+    names += ("limited", "limited-before")
     ports = {t: free_port() for t in names}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
     module = "fake_stream" if a.fake == "raw" else "fake_server"
@@ -505,53 +535,54 @@ def main(argv: list[str] | None = None) -> int:
                 pids["limited"] = stack.enter_context(
                     started(limited, a.gateway_cpu, urls["limited"] + "/ready")
                 )
+            sides = {"now": target}
+            if a.overload_before:  # the same limits, on --before-repo's gateway
+                cmd = [*limited[:-1], str(ports["limited-before"])]
+                pids["limited-before"] = stack.enter_context(
+                    started(cmd, a.gateway_cpu, urls["limited-before"] + "/ready", a.before_repo)
+                )
+                sides["before"] = "limited-before"
             # Rounds alternate the best point with the overload, on the same (warm) gateway
             # process, so that the ratio compares neighbours on a host whose speed drifts;
             # at the best point's concurrency the limit never refuses (its 429s are kept).
-            statuses: dict[int, list[float]] = {}
-            pairs = []
-            for _ in range(a.overload_rounds):
-                peak_c = best["concurrency"]
-                again = run_wrk(urls[target], script, peak_c, a.duration, a.load_cpu, a.wrk_threads)
-                probe = start_probe(urls[target], a.model, a.duration, a.load_cpu)
-                cpu0 = cpu_seconds(pids[target])
-                r = run_wrk(urls[target], script, c, a.duration, a.load_cpu, a.wrk_threads)
-                r["gateway_cpu_share"] = (cpu_seconds(pids[target]) - cpu0) / r["seconds"]
-                out, _ = probe.communicate(timeout=a.duration + 30)
-                for k, v in json.loads(out).items():
-                    statuses.setdefault(int(k), []).extend(v)
-                pairs.append({"peak": again, "overload": r})
-                print(
-                    f"round: peak c={best['concurrency']} {again['ok_req_s']:.0f} ok req/s, "
-                    f"overload c={c} {r['ok_req_s']:.0f} ok req/s ({r['non_2xx']} refused), "
-                    f"ratio {r['ok_req_s'] / again['ok_req_s']:.3f}; wrk's CPU "
-                    f"{again['wrk_cpu_share']:.2f} / {r['wrk_cpu_share']:.2f} of the load core",
-                    flush=True,
-                )
-            ratios = [p["overload"]["ok_req_s"] / p["peak"]["ok_req_s"] for p in pairs]
+            # With two sides, each round runs both, in alternating order.
+            runs: dict[str, tuple[list, dict]] = {side: ([], {}) for side in sides}
+            for i in range(a.overload_rounds):
+                for side in list(sides) if i % 2 == 0 else list(sides)[::-1]:
+                    t = sides[side]
+                    pairs, statuses = runs[side]
+                    peak_c = best["concurrency"]
+                    again = run_wrk(urls[t], script, peak_c, a.duration, a.load_cpu, a.wrk_threads)
+                    probe = start_probe(urls[t], a.model, a.duration, a.load_cpu)
+                    cpu0 = cpu_seconds(pids[t])
+                    r = run_wrk(urls[t], script, c, a.duration, a.load_cpu, a.wrk_threads)
+                    r["gateway_cpu_share"] = (cpu_seconds(pids[t]) - cpu0) / r["seconds"]
+                    out, _ = probe.communicate(timeout=a.duration + 30)
+                    for k, v in json.loads(out).items():
+                        statuses.setdefault(int(k), []).extend(v)
+                    pairs.append({"peak": again, "overload": r})
+                    print(
+                        f"round ({side}): peak c={peak_c} {again['ok_req_s']:.0f} ok req/s, "
+                        f"overload c={c} {r['ok_req_s']:.0f} ok req/s ({r['non_2xx']} "
+                        f"refused), ratio {r['ok_req_s'] / again['ok_req_s']:.3f}; wrk's CPU "
+                        f"{again['wrk_cpu_share']:.2f} / {r['wrk_cpu_share']:.2f} of the load core",
+                        flush=True,
+                    )
             overload = {
                 "concurrency": c,
                 "of": of,
                 "server": extra if a.overload_server else {},
                 "clients": a.clients,
                 "sweep_peak_ok_req_s": best["ok_req_s"],
-                "rounds": pairs,
-                "goodput_vs_peak_per_round": ratios,
-                "goodput_vs_peak": statistics.median(ratios),
-                "timeouts": sum(p["overload"]["timeouts"] for p in pairs),
-                "probe": {
-                    str(s): {
-                        "n": len(v),
-                        "p50_ms": percentile(v, 0.5),
-                        "p90_ms": percentile(v, 0.9),
-                        "p99_ms": percentile(v, 0.99),
-                        "max_ms": max(v),
-                    }
-                    for s, v in statuses.items()
-                },
+                **overload_summary(*runs["now"]),
             }
-            brief = {k: v for k, v in overload.items() if k != "rounds"}
+            if "before" in runs:
+                overload["before"] = overload_summary(*runs["before"])
+            brief = {k: v for k, v in overload.items() if k not in ("rounds", "before")}
             print(f"overload c={c}: {json.dumps(brief)}", flush=True)
+            if "before" in overload:
+                before = {k: v for k, v in overload["before"].items() if k != "rounds"}
+                print(f"overload c={c}, before: {json.dumps(before)}", flush=True)
     print_table(rows)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
