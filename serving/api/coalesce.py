@@ -1,11 +1,11 @@
 """A response's head leaves with its first body bytes: one write, not two.
 
 uvicorn writes the status line and headers as soon as `http.response.start` is sent and
-each body message on its own: a 429 or an error costs two `send` syscalls and the client
-two segments to read, and a stream one more write at its start. On the request path
-every one is measured (benchmarks/RESULTS.md): the gateway's CPU per 429 fell by about
-an eighth with one write. The head is held only where the body is already in hand, so
-no byte reaches the client later than before.
+each body message on its own: an error or a unary answer costs two `send` syscalls and
+the client two segments to read, and a stream one more write at its start. On the
+request path every write is counted (benchmarks/RESULTS.md). The head is held only where
+the body is already in hand, so no byte reaches the client later than before. (The
+parser callback's 429 skips uvicorn's `send` altogether: serving/api/admission.py.)
 """
 
 from __future__ import annotations
