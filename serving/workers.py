@@ -114,7 +114,8 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
         urls |= {e.name: e.url for e in settings.engines if e.url is not None}
         port = settings.server.port or process.free_port(host)
         job = work / "worker.pickle"
-        job.write_bytes(pickle.dumps((worker_settings(settings, urls, n), model_dirs, host, port)))
+        one = worker_settings(settings, urls, n)
+        job.write_bytes(pickle.dumps((one, model_dirs, host, port, sorted(ports))))
         job.chmod(0o600)  # it holds the API keys
         (work / "metrics").mkdir()
         env = {"PROMETHEUS_MULTIPROC_DIR": str(work / "metrics")}
@@ -173,12 +174,13 @@ def worker_main(job: Path) -> int:
     from serving.api.server import GatewayServer, bind
     from serving.app import create_app, uvicorn_config
 
-    settings, model_dirs, host, port = pickle.loads(job.read_bytes())
+    settings, model_dirs, host, port, supervised = pickle.loads(job.read_bytes())
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     app = create_app(settings, model_dirs=model_dirs)
+    app.state.parent_supervises = set(supervised)  # the parent's to restart, not ours
     server = GatewayServer(uvicorn_config(app, settings))
     sock = bind(host, port, reuse_port=True)
     with contextlib.suppress(KeyboardInterrupt):

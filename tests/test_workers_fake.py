@@ -4,6 +4,7 @@ are shared out, a killed worker is replaced, and SIGTERM leaves nothing running.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -99,3 +100,25 @@ def test_two_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
             )
             assert gw.stop(signal.SIGTERM, timeout=30) == 0
         assert gw.seen and not gw.survivors(), gw.log_tail()
+
+
+def test_a_worker_says_why_it_cannot_restart_the_parents_engine() -> None:
+    """With server.workers > 1 the parent supervises the engines; a worker asked to
+    restart one answers 409 naming server.workers (not 404 "no such engine"), and an
+    unknown name is still a 404. Both in the OpenAI error shape."""
+    from tests.fake_engine import in_process_gateway
+
+    async def ask() -> None:
+        settings = Settings(engines=[{"name": "cpu", "model": "m", "url": fake.url}])
+        async with in_process_gateway(settings) as client:
+            client.app.state.parent_supervises = {"cpu"}  # as worker_main sets it
+            r = await client.post("/tiergate/engines/cpu/restart")
+            assert r.status_code == 409
+            error = r.json()["error"]
+            assert "server.workers" in error["message"] and error["param"] == "name"
+            assert error["code"] == "conflict"
+            r = await client.post("/tiergate/engines/nope/restart")
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+    with FakeEngine(force="ok") as fake:
+        asyncio.run(ask())

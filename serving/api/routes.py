@@ -122,6 +122,13 @@ async def restart_engine(request: Request, name: str, drain_timeout: float | Non
         runner = supervisor.runner(name) if supervisor is not None else None
     except KeyError:
         runner = None
+    if runner is None and name in getattr(request.app.state, "parent_supervises", ()):
+        raise Conflict(
+            f"Engine '{name}' is supervised by the parent process of this gateway's "
+            "server.workers, which cannot restart it from here: restart the gateway, or run "
+            "server.workers: 1 for restarts through this API.",
+            param="name",
+        )
     if runner is None:
         raise NotFound(f"No engine named '{name}' is started by this gateway.", param="name")
     drain = settings.server.drain_timeout if drain_timeout is None else max(0.0, drain_timeout)
