@@ -159,7 +159,7 @@ def create_app(
             server.max_loop_lag_ms,
             settings.router.spill.retry_after_s,
             lag,
-            server.max_refusals_s,
+            max_refusals_s=server.max_refusals_s,
         )
         if supervisor is not None:
             supervisor.start(http)

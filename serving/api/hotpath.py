@@ -100,7 +100,8 @@ class HotPath:
         max_loop_lag_ms: float,
         retry_after_s: int,
         lag: LoopLag | None = None,
-        max_refusals_s: int = 5000,
+        *,
+        max_refusals_s: int,
     ) -> None:
         self.proxy = proxy
         self.metrics = metrics
