@@ -155,6 +155,12 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.paced = Counter(
+            "tiergate_admission_paced",
+            "Refused connections left unread for their Retry-After-Ms, past "
+            "server.max_refusals_s: clients that re-send at once.",
+            registry=r,
+        )
         # Per tenant and key name (never the key), for chargeback and fairness; the
         # operator creates tenants and keys, so the label sets stay small.
         self.tenant_requests = Counter(

@@ -98,6 +98,7 @@ async def test_refused_in_the_parser_callback_keeps_the_connection_and_loses_not
 
             metrics = (await http.get(url + "/metrics")).text
             assert _metric(metrics, 'tiergate_admission_refused_total{reason="in_flight"}') == 3
+            assert _metric(metrics, "tiergate_admission_paced_total") == 0  # within the budget
             assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
 
             # Connection: close is obeyed on a refusal too
@@ -263,6 +264,7 @@ async def test_a_refusal_storm_is_paced_per_connection() -> None:
             writer.close()
             metrics = (await http.get(url + "/metrics")).text
             assert _metric(metrics, 'tiergate_admission_refused_total{reason="in_flight"}') == 3
+            assert _metric(metrics, "tiergate_admission_paced_total") >= 1
 
 
 async def _read_response_start(reader: asyncio.StreamReader) -> tuple[int, str, None]:

@@ -349,6 +349,18 @@ def test_refusal_budget_paces_clients_that_resend_at_once(tmp_path: Path) -> Non
             conn.sock.sendall(request)  # not read before that retry-after-ms
             status, _, _ = conn.response()
             assert status == 429 and time.monotonic() - t0 >= wait - 0.05
+            paced = 0.0
+            for _ in range(30):  # the front reports its counts once a second
+                text = httpx.get(gw.url + "/metrics").text
+                paced = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("tiergate_admission_paced_total")
+                )
+                if paced:
+                    break
+                time.sleep(0.1)
+            assert paced >= 1
         assert len(fake.app.state.seen) == 1
         assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
     assert gw.seen and not gw.survivors(), gw.log_tail()

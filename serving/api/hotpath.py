@@ -139,6 +139,7 @@ class HotPath:
             for start, _ in self._refusals["in_flight"]
         ]
         self.refusal_budget = RefusalBudget(max_refusals_s)
+        self._count_paced = metrics.paced.inc
         self._count_refusal = {
             (why, kind): metrics.refusal_counter(why, path, Saturated.status)
             for why in self._refusals
@@ -167,6 +168,7 @@ class HotPath:
         that clients which re-send at once wait as the SDK's clients do."""
         if self.refusal_budget.take(now):
             return None
+        self._count_paced()
         return self._refusal_s[self._turn]
 
     def take(self) -> None:

@@ -100,6 +100,7 @@ class Front:
         self.counted = 0  # hot-path requests handed and not yet answered
         # the hot paths (serving/api/hotpath.ROUTES, from the gateway): refusals per path
         self.refused = dict.fromkeys((p.encode() for p in config["paths"]), 0)
+        self.paced = 0  # connections paced since the last STATS
         self.stopped = asyncio.Event()
         self.out = channel.Sender(chan, self.stopped.set)
 
@@ -197,6 +198,7 @@ class Front:
             # request waits, unread, for the retry-after-ms it was just given.
             self.loop.remove_reader(conn.sock.fileno())
             conn.paced, conn.idle_since = True, time.monotonic()
+            self.paced += 1
             self.loop.call_later(self.refusal_s[self.turn], self._unpace, conn)
 
     def _unpace(self, conn: Conn) -> None:
@@ -262,9 +264,10 @@ class Front:
         """Once a second: refusals to the gateway's metrics, idle connections closed."""
         while True:
             await asyncio.sleep(1.0)
-            if any(self.refused.values()):
-                self.out.send(channel.stats(list(self.refused.values())))
+            if any(self.refused.values()) or self.paced:
+                self.out.send(channel.stats([*self.refused.values(), self.paced]))
                 self.refused = dict.fromkeys(self.refused, 0)
+                self.paced = 0
             cutoff = time.monotonic() - self.keep_alive_s
             for conn in [c for c in self.conns.values() if not c.lent and c.idle_since < cutoff]:
                 self._close(conn)

@@ -188,10 +188,13 @@ class FrontLink:
                     protocol.managed = False
                     protocol.transport.close()
             elif kind == channel.STATS:
-                for path, n in zip(_PATHS, message[1:], strict=True):
+                *refused, paced = message[1:]
+                for path, n in zip(_PATHS, refused, strict=True):
                     if n:
                         self.metrics.admission_refused("in_flight", n)
                         self.metrics.request_done("unknown", path, 429, n)
+                if paced:
+                    self.metrics.paced.inc(paced)
 
     def _front_gone(self) -> None:
         """The front died (it is never stopped but by us): every connection it handed
