@@ -100,11 +100,17 @@ def test_one_write_holds_the_head_for_the_body() -> None:
     assert t.writes[-1] == b"HEAD" and t.closed
 
 
-def test_outside_uvicorn_nothing_changes() -> None:
-    async def send(message: dict) -> None: ...
+async def test_outside_uvicorn_nothing_changes() -> None:
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:  # another server's send: not a uvicorn cycle
+        sent.append(message)
 
     with head_with_body(send):
-        pass  # not a uvicorn cycle's send: no transport to stand in for
+        await send(REFUSAL[0])
+        assert sent == [REFUSAL[0]]  # passed on at once, nothing held
+        await send(REFUSAL[1])
+    assert sent == REFUSAL
 
 
 async def test_a_refusal_in_the_parser_callback_is_one_write_each() -> None:

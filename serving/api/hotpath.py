@@ -134,8 +134,8 @@ class HotPath:
             for refusal in refusals
         }
         self._turn = 0
-        self._refusal_s = [
-            int(dict(start["headers"])[b"retry-after-ms"]) / 1000
+        self.refusal_ms = [  # each one's Retry-After-Ms, in turn order (the front's too)
+            int(dict(start["headers"])[b"retry-after-ms"])
             for start, _ in self._refusals["in_flight"]
         ]
         self.refusal_budget = RefusalBudget(max_refusals_s)
@@ -169,7 +169,7 @@ class HotPath:
         if self.refusal_budget.take(now):
             return None
         self._count_paced()
-        return self._refusal_s[self._turn]
+        return self.refusal_ms[self._turn] / 1000
 
     def take(self) -> None:
         """A slot with no checks: a request the front counted that cannot be refused from

@@ -134,7 +134,7 @@ class FrontLink:
             "keep_alive_s": keep_alive_s,
             "access_log": settings.server.access_log == "json",
             "max_refusals_s": settings.server.max_refusals_s,
-            "refusal_ms": [int(dict(start["headers"])[b"retry-after-ms"]) for start, _ in refusals],
+            "refusal_ms": hot.refusal_ms,
             "refusals": raw_responses(refusals, close=False),
             "refusals_close": raw_responses(refusals, close=True),
         }
