@@ -67,8 +67,16 @@ class FullHot:
     """The hot path's admission when every slot is taken."""
 
     def __init__(self) -> None:
-        self.asked = 0
+        self.asked = 0  # refusals decided in the parser callback
+        self.refused_whole = 0  # ... and before uvicorn's parser
         self.wire_of = {id(REFUSAL): (wire_head(REFUSAL[0]), REFUSAL[1]["body"])}
+
+    def full(self, counted: bool = False) -> str:
+        return "in_flight"
+
+    def refuse(self, why: str, kind: object) -> list[dict]:
+        self.refused_whole += 1
+        return REFUSAL
 
     def admit(self, kind: object, counted: bool = False) -> list[dict]:
         self.asked += 1
@@ -113,8 +121,7 @@ async def test_outside_uvicorn_nothing_changes() -> None:
     assert sent == REFUSAL
 
 
-async def test_a_refusal_in_the_parser_callback_is_one_write_each() -> None:
-    app = Stub()
+def _protocol(app: Stub) -> tuple[AdmittingProtocol, Recording]:
     config = Config(app=app, http=AdmittingProtocol, lifespan="off", proxy_headers=False)
     config.access_log = False
     config.load()
@@ -126,11 +133,60 @@ async def test_a_refusal_in_the_parser_callback_is_one_write_each() -> None:
     )
     transport = Recording()
     proto.connection_made(transport)
-    body = json.dumps(CHAT).encode()
-    request = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
-        b"content-length: %d\r\n\r\n%s" % (len(body), body)
-    )
+    return proto, transport
+
+
+_BODY = json.dumps(CHAT).encode()
+REQUEST = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_BODY), _BODY)
+)
+
+
+async def test_a_whole_request_is_refused_before_uvicorn_parses_it() -> None:
+    app = Stub()
+    proto, transport = _protocol(app)
+    hot = app.state.hot
+    for n in (1, 2):  # one plain request per read: refused from the hand-read head
+        proto.data_received(REQUEST)
+        assert (hot.refused_whole, hot.asked, len(transport.writes)) == (n, 0, n)
+        assert proto.cycle is None  # uvicorn never saw it: no scope, no cycle
+        assert proto.timeout_keep_alive_task is not None  # keep-alive timer re-armed
+    assert proto.server_state.total_requests == 2
+    assert transport.writes[0].startswith(b"HTTP/1.1 429 ") and not transport.closed
+    assert transport.writes[0].endswith(b"\r\n\r\n{}")
+    # a request split over two reads is uvicorn's to parse (and the callback's to refuse):
+    # the parser is in step after the ones it never saw
+    proto.data_received(REQUEST[:40])
+    proto.data_received(REQUEST[40:])
+    assert (hot.refused_whole, hot.asked, len(transport.writes)) == (2, 1, 3)
+    assert proto.cycle.scope["path"] == "/v1/chat/completions"
+    proto.connection_lost(None)
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        REQUEST.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        REQUEST.replace(b"host: gw", b"connection: close"),
+        REQUEST.replace(b"host: gw", b"expect: 100-continue"),
+        REQUEST.replace(b"/v1/chat/completions", b"/v1/chat/%63ompletions"),
+        REQUEST + REQUEST[:10],  # something after it: pipelined
+    ],
+)
+async def test_nothing_unusual_is_refused_by_hand(odd: bytes) -> None:
+    app = Stub()
+    proto, transport = _protocol(app)
+    proto.data_received(odd)
+    assert (app.state.hot.refused_whole, app.state.hot.asked) == (0, 1)  # uvicorn's
+    assert transport.writes[0].startswith(b"HTTP/1.1 429 ")
+    proto.connection_lost(None)
+
+
+async def test_a_refusal_in_the_parser_callback_is_one_write_each() -> None:
+    app = Stub()
+    proto, transport = _protocol(app)
+    request = REQUEST
     proto.data_received(request * 3)  # pipelined: each refused in turn, in order
     assert app.state.hot.asked == 3
     assert len(transport.writes) == 3

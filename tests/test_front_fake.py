@@ -20,8 +20,8 @@ import psutil
 import pytest
 import yaml
 
+from serving.api.head import Head, parse_head
 from serving.front import channel
-from serving.front.acceptor import Head, parse_head
 from tests.fake_engine import FakeEngine
 from tests.utils import GatewayProcess
 

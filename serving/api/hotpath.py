@@ -150,13 +150,22 @@ class HotPath:
         """Take a slot (None), or count, log and return the 429's ASGI messages.
         `counted`: the request's slot was counted before it got here (serving/front
         holds max_in_flight), so only the loop-lag check is this process's to make."""
-        if not counted and self.max_in_flight and self.in_flight >= self.max_in_flight:
-            why = "in_flight"
-        elif self.max_loop_lag_ms and self.lag.lag_ms > self.max_loop_lag_ms:
-            why = "loop_lag"
-        else:
+        why = self.full(counted)
+        if why is None:
             self.in_flight += 1
             return None
+        return self.refuse(why, kind)
+
+    def full(self, counted: bool = False) -> str | None:
+        """Why a request arriving now would be refused, or None: the admission test alone."""
+        if not counted and self.max_in_flight and self.in_flight >= self.max_in_flight:
+            return "in_flight"
+        if self.max_loop_lag_ms and self.lag.lag_ms > self.max_loop_lag_ms:
+            return "loop_lag"
+        return None
+
+    def refuse(self, why: str, kind: Kind) -> list[dict]:
+        """Count and log a refusal for `why`, and return the next prebuilt 429."""
         self._count_refusal[why, kind]()
         self.proxy.access.write(path=PATHS[kind], status=Saturated.status, error=Saturated.code)
         self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
