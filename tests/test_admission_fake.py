@@ -133,6 +133,8 @@ async def test_what_the_front_counted_is_refused_only_for_loop_lag() -> None:
     from serving.api.hotpath import LoopLag
 
     class Counted(AdmittingProtocol):
+        refuses_whole = False  # as the front's: what it hands, it counted
+
         def admitted_elsewhere(self) -> bool:
             return True
 

@@ -31,31 +31,32 @@ _RAW_ROUTES = {path.encode(): kind for path, kind in ROUTES.items()}
 
 
 class AdmittingProtocol(HttpToolsProtocol):
-    _between = True  # the parser is between two requests (nothing of the next one fed)
+    between = True  # the parser is between two requests (nothing of the next one fed)
+    refuses_whole = True  # whole requests may be refused before uvicorn's parser
 
     def admitted_elsewhere(self) -> bool:
         """This request's slot was counted before it got here (serving/front)."""
         return False
 
     def on_message_begin(self) -> None:
-        self._between = False
+        self.between = False
         super().on_message_begin()
 
     def on_message_complete(self) -> None:
-        self._between = True
+        self.between = True
         super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
         hot = getattr(getattr(self.app, "state", None), "hot", None)
         if (
-            hot is not None
-            and self._between
+            self.refuses_whole
+            and hot is not None
+            and self.between
             and (why := hot.full()) is not None
             and (self.cycle is None or self.cycle.response_complete)
             and not self.pipeline
             and not self.flow.write_paused
             and not self.root_path
-            and not self.admitted_elsewhere()
             and self._refuse_whole(hot, why, data)
         ):
             return

@@ -50,10 +50,11 @@ class FrontedProtocol(AdmittingProtocol):
     """uvicorn's protocol on a connection the front handed over (serving/front). Between
     requests it is parked: reading paused here, the front reading the next request."""
 
+    refuses_whole = False  # the front refuses at capacity; what it hands, it counted
+
     def __init__(self, link: FrontLink, conn_id: int, counted: bool, data: bytes, **kw: Any):
         super().__init__(**kw)
         self.link, self.conn_id, self.counted, self.handed = link, conn_id, counted, data
-        self.mid_message = False
         self.managed = True  # the front holds a copy of the socket
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -69,14 +70,6 @@ class FrontedProtocol(AdmittingProtocol):
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.mid_message = True
-
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self.mid_message = False
-
     def admitted_elsewhere(self) -> bool:
         counted, self.counted = self.counted, False  # the front counted this request
         return counted
@@ -85,7 +78,7 @@ class FrontedProtocol(AdmittingProtocol):
         super().on_response_complete()
         if not self.managed or self.transport.is_closing():
             return  # closing: connection_lost reports it
-        if self.pipeline or self.mid_message or self.transport.get_write_buffer_size():
+        if self.pipeline or not self.between or self.transport.get_write_buffer_size():
             self.managed = False  # served here to its end, as without a front
             self.link.report(self.conn_id, channel.KEPT)
             return
