@@ -14,7 +14,7 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from serving.api.admission import AdmittingProtocol
+from serving.api.admission import AdmittingProtocol, whole_request
 from serving.api.coalesce import OneWrite, head_with_body
 from serving.api.hotpath import wire_head
 from serving.config import Settings
@@ -162,6 +162,21 @@ async def test_a_whole_request_is_refused_before_uvicorn_parses_it() -> None:
     assert (hot.refused_whole, hot.asked, len(transport.writes)) == (2, 1, 3)
     assert proto.cycle.scope["path"] == "/v1/chat/completions"
     proto.connection_lost(None)
+
+
+def test_whole_request_reads_only_plain_whole_hot_requests() -> None:
+    assert whole_request(REQUEST) == "chat"
+    assert whole_request(REQUEST.replace(b"/v1/chat/completions", b"/v1/completions")) == (
+        "completion"
+    )
+    assert whole_request(REQUEST.replace(b"/chat/completions", b"/chat/completions?x=1")) == (
+        "chat"
+    )
+    assert whole_request(REQUEST[:-1]) is None  # the body is not all here
+    assert whole_request(REQUEST.replace(b"POST", b"PUT")) is None
+    assert whole_request(REQUEST.replace(b"/v1/chat/completions", b"/health")) is None
+    assert whole_request(b"garbage\r\n\r\n") is None  # not HTTP: uvicorn's to answer
+    assert whole_request(REQUEST.replace(b"host: gw", b"transfer-encoding: chunked")) is None
 
 
 @pytest.mark.parametrize(

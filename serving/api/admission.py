@@ -14,8 +14,8 @@ else is uvicorn's own HTTP/1.1 protocol.
 While the gateway is full, a request that arrives whole in one read (a plain keep-alive
 POST to a hot path, its body complete, nothing after it) is refused before uvicorn's
 parser sees it: a hand-read head (serving/api/head.py) instead of uvicorn's callbacks,
-scope and cycle, which amid the streams cost a refusal most of its CPU
-(benchmarks/RESULTS.md). Anything else goes to uvicorn as before.
+scope and cycle (0.84x the CPU per 429, benchmarks/RESULTS.md). Anything else goes to
+uvicorn as before.
 """
 
 from __future__ import annotations
@@ -26,8 +26,29 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from serving.api.head import parse_head
 from serving.api.hotpath import ADMITTED, ROUTES
+from serving.api.protocol import Kind
 
 _RAW_ROUTES = {path.encode(): kind for path, kind in ROUTES.items()}
+
+
+def whole_request(data: bytes) -> Kind | None:
+    """The hot path `data` asks for, if it is exactly one whole plain request to one: a
+    keep-alive HTTP/1.1 POST, its body complete, nothing after it. Else None."""
+    try:
+        head = parse_head(data)
+    except ValueError:
+        return None  # uvicorn answers what it makes of it
+    if (
+        head is None
+        or head.method != b"POST"
+        or head.close
+        or head.chunked
+        or head.expect
+        or head.version != b"HTTP/1.1"
+        or head.size + head.content_length != len(data)
+    ):
+        return None
+    return _RAW_ROUTES.get(head.path)
 
 
 class AdmittingProtocol(HttpToolsProtocol):
@@ -64,20 +85,8 @@ class AdmittingProtocol(HttpToolsProtocol):
 
     def _refuse_whole(self, hot: Any, why: str, data: bytes) -> bool:
         """Refuse `data` unparsed by uvicorn if it is one whole plain hot-path request."""
-        try:
-            head = parse_head(data)
-        except ValueError:
-            return False  # uvicorn answers what it makes of it
-        if (
-            head is None
-            or head.method != b"POST"
-            or head.close
-            or head.chunked
-            or head.expect
-            or head.version != b"HTTP/1.1"
-            or head.size + head.content_length != len(data)
-            or (kind := _RAW_ROUTES.get(head.path)) is None
-        ):
+        kind = whole_request(data)
+        if kind is None:
             return False
         self._unset_keepalive_if_required()
         refusal = hot.refuse(why, kind)
