@@ -101,3 +101,57 @@ async def test_a_client_leaving_a_silent_stream_frees_it_at_once() -> None:
                 await asyncio.sleep(0.05)
             assert endpoint.in_flight == 0  # within 2 s, not 30
             assert app.state.hot.in_flight == 0
+
+
+async def test_counts_return_to_zero_when_refusals_and_disconnects_mix() -> None:
+    """The gateway's own limit refuses part of the load (from the parser callback and
+    from the hand-read head) while clients leave at random moments: the slots, the
+    replica's count and the gauges still return to 0, and every answer is a 200 or the
+    limit's 429."""
+    with FakeEngine(force="drip") as fake:
+        settings = Settings(
+            engines=[{"name": "e", "model": "m", "url": fake.url}],
+            timeouts={"health_interval": 0.1},
+            router={"affinity": False, "spill": {"max_in_flight": 100000}},
+            server={"max_in_flight": 12, "max_loop_lag_ms": 0},
+        )
+        rng = random.Random(11)
+        outcomes = {200: 0, 429: 0, "cut": 0}
+        async with served(settings) as (app, url), aiohttp.ClientSession() as http:
+            limit = asyncio.Semaphore(48)
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+            async def call() -> None:
+                async with http.post(url + "/v1/chat/completions", json=body) as r:
+                    assert r.status in (200, 429), await r.text()
+                    if r.status == 429:
+                        error = (await r.json())["error"]
+                        assert error["code"] == "rate_limit_exceeded"
+                    else:
+                        await r.read()
+                    outcomes[r.status] += 1
+
+            async def one() -> None:
+                async with limit:
+                    # half leave within 0.15 s (before sending, or mid-stream: a stream
+                    # takes ~200 ms), half stay to the end
+                    leave = rng.uniform(0, 0.15) if rng.random() < 0.5 else 5.0
+                    try:
+                        await asyncio.wait_for(call(), timeout=leave)
+                    except TimeoutError:
+                        outcomes["cut"] += 1
+
+            await asyncio.gather(*(one() for _ in range(800)))
+            await asyncio.sleep(0.5)  # let the gateway see the last closes
+            async with http.get(url + "/metrics") as r:
+                metrics = await r.text()
+            assert outcomes[200] > 5 and outcomes[429] > 100 and outcomes["cut"] > 20, outcomes
+            refused = _metric(metrics, 'tiergate_admission_refused_total{reason="in_flight"}')
+            assert refused >= outcomes[429]  # a cut client may have been refused unread
+            assert app.state.hot.in_flight == 0
+            assert [ep.in_flight for ep in app.state.registry.endpoints] == [0]
+            assert _metric(metrics, "tiergate_requests_in_flight{") == 0
+            assert len(fake.app.state.seen) <= outcomes[200] + outcomes["cut"]
+            async with http.post(url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200  # nothing wedged: a slot is free again
+                await r.read()
