@@ -260,3 +260,48 @@ def _total(text: str, prefix: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
     )
+
+
+class CountedHot(FullHot):
+    """Full by its own count; what the front counted is admitted (the front holds the
+    limit), as HotPath.admit does with counted=True."""
+
+    def admit(self, kind: object, counted: bool = False) -> list[dict] | None:
+        if counted:
+            return None
+        self.asked += 1
+        return REFUSAL
+
+
+async def test_a_request_the_front_counted_is_never_refused_by_hand() -> None:
+    """Under server.front the gateway's own count may reach the limit while the front
+    hands it a request it counted: the whole request, in one read, is admitted, not
+    refused from the hand-read head (which would also use up the front's count)."""
+    from serving.api.hotpath import ADMITTED
+    from serving.front.handoff import FrontedProtocol
+
+    app = Stub()
+    app.state.hot = CountedHot()
+    config = Config(app=app, http=AdmittingProtocol, lifespan="off", proxy_headers=False)
+    config.access_log = False
+    config.load()
+    proto = FrontedProtocol(
+        link=None,
+        conn_id=1,
+        counted=True,
+        data=REQUEST,
+        config=config,
+        server_state=ServerState(),
+        app_state={},
+        _loop=asyncio.get_running_loop(),
+    )
+    transport = Recording()
+    proto.connection_made(transport)  # the handed request is read at once
+    assert transport.writes == []  # no 429
+    assert (app.state.hot.refused_whole, app.state.hot.asked) == (0, 0)
+    assert proto.cycle.scope[ADMITTED] is True  # started, its slot taken
+    for task in proto.tasks:
+        task.cancel()
+    await asyncio.sleep(0)
+    proto.managed = False  # no front to report to
+    proto.connection_lost(None)
