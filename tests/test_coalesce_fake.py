@@ -121,16 +121,21 @@ async def test_outside_uvicorn_nothing_changes() -> None:
     assert sent == REFUSAL
 
 
-def _protocol(app: Stub) -> tuple[AdmittingProtocol, Recording]:
+def _protocol_args(app: Stub) -> dict:
+    """What uvicorn gives each connection's protocol, for `app`."""
     config = Config(app=app, http=AdmittingProtocol, lifespan="off", proxy_headers=False)
     config.access_log = False
     config.load()
-    proto = AdmittingProtocol(
-        config=config,
-        server_state=ServerState(),
-        app_state={},
-        _loop=asyncio.get_running_loop(),
-    )
+    return {
+        "config": config,
+        "server_state": ServerState(),
+        "app_state": {},
+        "_loop": asyncio.get_running_loop(),
+    }
+
+
+def _protocol(app: Stub) -> tuple[AdmittingProtocol, Recording]:
+    proto = AdmittingProtocol(**_protocol_args(app))
     transport = Recording()
     proto.connection_made(transport)
     return proto, transport
@@ -201,15 +206,14 @@ async def test_nothing_unusual_is_refused_by_hand(odd: bytes) -> None:
 async def test_a_refusal_in_the_parser_callback_is_one_write_each() -> None:
     app = Stub()
     proto, transport = _protocol(app)
-    request = REQUEST
-    proto.data_received(request * 3)  # pipelined: each refused in turn, in order
+    proto.data_received(REQUEST * 3)  # pipelined: each refused in turn, in order
     assert app.state.hot.asked == 3
     assert len(transport.writes) == 3
     for write in transport.writes:
         assert write.startswith(b"HTTP/1.1 429 ") and write.endswith(b"\r\n\r\n{}")
         assert b"content-length: 2\r\n" in write and b"connection: close" not in write
     assert not transport.closed  # kept alive
-    closing = request.replace(b"host: gw\r\n", b"host: gw\r\nconnection: close\r\n")
+    closing = REQUEST.replace(b"host: gw\r\n", b"host: gw\r\nconnection: close\r\n")
     proto.data_received(closing)  # the client asks to close: said, and done
     assert len(transport.writes) == 4 and transport.closed
     assert b"\r\nconnection: close\r\n" in transport.writes[-1]
@@ -282,19 +286,7 @@ async def test_a_request_the_front_counted_is_never_refused_by_hand() -> None:
 
     app = Stub()
     app.state.hot = CountedHot()
-    config = Config(app=app, http=AdmittingProtocol, lifespan="off", proxy_headers=False)
-    config.access_log = False
-    config.load()
-    proto = FrontedProtocol(
-        link=None,
-        conn_id=1,
-        counted=True,
-        data=REQUEST,
-        config=config,
-        server_state=ServerState(),
-        app_state={},
-        _loop=asyncio.get_running_loop(),
-    )
+    proto = FrontedProtocol(link=None, conn_id=1, counted=True, data=REQUEST, **_protocol_args(app))
     transport = Recording()
     proto.connection_made(transport)  # the handed request is read at once
     assert transport.writes == []  # no 429

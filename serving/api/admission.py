@@ -67,8 +67,12 @@ class AdmittingProtocol(HttpToolsProtocol):
         self.between = True
         super().on_message_complete()
 
+    def _hot(self) -> Any:
+        """The hot path (serving/api/hotpath.HotPath), once the app has started."""
+        return getattr(getattr(self.app, "state", None), "hot", None)
+
     def data_received(self, data: bytes) -> None:
-        hot = getattr(getattr(self.app, "state", None), "hot", None)
+        hot = self._hot()
         if (
             self.refuses_whole
             and hot is not None
@@ -101,7 +105,7 @@ class AdmittingProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         scope = cycle.scope
         kind = ROUTES.get(scope["path"]) if scope["method"] == "POST" else None
-        hot = getattr(getattr(self.app, "state", None), "hot", None)
+        hot = self._hot()
         elsewhere = self.admitted_elsewhere()
         if kind is None or hot is None:
             super()._start_asgi_task(cycle, app)
