@@ -12,10 +12,11 @@ import json
 import httpx
 import pytest
 from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from serving.api.admission import AdmittingProtocol, whole_request
-from serving.api.coalesce import OneWrite, head_with_body
+from serving.api.coalesce import OneWrite, chunk_writer, head_with_body
 from serving.api.hotpath import wire_head
 from serving.config import Settings
 from serving.upstream.stream import Relay, StreamOutcome
@@ -297,3 +298,87 @@ async def test_a_request_the_front_counted_is_never_refused_by_hand() -> None:
     await asyncio.sleep(0)
     proto.managed = False  # no front to report to
     proto.connection_lost(None)
+
+
+class Streaming:
+    """An app that starts a streamed response and hands its `send` to the test."""
+
+    def __init__(self) -> None:
+        self.send: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.finished = asyncio.Event()
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        self.send.set_result(send)
+        await self.finished.wait()
+
+
+async def _started_stream() -> tuple[Streaming, object, Recording]:
+    """uvicorn's own protocol, a request in, its streamed response started."""
+    app = Streaming()
+    proto = HttpToolsProtocol(**_protocol_args(app))
+    transport = Recording()
+    proto.connection_made(transport)
+    proto.data_received(REQUEST)
+    send = await asyncio.wait_for(app.send, 5)
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    return app, send, transport
+
+
+async def test_middle_chunks_skip_send_and_are_framed_as_uvicorn_frames_them() -> None:
+    app, send, transport = await _started_stream()
+    write = chunk_writer(send)
+    relay = Relay(response=None, outcome=StreamOutcome(started=0.0), drop_usage=False, first=b"")
+    relay.send, relay.write = send, write
+    tokens = [b'data: {"choices":[{"delta":{"content":"%d"}}]}\n\n' % i for i in range(3)]
+    for token in tokens:
+        relay._chunk(token)  # from the engine socket's read callback
+    assert transport.writes[1:] == [b"%x\r\n%b\r\n" % (len(t), t) for t in tokens]
+    # the same bytes uvicorn's send writes for a middle chunk
+    await send({"type": "http.response.body", "body": tokens[0], "more_body": True})
+    assert transport.writes[-1] == transport.writes[1]
+    relay._chunk(b"data: [DONE]\n\n")  # the last chunk goes by send: the response ends
+    await asyncio.sleep(0)
+    assert transport.writes[-1] == b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+    assert relay.ended and relay.pending is None
+    assert write(tokens[0]) is False  # after the end: nothing more is written
+    assert transport.writes[-1].endswith(b"0\r\n\r\n")
+    app.finished.set()
+
+
+async def test_the_chunk_writer_says_no_when_send_must_wait_and_drops_for_a_gone_client() -> None:
+    app, send, transport = await _started_stream()
+    write = chunk_writer(send)
+    cycle = send.__self__
+    cycle.flow.pause_writing()  # the client's socket is full: send waits for drain
+    assert write(b"data: x\n\n") is False and len(transport.writes) == 1
+    relay = Relay(
+        response=Pausable(), outcome=StreamOutcome(started=0.0), drop_usage=False, first=b""
+    )
+    relay.send, relay.write = send, write
+    relay._chunk(b"data: a\n\n")  # goes by send, which waits: the engine's reads pause
+    assert relay.pending == [] and relay.response.paused
+    relay._chunk(b"data: b\n\n")  # held, in order
+    cycle.flow.resume_writing()
+    await asyncio.wait_for(relay.resumer, 5)
+    assert transport.writes[1:] == [b"9\r\ndata: a\n\n\r\n", b"9\r\ndata: b\n\n\r\n"]
+    assert relay.pending is None and not relay.response.paused
+    cycle.disconnected = True  # the client left: dropped, as send drops it
+    assert write(b"data: c\n\n") is True and len(transport.writes) == 3
+    app.finished.set()
+    assert chunk_writer(lambda message: None) is None  # not uvicorn: every chunk by send
+
+
+class Pausable:
+    """The engine side of a relay (a FAKE response): records pause and resume."""
+
+    paused = False
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def close(self) -> None: ...

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 
 from serving.api.access_log import request_id
-from serving.api.coalesce import head_with_body
+from serving.api.coalesce import chunk_writer, head_with_body
 from serving.api.protocol import Kind
 from serving.api.serving import PATHS, ProxyService, Streamed, Unary
 from serving.errors import (
@@ -306,7 +306,7 @@ async def _send_stream(send, receive, reply: Streamed) -> None:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             if message := relay.opening():
                 await send(message)
-        await relay.pump(send)
+        await relay.pump(send, chunk_writer(send))
         watcher.cancel()
         if not relay.ended:
             await send(_END)

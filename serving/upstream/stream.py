@@ -6,9 +6,11 @@ and to see `[DONE]`. Errors after the first byte end the stream with one error e
 and `data: [DONE]`. Closing the upstream response (client gone) makes vLLM abort the
 request and free its KV cache.
 
-Each chunk is written from the engine socket's read callback: the ASGI `send` is run
-there to its end, which it reaches at once unless the client's socket is full (then a
-task finishes it, the engine's socket is paused, and later chunks wait in order). The
+Each chunk is written from the engine socket's read callback: under uvicorn a chunk
+before the last goes straight to the client's transport (`write`, from
+serving/api/coalesce.py); otherwise the ASGI `send` is run there to its end, which it
+reaches at once unless the client's socket is full (then a task finishes it, the
+engine's socket is paused, and later chunks wait in order). The
 chunk that carries `[DONE]` ends the response (`more_body: False`), so the last event
 and the body's end leave in one write.
 """
@@ -69,6 +71,10 @@ async def prime(response: Response) -> bytes:
     return await response.first()
 
 
+def _body(out: bytes, more: bool) -> dict:
+    return {"type": "http.response.body", "body": out, "more_body": more}
+
+
 class Relay:
     """Sends the engine's stream on with its usage captured, ending in an error event if
     the engine fails. Chunks pass whole when they hold no usage and no [DONE] (the common
@@ -85,6 +91,7 @@ class Relay:
         "response",
         "resumer",
         "send",
+        "write",
     )
 
     def __init__(
@@ -100,6 +107,9 @@ class Relay:
         self.first = first  # what prime() read before the reply was committed
         self.buffer = b""
         self.send: Callable[[dict], Awaitable[None]] | None = None
+        # Writes a body chunk that is not the last straight to the client, or says no
+        # (False) and the chunk goes by `send` (serving/api/coalesce.py: chunk_writer).
+        self.write: Callable[[bytes], bool] | None = None
         self.pending: list[bytes] | None = None  # chunks held while a send is suspended
         self.resumer: asyncio.Task | None = None
         self.failed: BaseException | None = None  # raised by send in the read callback
@@ -131,7 +141,7 @@ class Relay:
         if self.ended or not (out := self.feed(chunk)):
             return None
         self.ended = self.outcome.done
-        return {"type": "http.response.body", "body": out, "more_body": not self.ended}
+        return _body(out, not self.ended)
 
     def opening(self) -> dict | None:
         """The message for what prime() read (sent once, with the response's head)."""
@@ -146,15 +156,19 @@ class Relay:
         if self.failed is not None:
             return
         try:
-            if message := self.message(chunk):
-                coro = self.send(message)
-                try:
-                    waiting = coro.send(None)
-                except StopIteration:
-                    return  # the usual case: written
-                self.pending = []
-                self.response.pause()
-                self.resumer = asyncio.ensure_future(self._finish(coro, waiting))
+            if self.ended or not (out := self.feed(chunk)):
+                return
+            self.ended = self.outcome.done
+            if not self.ended and self.write is not None and self.write(out):
+                return  # the usual case: one token event, written
+            coro = self.send(_body(out, not self.ended))
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                return  # written
+            self.pending = []
+            self.response.pause()
+            self.resumer = asyncio.ensure_future(self._finish(coro, waiting))
         except Exception as exc:  # the client side failed: stop reading the engine
             self.failed = exc
             self.response.close()
@@ -180,10 +194,16 @@ class Relay:
         if self.pending is None:
             self.response.resume()
 
-    async def pump(self, send: Callable[[dict], Awaitable[None]]) -> None:
+    async def pump(
+        self,
+        send: Callable[[dict], Awaitable[None]],
+        write: Callable[[bytes], bool] | None = None,
+    ) -> None:
         """Send the stream as ASGI body messages, each from the engine socket's read
-        callback, with no task wake-up between the socket read and the client write."""
+        callback, with no task wake-up between the socket read and the client write.
+        With `write`, the chunks before the last go through it where it can take them."""
         self.send = send
+        self.write = write
         try:
             if message := self.opening():
                 await send(message)
