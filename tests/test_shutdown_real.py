@@ -1,9 +1,11 @@
-"""Ctrl-C, SIGTERM and a half-failed start leave no vLLM process behind."""
+"""Ctrl-C, SIGTERM and a half-failed start leave no vLLM process behind, and no socket
+files: each engine run's ZeroMQ sockets live in a folder of their own, removed at stop."""
 
 from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +13,11 @@ from pathlib import Path
 import httpx
 
 from tests.utils import GatewayProcess, default_engine, write_config
+
+
+def _socket_dirs() -> set[Path]:
+    """The engine runs' socket folders (serving/engines/process.py: socket_dir)."""
+    return set(Path(tempfile.gettempdir()).glob("tiergate-sockets-*"))
 
 
 def _assert_no_survivors(gw: GatewayProcess) -> None:
@@ -22,8 +29,12 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
     # server.workers: 2 gateway processes on one port beside the engine's supervisor.
     # (One worker's Ctrl-C is the session gateway's teardown, tests/conftest.py.)
     config = write_config(tmp_path / "c.yaml", server={"workers": 2})
+    before = _socket_dirs()
     with GatewayProcess(config, tmp_path / "serve.log") as gw:
         gw.wait_ready()
+        ours = _socket_dirs() - before
+        assert len(ours) == 1, ours  # the engine's sockets, in its own folder
+        assert any(p.is_socket() for p in next(iter(ours)).iterdir())
         workers = [p for p in gw.descendants() if "serving.workers" in " ".join(p.cmdline())]
         assert len(workers) == 2
         assert len(gw.descendants()) >= 4  # 2 workers, the API server and its EngineCore
@@ -78,6 +89,7 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
         _assert_no_survivors(gw)
         assert "tiergate is ready on" in gw.log_tail(400)
         assert "2 gateway workers on port" in gw.log_tail(400)
+    assert not ours & _socket_dirs()  # removed with the sockets vLLM left in it
 
 
 def test_sigterm_during_start_up_stops_the_starting_engine(tmp_path: Path) -> None:
@@ -100,6 +112,7 @@ def test_start_up_failing_half_way_stops_everything(tmp_path: Path) -> None:
     bad = default_engine(name="broken", args={**good["args"], "max_model_len": 1_000_000})
     bad["env"] = {k: v for k, v in bad["env"].items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     config = write_config(tmp_path / "c.yaml", engines=[good, bad], validate_engine_args=False)
+    before = _socket_dirs()
     with GatewayProcess(config, tmp_path / "serve.log") as gw:
         gw.wait_for(lambda: len(gw.descendants()) >= 2, 120, "both engines")
         gw.proc.wait(300)
@@ -108,3 +121,4 @@ def test_start_up_failing_half_way_stops_everything(tmp_path: Path) -> None:
         assert "start-up failed, stopping everything" in log
         assert "engine broken" in log
         _assert_no_survivors(gw)
+    assert _socket_dirs() <= before  # neither engine's socket folder is left

@@ -3,6 +3,8 @@
 Each engine runs in its own session (process group), so stopping it also stops
 the EngineCore and worker processes vLLM forks. PR_SET_PDEATHSIG makes the
 engine receive SIGTERM if tiergate itself dies without a chance to clean up.
+Each run gets a folder of its own for vLLM's ZeroMQ sockets (`socket_dir`): vLLM
+leaves 3-5 socket files in /tmp per start, and nothing removes them.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,17 @@ def vllm_command(model_dir: Path, served_name: str, port: int, args: dict[str, A
         str(port),
         *engine_args_to_cli(args),
     ]
+
+
+@contextlib.contextmanager
+def socket_dir(name: str) -> Iterator[dict[str, str]]:
+    """A folder for one engine run's ZeroMQ sockets (vLLM's VLLM_RPC_BASE_PATH), as
+    the env to add; removed with what is in it once the run has stopped."""
+    path = tempfile.mkdtemp(prefix=f"tiergate-sockets-{name[:12]}-")  # socket paths: <= 107 bytes
+    try:
+        yield {"VLLM_RPC_BASE_PATH": path}
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _die_with_parent() -> None:

@@ -105,7 +105,13 @@ class EngineRunner:
         cmd = process.vllm_command(self.model_dir, self.endpoint.model, port, self.args)
         self.endpoint.state = "starting"
         log.info("engine %s: starting on port %d: %s", self.engine.name, port, " ".join(cmd))
-        self.proc = await process.spawn(cmd, self.env)
+        with process.socket_dir(self.engine.name) as sockets:
+            self.proc = await process.spawn(cmd, {**sockets, **self.env})
+            return await self._watch(http, port)
+
+    async def _watch(self, http: UpstreamClient, port: int) -> tuple[str, bool]:
+        """Until the started engine exits; it is stopped on the way out, always."""
+        assert self.proc is not None
         self.endpoint.pid = self.proc.pid
         pump = asyncio.create_task(
             process.pump_log(self.proc, f"[{self.engine.name}]", self.write_log)
