@@ -134,7 +134,7 @@ def create_app(
         auth = Authenticator([k.get_secret_value() for k in server.api_keys], store)
         app.state.auth = auth
         limiter = (
-            RedisLimiter(settings.tenancy.redis_url)
+            RedisLimiter(settings.tenancy.redis_url, lease=settings.tenancy.redis_lease)
             if store is not None and settings.tenancy.redis_url
             else TenantLimiter(ledger=ledger)
         )

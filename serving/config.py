@@ -282,6 +282,13 @@ class TenancySettings(_Strict):
         description="Keep the limit counters in Redis, shared by every router replica and "
         "worker (e.g. redis://redis:6379/0); unset: in each process.",
     )
+    redis_lease: float = Field(
+        30.0,
+        ge=3,
+        description="Seconds after a gateway process's last word in Redis (renewed every "
+        "third of this while it holds requests) that its requests in flight stop counting "
+        "against max_concurrency: how long a dead replica can hold a tenant's slots.",
+    )
 
 
 class Settings(BaseSettings):

@@ -83,6 +83,52 @@ async def test_redis_limiter_answers_as_the_in_process_one(redis_url) -> None:
         await lim.close()
 
 
+async def test_a_dead_gateways_requests_stop_counting_after_its_lease(redis_url) -> None:
+    """Two gateway processes share a tenant of 2 in flight. One dies holding both slots
+    (its renewals stop, nothing is released): the other is refused until one lease
+    after the dead one's last word, then admitted. A live process's requests that
+    outlast several leases keep counting, and its release frees them at once."""
+    from serving.tenants.redis_limits import RedisLimiter
+
+    prefix = f"test:{time.time()}:"
+    lease = 3.0  # the shortest the config allows; renewals every second
+    live, dead, other = (RedisLimiter(redis_url, prefix=prefix, lease=lease) for _ in range(3))
+    p = Principal("t", "k", None, (Scope("t:t", max_concurrency=2),))
+    try:
+        held = [await live.admit(p, 10, now=time.time()) for _ in range(2)]
+        await asyncio.sleep(1.5 * lease)  # past one lease: counted only if renewed
+        with pytest.raises(RateLimited, match="2 requests in flight"):
+            await other.admit(p, 10, now=time.time())
+        for a in held:
+            a.release(time.time())
+        await asyncio.gather(*live.pending)
+        assert await live.redis.hgetall(prefix + "t:t") == {}  # its fields went with them
+        assert not live.held  # nothing held: nothing to renew
+
+        gone = [await dead.admit(p, 10, now=time.time()) for _ in range(2)]
+        assert all(gone) and dead.beat is not None
+        dead.beat.cancel()  # it dies: no renewal, no release, ever
+        t0 = time.time()
+        with pytest.raises(RateLimited, match="2 requests in flight"):
+            await other.admit(p, 10, now=time.time())
+        while True:
+            try:
+                back = await other.admit(p, 10, now=time.time())
+                break
+            except RateLimited:
+                assert time.time() - t0 < lease + 1, "the dead process's slots never came back"
+                await asyncio.sleep(0.1)
+        assert time.time() - t0 >= lease - 1  # not before its lease ran out
+        fields = await other.redis.hgetall(prefix + "t:t")
+        assert f"f:{dead.me}".encode() not in fields  # its count is gone from the hash
+        assert fields[f"f:{other.me}".encode()] == b"1"
+        back.release(time.time())
+        await asyncio.gather(*other.pending)
+    finally:
+        for lim in (live, dead, other):
+            await lim.close()
+
+
 async def test_two_gateways_on_one_redis_share_a_tenants_rpm(
     redis_url, gateway, model, tmp_path
 ) -> None:

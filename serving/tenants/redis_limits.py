@@ -3,11 +3,16 @@ same buckets and in-flight counts as serving/tenants/limits.py, each check-and-t
 one Lua script, so two gateways cannot both take the last request of a minute; and
 each tenant's budget spend for the day or month, added up by every replica.
 
-Per scope, one hash: rl/rt (requests level and when), tl/tt (tokens), f (in flight).
+Per scope, one hash: rl/rt (requests level and when), tl/tt (tokens), and per gateway
+process `f:<id>` (its requests in flight) with `h:<id>` (when it last said it is alive).
 The clock is the gateway's (`time.time()`; replicas' clocks agree to NTP's
-milliseconds, far below a bucket's refill step). Hashes expire after two idle minutes
-(every bucket is full again by then). An in-flight count held by a gateway that dies
-is not given back until the hash expires: a known gap (leases per request would close it).
+milliseconds, far below a bucket's refill step). A process that holds requests in
+flight renews `h:<id>` in their hashes every third of `tenancy.redis_lease`; the admit
+script counts only the processes heard from within the lease and deletes the others'
+fields. So the requests of a gateway that died (killed, OOM, node lost) stop counting
+one lease after its last word, instead of holding the tenant's slots for as long as the
+tenant keeps sending. Hashes expire after two idle minutes (every bucket is full again
+by then), and never while a live process holds a request in them.
 """
 
 from __future__ import annotations
@@ -15,29 +20,55 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
+from serving.tasks import cancel_and_wait
 from serving.tenants.limits import RateLimited, duration, tokens_used
 from serving.tenants.store import Principal
 from serving.tenants.usage import period_start
 
 log = logging.getLogger("tiergate.limits")
 
-# KEYS: one hash per scope. ARGV: now, need, then rpm, tpm, max_concurrency per scope
-# (0: none). Returns {0, scope, why, wait_ms, levels} refused, or {1, levels}; levels
-# are strings (Lua numbers come back as integers).
-_ADMIT = """
-local now, need = tonumber(ARGV[1]), tonumber(ARGV[2])
+# The requests in flight in one hash, over the processes heard from since `alive`;
+# the fields of the others are deleted. (A Lua function shared by both scripts.)
+_IN_FLIGHT = """
+local function in_flight(key, alive)
+  local all, f = redis.call('HGETALL', key), 0
+  local fields = {}
+  for j = 1, #all, 2 do fields[all[j]] = all[j + 1] end
+  for name, value in pairs(fields) do
+    if string.sub(name, 1, 2) == 'f:' then
+      local id = string.sub(name, 3)
+      local seen = tonumber(fields['h:' .. id] or '0')
+      if seen >= alive then f = f + tonumber(value)
+      else redis.call('HDEL', key, name, 'h:' .. id) end
+    end
+  end
+  return f
+end
+"""
+
+# KEYS: one hash per scope. ARGV: now, need, this process's id, the lease (s), then
+# rpm, tpm, max_concurrency per scope (0: none). Returns {0, scope, why, wait_ms,
+# levels} refused, or {1, levels}; levels are strings (Lua numbers come back as
+# integers).
+_ADMIT = (
+    _IN_FLIGHT
+    + """
+local now, need, me, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local function level(lv, at, per)
   if not lv then return per end
   return math.min(per, tonumber(lv) + (now - tonumber(at)) * per / 60)
 end
 local state, levels = {}, {}
 for i, key in ipairs(KEYS) do
-  local rpm, tpm = tonumber(ARGV[3*i]), tonumber(ARGV[3*i+1])
-  local h = redis.call('HMGET', key, 'rl', 'rt', 'tl', 'tt', 'f')
+  local rpm, tpm = tonumber(ARGV[3*i+2]), tonumber(ARGV[3*i+3])
+  local h = redis.call('HMGET', key, 'rl', 'rt', 'tl', 'tt')
   state[i] = {rpm > 0 and level(h[1], h[2], rpm) or -1,
-              tpm > 0 and level(h[3], h[4], tpm) or -1, tonumber(h[5] or '0')}
+              tpm > 0 and level(h[3], h[4], tpm) or -1, in_flight(key, now - lease)}
 end
 local function all_levels()
   for i = 1, #KEYS do
@@ -46,7 +77,8 @@ local function all_levels()
   return levels
 end
 for i, key in ipairs(KEYS) do
-  local rpm, tpm, maxc = tonumber(ARGV[3*i]), tonumber(ARGV[3*i+1]), tonumber(ARGV[3*i+2])
+  local rpm, tpm = tonumber(ARGV[3*i+2]), tonumber(ARGV[3*i+3])
+  local maxc = tonumber(ARGV[3*i+4])
   local rl, tl, f = state[i][1], state[i][2], state[i][3]
   local why, wait = nil, 0
   if tpm > 0 and need > tpm then why = 'max_tokens'
@@ -60,19 +92,23 @@ for i, key in ipairs(KEYS) do
   local s = state[i]
   if s[1] >= 0 then s[1] = s[1] - 1; redis.call('HSET', key, 'rl', s[1], 'rt', now) end
   if s[2] >= 0 then s[2] = s[2] - need; redis.call('HSET', key, 'tl', s[2], 'tt', now) end
-  redis.call('HSET', key, 'f', s[3] + 1)
-  redis.call('EXPIRE', key, 120)
+  redis.call('HINCRBY', key, 'f:' .. me, 1)
+  redis.call('HSET', key, 'h:' .. me, now)
+  redis.call('EXPIRE', key, math.max(120, 3 * lease))
 end
 return {1, all_levels()}
 """
+)
 
-# KEYS: the scopes' hashes. ARGV: now, token delta (used - reserved), then tpm per scope.
+# KEYS: the scopes' hashes. ARGV: now, token delta (used - reserved), this process's
+# id, then tpm per scope.
 _RELEASE = """
-local now, delta = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, delta, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 for i, key in ipairs(KEYS) do
-  local f = tonumber(redis.call('HGET', key, 'f') or '0')
-  redis.call('HSET', key, 'f', math.max(0, f - 1))
-  local tpm = tonumber(ARGV[2 + i])
+  if redis.call('HINCRBY', key, 'f:' .. me, -1) <= 0 then
+    redis.call('HDEL', key, 'f:' .. me, 'h:' .. me)
+  end
+  local tpm = tonumber(ARGV[3 + i])
   if tpm > 0 and delta ~= 0 then
     local h = redis.call('HMGET', key, 'tl', 'tt')
     if h[1] then
@@ -99,6 +135,7 @@ class RedisAdmission:
         if self.released:
             return
         self.released = True
+        self.limiter.let_go(self.principal)
         used = tokens_used(usage)
         delta = 0 if used is None else used - self.reserved
         task = asyncio.get_running_loop().create_task(
@@ -109,20 +146,57 @@ class RedisAdmission:
 
 
 class RedisLimiter:
-    def __init__(self, url: str, prefix: str = "tiergate:limits:", default_reservation: int = 256):
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "tiergate:limits:",
+        default_reservation: int = 256,
+        lease: float = 30.0,
+    ):
         import redis.asyncio as redis
 
         self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.prefix = prefix
         self.default_reservation = default_reservation
+        self.lease = lease
+        self.me = uuid.uuid4().hex[:12]  # this process, in the hashes' f:/h: fields
+        self.held: Counter[str] = Counter()  # hash -> our requests in flight in it
         self.admit_script = self.redis.register_script(_ADMIT)
         self.release_script = self.redis.register_script(_RELEASE)
         self.pending: set[asyncio.Task] = set()
+        self.beat: asyncio.Task | None = None
 
     async def close(self) -> None:
+        if self.beat is not None:
+            await cancel_and_wait([self.beat])
         if self.pending:
             await asyncio.wait(self.pending, timeout=2)
         await self.redis.aclose()
+
+    def let_go(self, p: Principal) -> None:
+        for key in self._args(p)[0]:
+            self.held[key] -= 1
+            if self.held[key] <= 0:
+                del self.held[key]
+
+    async def _beat(self) -> None:
+        """Say every third of the lease that this process is alive, with its count, in
+        each hash where it holds requests. The count mends a release that never reached
+        Redis; an admit landing while a beat is on the wire can be undercounted by one
+        until the next beat (one round trip's window every third of a lease)."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            if not self.held:
+                continue
+            now, ttl = time.time(), max(120, math.ceil(3 * self.lease))
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, count in list(self.held.items()):
+                        pipe.hset(key, mapping={f"f:{self.me}": count, f"h:{self.me}": now})
+                        pipe.expire(key, ttl)
+                    await pipe.execute()
+            except Exception as exc:  # Redis away: the next beat tries again
+                log.warning("could not renew in-flight leases in Redis: %s", exc)
 
     def _args(self, p: Principal) -> tuple[list[str], list]:
         keys = [self.prefix + s.id for s in p.scopes]
@@ -139,8 +213,11 @@ class RedisLimiter:
             return RedisAdmission(self, p, 0, {}) if p.budget is not None else None
         need = max_tokens or self.default_reservation
         keys, limits = self._args(p)
-        answer = await self.admit_script(keys=keys, args=[now, need, *limits])
+        answer = await self.admit_script(keys=keys, args=[now, need, self.me, self.lease, *limits])
         if answer[0] == 1:
+            self.held.update(keys)
+            if self.beat is None:
+                self.beat = asyncio.create_task(self._beat())
             levels = [float(x) for x in answer[1]]
             return RedisAdmission(self, p, need, self._headers(p, levels))
         _, i, why, wait_ms, raw = answer
@@ -171,7 +248,7 @@ class RedisLimiter:
         tpms = [s.tpm or 0 for s in p.scopes]
         try:
             if keys:
-                await self.release_script(keys=keys, args=[now, delta, *tpms])
+                await self.release_script(keys=keys, args=[now, delta, self.me, *tpms])
             if p.budget is not None and used:
                 key = self._budget_key(p.tenant, p.budget.period, now)
                 async with self.redis.pipeline(transaction=True) as pipe:
