@@ -180,9 +180,10 @@ def print_table(rows: list[dict], pair: tuple[str, str]) -> None:
             f"C={r['concurrency']}: {a}/{b} per round {rounds}; "
             f"median of the rounds {r['throughput_ratio_paired_median']:.3f}"
         )
-        cpu = r.get(f"gateway_cpu_ms_per_1k_tokens_{a}")
-        if cpu is not None:
-            print(f"C={r['concurrency']}: gateway CPU {cpu:.1f} ms per 1,000 streamed tokens")
+        for side in pair:
+            cpu = r.get(f"gateway_cpu_ms_per_1k_tokens_{side}")
+            if cpu is not None:
+                print(f"C={r['concurrency']}: {side} CPU {cpu:.1f} ms per 1,000 streamed tokens")
 
 
 Target = tuple[str, str]  # (base URL, model)
@@ -195,10 +196,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def measure(
-    targets: dict[str, Target], args: argparse.Namespace, gateway_pid: int | None = None
+    targets: dict[str, Target], args: argparse.Namespace, pids: dict[str, int] | None = None
 ) -> list[BatchResult]:
     """Interleave the two targets round by round (ABBA...), after an unmeasured warm-up.
-    With `gateway_pid`, the gateway process's CPU is read over each of its batches."""
+    With `pids` (target -> process), that process's CPU is read over each of the
+    target's batches."""
+    pids = pids or {}
     rng = random.Random(args.seed)
     batches: list[BatchResult] = []
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
@@ -212,12 +215,13 @@ async def measure(
             for i in range(args.rounds):
                 for name in names if i % 2 == 0 else names[::-1]:
                     url, model = targets[name]
-                    cpu0 = cpu_seconds(gateway_pid) if gateway_pid else None
+                    pid = pids.get(name)
+                    cpu0 = cpu_seconds(pid) if pid else None
                     batch = await run_batch(
                         client, name, url, model, c, n, tokens, rng, args.prompt_words
                     )
-                    if cpu0 is not None and name in ("gateway", "auto", "direct"):
-                        batch.gateway_cpu_s = cpu_seconds(gateway_pid) - cpu0
+                    if cpu0 is not None:
+                        batch.gateway_cpu_s = cpu_seconds(pid) - cpu0
                     batches.append(batch)
                     print(
                         f"C={c} round {i + 1} {name}: {batch.output_tps:.1f} out tok/s, "
@@ -238,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gateway-url", help="use a running gateway instead of starting one")
     p.add_argument("--engine-url", help="its engine (default: from /tiergate/engines)")
     p.add_argument("--gateway-pid", type=int, help="a running gateway's pid, for its CPU")
+    p.add_argument(
+        "--engine-pid",
+        type=int,
+        help="the --engine-url side's pid, for its CPU too: with a second gateway as "
+        "--engine-url, two gateways (e.g. two commits) side by side against one engine",
+    )
     p.add_argument(
         "--compare",
         choices=["engine", "auto"],
@@ -272,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             targets = {"auto": (gateway_url, "auto"), "direct": (gateway_url, model)}
         pid = gateway.proc.proc.pid if gateway.proc is not None else args.gateway_pid
-        batches = asyncio.run(measure(targets, args, pid))
+        pids = {name: pid for name in targets if name != "engine" and pid}
+        if args.engine_pid and "engine" in targets:
+            pids["engine"] = args.engine_pid
+        batches = asyncio.run(measure(targets, args, pids))
     pair = tuple(targets)
     rows = summarize(batches, pair)
     print_table(rows, pair)
