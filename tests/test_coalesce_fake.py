@@ -382,3 +382,11 @@ class Pausable:
         self.paused = False
 
     def close(self) -> None: ...
+
+
+async def test_the_relay_cost_study_times_each_step() -> None:
+    from benchmarks.studies.relay_cost import measure
+
+    result = await measure(n=200, repeats=1)
+    assert set(result) == {"read_callback_us", "relay_by_send_us", "relay_by_chunk_writer_us"}
+    assert all(0 < v < 1000 for v in result.values())
