@@ -33,7 +33,7 @@ from serving.tenants.usage import period_start
 log = logging.getLogger("tiergate.limits")
 
 # The requests in flight in one hash, over the processes heard from since `alive`;
-# the fields of the others are deleted. (A Lua function shared by both scripts.)
+# the fields of the others are deleted.
 _IN_FLIGHT = """
 local function in_flight(key, alive)
   local all, f = redis.call('HGETALL', key), 0
@@ -51,24 +51,26 @@ local function in_flight(key, alive)
 end
 """
 
-# KEYS: one hash per scope. ARGV: now, need, this process's id, the lease (s), then
-# rpm, tpm, max_concurrency per scope (0: none). Returns {0, scope, why, wait_ms,
+# KEYS: one hash per scope. ARGV: now, need, this process's id, the time before which
+# a process is gone (now - lease), the hashes' expiry (s), then rpm, tpm,
+# max_concurrency per scope (0: none). Returns {0, scope, why, wait_ms,
 # levels} refused, or {1, levels}; levels are strings (Lua numbers come back as
 # integers).
 _ADMIT = (
     _IN_FLIGHT
     + """
-local now, need, me, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local now, need, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local alive, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local function level(lv, at, per)
   if not lv then return per end
   return math.min(per, tonumber(lv) + (now - tonumber(at)) * per / 60)
 end
 local state, levels = {}, {}
 for i, key in ipairs(KEYS) do
-  local rpm, tpm = tonumber(ARGV[3*i+2]), tonumber(ARGV[3*i+3])
+  local rpm, tpm = tonumber(ARGV[3*i+3]), tonumber(ARGV[3*i+4])
   local h = redis.call('HMGET', key, 'rl', 'rt', 'tl', 'tt')
   state[i] = {rpm > 0 and level(h[1], h[2], rpm) or -1,
-              tpm > 0 and level(h[3], h[4], tpm) or -1, in_flight(key, now - lease)}
+              tpm > 0 and level(h[3], h[4], tpm) or -1, in_flight(key, alive)}
 end
 local function all_levels()
   for i = 1, #KEYS do
@@ -77,8 +79,8 @@ local function all_levels()
   return levels
 end
 for i, key in ipairs(KEYS) do
-  local rpm, tpm = tonumber(ARGV[3*i+2]), tonumber(ARGV[3*i+3])
-  local maxc = tonumber(ARGV[3*i+4])
+  local rpm, tpm = tonumber(ARGV[3*i+3]), tonumber(ARGV[3*i+4])
+  local maxc = tonumber(ARGV[3*i+5])
   local rl, tl, f = state[i][1], state[i][2], state[i][3]
   local why, wait = nil, 0
   if tpm > 0 and need > tpm then why = 'max_tokens'
@@ -94,7 +96,7 @@ for i, key in ipairs(KEYS) do
   if s[2] >= 0 then s[2] = s[2] - need; redis.call('HSET', key, 'tl', s[2], 'tt', now) end
   redis.call('HINCRBY', key, 'f:' .. me, 1)
   redis.call('HSET', key, 'h:' .. me, now)
-  redis.call('EXPIRE', key, math.max(120, 3 * lease))
+  redis.call('EXPIRE', key, ttl)
 end
 return {1, all_levels()}
 """
@@ -159,6 +161,7 @@ class RedisLimiter:
         self.prefix = prefix
         self.default_reservation = default_reservation
         self.lease = lease
+        self.ttl = max(120, math.ceil(3 * lease))  # a hash's life past its last write
         self.me = uuid.uuid4().hex[:12]  # this process, in the hashes' f:/h: fields
         self.held: Counter[str] = Counter()  # hash -> our requests in flight in it
         self.admit_script = self.redis.register_script(_ADMIT)
@@ -188,12 +191,12 @@ class RedisLimiter:
             await asyncio.sleep(self.lease / 3)
             if not self.held:
                 continue
-            now, ttl = time.time(), max(120, math.ceil(3 * self.lease))
+            now = time.time()
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for key, count in list(self.held.items()):
                         pipe.hset(key, mapping={f"f:{self.me}": count, f"h:{self.me}": now})
-                        pipe.expire(key, ttl)
+                        pipe.expire(key, self.ttl)
                     await pipe.execute()
             except Exception as exc:  # Redis away: the next beat tries again
                 log.warning("could not renew in-flight leases in Redis: %s", exc)
@@ -213,7 +216,8 @@ class RedisLimiter:
             return RedisAdmission(self, p, 0, {}) if p.budget is not None else None
         need = max_tokens or self.default_reservation
         keys, limits = self._args(p)
-        answer = await self.admit_script(keys=keys, args=[now, need, self.me, self.lease, *limits])
+        args = [now, need, self.me, now - self.lease, self.ttl, *limits]
+        answer = await self.admit_script(keys=keys, args=args)
         if answer[0] == 1:
             self.held.update(keys)
             if self.beat is None:
