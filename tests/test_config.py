@@ -61,6 +61,7 @@ def test_cli_overrides_win(tmp_path: Path) -> None:
         ({"engines": [default_engine(discover={"dns": "e.test", "port": 0})]}, "discover.port"),
         ({"engines": [default_engine(discover={"dsn": "e.test"})]}, "discover.dsn"),
         ({"server": {"max_refusals_s": 0}}, "server.max_refusals_s"),
+        ({"tenancy": {"redis_lease": 1}}, "tenancy.redis_lease"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, changes: dict, key: str) -> None:

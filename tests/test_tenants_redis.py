@@ -129,6 +129,32 @@ async def test_a_dead_gateways_requests_stop_counting_after_its_lease(redis_url)
             await lim.close()
 
 
+async def test_a_release_that_never_reached_redis_is_mended_by_the_next_renewal(
+    redis_url,
+) -> None:
+    from serving.tenants.redis_limits import RedisLimiter
+
+    prefix = f"test:{time.time()}:"
+    gw, other = (RedisLimiter(redis_url, prefix=prefix, lease=3.0) for _ in range(2))
+    p = Principal("t", "k", None, (Scope("t:t", max_concurrency=2),))
+    try:
+        kept = await gw.admit(p, 10, now=time.time())
+        lost = await gw.admit(p, 10, now=time.time())
+        lost.released = True  # its release script failed: Redis still counts it
+        gw.let_go(p)
+        with pytest.raises(RateLimited, match="2 requests in flight"):
+            await other.admit(p, 10, now=time.time())
+        await asyncio.sleep(gw.lease / 3 + 0.5)  # one renewal, with the count gw holds: 1
+        third = await other.admit(p, 10, now=time.time())
+        for a in (kept, third):
+            a.release(time.time())
+        await asyncio.gather(*gw.pending, *other.pending)
+        assert await gw.redis.hgetall(prefix + "t:t") == {}  # nothing left counting
+    finally:
+        for lim in (gw, other):
+            await lim.close()
+
+
 async def test_two_gateways_on_one_redis_share_a_tenants_rpm(
     redis_url, gateway, model, tmp_path
 ) -> None:
