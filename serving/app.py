@@ -164,9 +164,13 @@ def create_app(
         if supervisor is not None:
             supervisor.start(http)
         timeouts = settings.timeouts
+        flags = getattr(app.state, "parent_draining", None)  # a worker: the parent's flags
+        draining = (lambda name: (flags / name).exists()) if flags is not None else None
         loops = [
             asyncio.create_task(
-                health_loop(http, registry, metrics, timeouts.health_interval, timeouts.connect)
+                health_loop(
+                    http, registry, metrics, timeouts.health_interval, timeouts.connect, draining
+                )
             ),
             asyncio.create_task(
                 scrape_loop(http, registry, settings.router.scrape_interval, timeouts.connect)

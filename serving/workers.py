@@ -25,6 +25,9 @@ What is shared between workers, and what stays per worker (and why):
   own series (engine restarts) are in its log and not on /metrics in this mode.
 - Affinity rings are computed from the same config by each worker, so a session key
   maps to the same replica whichever worker takes the connection.
+- Planned engine restarts (`POST /tiergate/engines/NAME/restart` on any worker) are the
+  parent's: a control socket and a draining flag per engine in the work folder
+  (serving/restart_control.py).
 """
 
 from __future__ import annotations
@@ -76,11 +79,14 @@ def worker_settings(settings: Settings, urls: dict[str, str], workers: int) -> S
 
 async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
     """The parent: engines, then N workers; returns the exit code."""
+    from prometheus_client.multiprocess import mark_process_dead
+
     from serving.app import build_registry
     from serving.cli import banner
     from serving.engines import process
     from serving.engines.supervisor import EngineStartError, Supervisor
     from serving.metrics import GatewayMetrics
+    from serving.restart_control import ParentControl
     from serving.upstream.client import UpstreamClient
 
     n = settings.server.workers
@@ -98,6 +104,7 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
     procs: dict[int, asyncio.subprocess.Process] = {}
     pumps: list[asyncio.Task] = []
     stopping = asyncio.ensure_future(stop.wait())
+    control: ParentControl | None = None
     try:
         supervisor.start(http)
         started = asyncio.ensure_future(supervisor.wait_started())
@@ -115,9 +122,12 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
         port = settings.server.port or process.free_port(host)
         job = work / "worker.pickle"
         one = worker_settings(settings, urls, n)
-        job.write_bytes(pickle.dumps((one, model_dirs, host, port, sorted(ports))))
-        job.chmod(0o600)  # it holds the API keys
         (work / "metrics").mkdir()
+        control = ParentControl(settings, supervisor, work)
+        await control.start()
+        parent = (sorted(ports), control.socket, control.flags)
+        job.write_bytes(pickle.dumps((one, model_dirs, host, port, parent)))
+        job.chmod(0o600)  # it holds the API keys
         env = {"PROMETHEUS_MULTIPROC_DIR": str(work / "metrics")}
 
         async def spawn(i: int) -> None:
@@ -152,6 +162,8 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
             for finished in done & set(waits):
                 i = waits[finished]
                 log.error("worker %d exited (%s); restarting it", i, procs[i].returncode)
+                # its live gauges (requests in flight) would otherwise count forever
+                mark_process_dead(procs[i].pid, str(work / "metrics"))
                 await asyncio.sleep(1.0)
                 await spawn(i)
         return 0
@@ -164,6 +176,8 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
         )
         for pump in pumps:
             pump.cancel()
+        if control is not None:
+            await control.close()
         await supervisor.stop()
         await http.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -174,13 +188,15 @@ def worker_main(job: Path) -> int:
     from serving.api.server import GatewayServer, bind
     from serving.app import create_app, uvicorn_config
 
-    settings, model_dirs, host, port, supervised = pickle.loads(job.read_bytes())
+    settings, model_dirs, host, port, (supervised, control, flags) = pickle.loads(job.read_bytes())
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     app = create_app(settings, model_dirs=model_dirs)
     app.state.parent_supervises = set(supervised)  # the parent's to restart, not ours
+    app.state.parent_control = control  # ... asked over this socket
+    app.state.parent_draining = flags  # ... whose flags say which one is draining
     server = GatewayServer(uvicorn_config(app, settings))
     sock = bind(host, port, reuse_port=True)
     with contextlib.suppress(KeyboardInterrupt):

@@ -5,6 +5,7 @@ are shared out, a killed worker is replaced, and SIGTERM leaves nothing running.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -90,10 +91,14 @@ def test_two_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
             # both workers took connections (SO_REUSEPORT spreads them): both worked
             assert all(busy(p) - b > 0.02 for p, b in zip(first, before, strict=True))
 
+            shared = Path(first[0].environ()["PROMETHEUS_MULTIPROC_DIR"])
+            dead = shared / f"gauge_livesum_{first[0].pid}.db"
+            assert dead.exists()  # its requests in flight, live
             os.kill(first[0].pid, signal.SIGKILL)  # a worker dies: it is replaced
             gw.wait_for(
                 lambda: len(_workers(gw)) == 2 and first[0] not in _workers(gw), 30, "a new worker"
             )
+            assert not dead.exists()  # a dead worker's in-flight gauge no longer counts
             assert (
                 httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=30).status_code
                 == 200
@@ -102,23 +107,113 @@ def test_two_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
         assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
-def test_a_worker_says_why_it_cannot_restart_the_parents_engine() -> None:
+def test_a_worker_forwards_a_restart_to_the_parent(tmp_path: Path) -> None:
     """With server.workers > 1 the parent supervises the engines; a worker asked to
-    restart one answers 409 naming server.workers (not 404 "no such engine"), and an
-    unknown name is still a 404. Both in the OpenAI error shape."""
+    restart one forwards it over the parent's control socket (here a FAKE parent that
+    answers as serving/restart_control.py does) and relays the answer: 200 with the
+    parent's figures, its 409 and 404 in the OpenAI error shape, and a 409 when no
+    parent answers. A name the parent does not supervise is the worker's own 404."""
     from tests.fake_engine import in_process_gateway
 
+    socket = tmp_path / "control.sock"
+    asked: list[dict] = []
+    answers = [
+        {"status": 200, "engine": "cpu", "state": "ready", "restarts": 1, "seconds": 3.5},
+        {"status": 409, "message": "Cannot restart it now: it is starting."},
+    ]
+
+    async def parent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(json.loads(await reader.readline()))
+        writer.write(json.dumps(answers.pop(0)).encode() + b"\n")
+        await writer.drain()
+        writer.close()
+
     async def ask() -> None:
+        server = await asyncio.start_unix_server(parent, path=str(socket))
         settings = Settings(engines=[{"name": "cpu", "model": "m", "url": fake.url}])
         async with in_process_gateway(settings) as client:
-            client.app.state.parent_supervises = {"cpu"}  # as worker_main sets it
+            client.app.state.parent_supervises = {"cpu"}  # as worker_main sets them
+            client.app.state.parent_control = socket
+            r = await client.post("/tiergate/engines/cpu/restart", params={"drain_timeout": 7})
+            assert r.status_code == 200
+            assert r.json() == {"engine": "cpu", "state": "ready", "restarts": 1, "seconds": 3.5}
+            assert asked == [{"engine": "cpu", "drain": 7.0}]
             r = await client.post("/tiergate/engines/cpu/restart")
-            assert r.status_code == 409
+            assert r.status_code == 409 and "starting" in r.json()["error"]["message"]
+            assert asked[-1]["drain"] == settings.server.drain_timeout  # the default
+            server.close()
+            await server.wait_closed()
+            socket.unlink(missing_ok=True)
+            r = await client.post("/tiergate/engines/cpu/restart")
             error = r.json()["error"]
-            assert "server.workers" in error["message"] and error["param"] == "name"
-            assert error["code"] == "conflict"
+            assert r.status_code == 409 and error["code"] == "conflict"
+            assert "parent process did not answer" in error["message"]
             r = await client.post("/tiergate/engines/nope/restart")
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert len(asked) == 2
 
     with FakeEngine(force="ok") as fake:
         asyncio.run(ask())
+
+
+def test_a_draining_flag_takes_an_engine_out_of_rotation_until_it_is_removed(
+    tmp_path: Path,
+) -> None:
+    """A worker's health poll reads the parent's draining flags: a flagged engine is
+    "draining" and not ready though it answers /health; without the flag it is back."""
+    from serving.metrics import GatewayMetrics
+    from serving.router.registry import Endpoint, EngineRegistry
+    from serving.upstream.client import UpstreamClient
+    from serving.upstream.health import check_once
+
+    flags = tmp_path / "draining"
+    flags.mkdir()
+
+    def draining(name: str) -> bool:
+        return (flags / name).exists()
+
+    async def poll() -> None:
+        registry = EngineRegistry()
+        ep = Endpoint(name="cpu", model="m", url=fake.url, state="external")
+        registry.add(ep)
+        http = UpstreamClient(Settings(engines=[{"name": "cpu", "model": "m"}]).timeouts, 4)
+        await http.start()
+        try:
+            await check_once(http, registry, GatewayMetrics(), 2.0, draining)
+            assert ep.ready and ep.state == "ready"
+            (flags / "cpu").touch()
+            await check_once(http, registry, GatewayMetrics(), 2.0, draining)
+            assert not ep.ready and ep.state == "draining"
+            (flags / "cpu").unlink()
+            await check_once(http, registry, GatewayMetrics(), 2.0, draining)
+            assert ep.ready and ep.state == "ready"
+        finally:
+            await http.close()
+
+    with FakeEngine(force="ok") as fake:
+        asyncio.run(poll())
+
+
+def test_the_parent_reads_the_workers_requests_in_flight_from_their_metrics_files(
+    tmp_path: Path,
+) -> None:
+    """Two worker processes hold 2 and 1 requests in flight to one engine, 5 to another;
+    the parent's drain reads their sum per engine from the shared metrics folder."""
+    import subprocess
+    import sys
+
+    from serving.restart_control import workers_in_flight
+
+    hold = (
+        "import sys\n"
+        "from serving.metrics import GatewayMetrics\n"
+        "m = GatewayMetrics()\n"
+        "for engine, n in zip(sys.argv[1::2], sys.argv[2::2]):\n"
+        "    m.in_flight_add(engine, int(n))\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for args in (["cpu", "2", "gpu", "5"], ["cpu", "1"]):
+        subprocess.run([sys.executable, "-c", hold, *args], env=env, check=True, timeout=60)
+    assert workers_in_flight(tmp_path, "cpu") == 3
+    assert workers_in_flight(tmp_path, "gpu") == 5
+    assert workers_in_flight(tmp_path, "none") == 0

@@ -6,12 +6,15 @@ POST /v1/chat/completions and /v1/completions are not here: they are the hot pat
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from serving.config import Settings
 from serving.errors import Conflict, Forbidden, NoEngineReady, NotFound, error_payload
+from serving.restart_control import ask_parent
 from serving.tenants.auth import OPERATOR_TENANT
 
 
@@ -116,22 +119,19 @@ async def restart_engine(request: Request, name: str, drain_timeout: float | Non
     """A planned restart of one supervised engine, for rolling updates: it takes no new
     requests, its requests in flight finish (up to `drain_timeout`, default
     server.drain_timeout), then it is stopped, started and waited for. Answers once it
-    is ready again (or 409 if it did not come back)."""
+    is ready again (or 409 if it did not come back). Under server.workers > 1 the
+    parent supervises the engines and does this across every worker."""
     settings, supervisor = request.app.state.settings, request.app.state.supervisor
     try:
         runner = supervisor.runner(name) if supervisor is not None else None
     except KeyError:
         runner = None
-    if runner is None and name in getattr(request.app.state, "parent_supervises", ()):
-        raise Conflict(
-            f"Engine '{name}' is supervised by the parent process of this gateway's "
-            "server.workers, which cannot restart it from here: restart the gateway, or run "
-            "server.workers: 1 for restarts through this API.",
-            param="name",
-        )
+    drain = settings.server.drain_timeout if drain_timeout is None else max(0.0, drain_timeout)
+    control = getattr(request.app.state, "parent_control", None)
+    if runner is None and control is not None and name in request.app.state.parent_supervises:
+        return await _restart_by_parent(control, name, drain, settings)
     if runner is None:
         raise NotFound(f"No engine named '{name}' is started by this gateway.", param="name")
-    drain = settings.server.drain_timeout if drain_timeout is None else max(0.0, drain_timeout)
     started = time.monotonic()
     try:
         back = await runner.replace(drain, settings.timeouts.engine_start)
@@ -146,3 +146,19 @@ async def restart_engine(request: Request, name: str, drain_timeout: float | Non
         "restarts": ep.restarts,
         "seconds": round(time.monotonic() - started, 2),
     }
+
+
+async def _restart_by_parent(control: Path, name: str, drain: float, settings: Settings) -> dict:
+    """Under server.workers > 1: the parent drains the engine across every worker and
+    replaces it (serving/restart_control.py)."""
+    timeout = drain + settings.timeouts.health_interval + settings.timeouts.engine_start + 30
+    try:
+        answer = await ask_parent(control, name, drain, timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise Conflict(f"The gateway's parent process did not answer: {exc}.") from exc
+    status = answer.pop("status")
+    if status == 200:
+        return answer
+    if status == 404:
+        raise NotFound(answer["message"], param="name")
+    raise Conflict(answer["message"], param="name")

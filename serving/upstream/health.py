@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 from serving.metrics import GatewayMetrics
 from serving.router.load import EngineLoad, parse_vllm_metrics
@@ -33,11 +34,22 @@ async def fetch_max_model_len(http: UpstreamClient, ep: Endpoint, timeout: float
 
 
 async def check_once(
-    http: UpstreamClient, registry: EngineRegistry, metrics: GatewayMetrics, timeout: float
+    http: UpstreamClient,
+    registry: EngineRegistry,
+    metrics: GatewayMetrics,
+    timeout: float,
+    draining: Callable[[str], bool] | None = None,
 ) -> None:
+    """`draining(name)`: another process is restarting that engine (serving/workers.py);
+    it takes no new requests until that says otherwise."""
+
     async def one(ep: Endpoint) -> None:
         if not ep.url:
             ep.ready = False
+        elif draining is not None and not ep.supervised and draining(ep.name):
+            if ep.ready:
+                log.info("engine %s is draining for a restart", ep.name)
+            ep.ready, ep.state = False, "draining"
         else:
             healthy = await probe(http, ep.url, timeout)
             if ep.state == "removed":  # discovery dropped it while we asked
@@ -67,9 +79,10 @@ async def health_loop(
     metrics: GatewayMetrics,
     interval: float,
     timeout: float,
+    draining: Callable[[str], bool] | None = None,
 ) -> None:
     while True:
-        await check_once(http, registry, metrics, timeout)
+        await check_once(http, registry, metrics, timeout, draining)
         await asyncio.sleep(interval)
 
 
