@@ -116,14 +116,7 @@ class ParentControl:
                 "status": 409,
                 "message": f"Engine '{name}' did not come back within timeouts.engine_start.",
             }
-        ep = runner.endpoint
-        return {
-            "status": 200,
-            "engine": name,
-            "state": ep.state,
-            "restarts": ep.restarts,
-            "seconds": round(time.monotonic() - started, 2),
-        }
+        return {"status": 200, **runner.restarted(started)}
 
 
 async def ask_parent(socket: Path, name: str, drain: float, timeout: float) -> dict[str, Any]:

@@ -139,13 +139,7 @@ async def restart_engine(request: Request, name: str, drain_timeout: float | Non
         raise Conflict(f"Cannot restart it now: {exc}.", param="name") from exc
     if not back:
         raise Conflict(f"Engine '{name}' did not come back within timeouts.engine_start.")
-    ep = runner.endpoint
-    return {
-        "engine": name,
-        "state": ep.state,
-        "restarts": ep.restarts,
-        "seconds": round(time.monotonic() - started, 2),
-    }
+    return runner.restarted(started)
 
 
 async def _restart_by_parent(control: Path, name: str, drain: float, settings: Settings) -> dict:

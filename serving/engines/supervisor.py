@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,6 +143,16 @@ class EngineRunner:
                 return True
             await asyncio.sleep(0.5)
         return self.proc.returncode is not None  # exited: reported by the caller
+
+    def restarted(self, started: float) -> dict:
+        """What a planned restart answers, `started` on time.monotonic()'s clock."""
+        ep = self.endpoint
+        return {
+            "engine": self.engine.name,
+            "state": ep.state,
+            "restarts": ep.restarts,
+            "seconds": round(time.monotonic() - started, 2),
+        }
 
     async def replace(self, drain_timeout: float, ready_timeout: float) -> bool:
         """Drain, stop, start, ready: take no new requests, let the ones in flight finish
