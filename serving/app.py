@@ -33,7 +33,7 @@ from serving.tenants.store import TenantStore
 from serving.tenants.usage import UsageLedger, flush_loop
 from serving.upstream.client import UpstreamClient
 from serving.upstream.discovery import Discovery
-from serving.upstream.health import health_loop, scrape_loop
+from serving.upstream.health import check_once, health_loop, scrape_loop
 
 
 def build_registry(settings: Settings) -> EngineRegistry:
@@ -166,6 +166,9 @@ def create_app(
         timeouts = settings.timeouts
         flags = getattr(app.state, "parent_draining", None)  # a worker: the parent's flags
         draining = (lambda name: (flags / name).exists()) if flags is not None else None
+        # Before the first request: a worker of server.workers binds its port before this
+        # runs, and requests queued there would meet engines not yet asked (503).
+        await check_once(http, registry, metrics, timeouts.connect, draining)
         loops = [
             asyncio.create_task(
                 health_loop(

@@ -107,6 +107,40 @@ def test_two_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
         assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
+def test_the_first_request_after_start_up_finds_the_engine_ready() -> None:
+    """A worker binds its port before its app starts, so requests wait there for it; the
+    first of them must meet engines already asked, not a 503 until the first poll (CI
+    saw 503s from the test above). Here the poll's interval is a minute: only the
+    start-up's own check can have made the engine ready."""
+    from serving.app import create_app
+
+    async def first() -> None:
+        settings = Settings(
+            engines=[
+                {"name": "fake", "model": "m", "url": fake.url},
+                {"name": "gone", "model": "g", "url": "http://127.0.0.1:1"},
+            ],
+            timeouts={"health_interval": 60},
+        )
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                r = await client.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["message"]["content"]
+                r = await client.get("/ready")
+                assert r.json() == {"status": "ready", "engines": ["fake"]}
+                r = await client.post("/v1/chat/completions", json={**body, "model": "g"})
+                assert r.status_code == 503  # the engine that does not answer is not ready
+                assert r.json()["error"]["code"] == "no_engine_ready"
+        assert len(fake.app.state.seen) == 1
+
+    with FakeEngine(force="ok") as fake:
+        asyncio.run(first())
+
+
 def test_a_worker_forwards_a_restart_to_the_parent(tmp_path: Path) -> None:
     """With server.workers > 1 the parent supervises the engines; a worker asked to
     restart one forwards it over the parent's control socket (here a FAKE parent that

@@ -81,9 +81,11 @@ async def health_loop(
     timeout: float,
     draining: Callable[[str], bool] | None = None,
 ) -> None:
+    """Polls every `interval`, starting one interval from now: the app's start-up has
+    made the first check (serving/app.py), so a request never meets an engine unasked."""
     while True:
-        await check_once(http, registry, metrics, timeout, draining)
         await asyncio.sleep(interval)
+        await check_once(http, registry, metrics, timeout, draining)
 
 
 async def scrape_loop(
