@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from serving.config import Settings
 
 if TYPE_CHECKING:
-    from serving.engines.supervisor import Supervisor
+    from serving.engines.supervisor import EngineRunner, Supervisor
 
 log = logging.getLogger("tiergate.workers")
 
@@ -61,6 +61,7 @@ class ParentControl:
         self.metrics = work / "metrics"
         self.flags.mkdir(exist_ok=True)
         self.lock = asyncio.Lock()
+        self.restarting: set[str] = set()  # asked for and not answered yet
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -87,11 +88,18 @@ class ParentControl:
             runner = self.supervisor.runner(name)
         except KeyError:
             return {"status": 404, "message": f"No engine named '{name}' is started here."}
-        if runner.endpoint.state != "ready":
-            return {
-                "status": 409,
-                "message": f"Cannot restart it now: it is {runner.endpoint.state}.",
-            }
+        # Its state stays "ready" here while the workers drain it: ask the set as well,
+        # so that a second ask answers 409 as in one process instead of queueing.
+        state = "draining" if name in self.restarting else runner.endpoint.state
+        if state != "ready":
+            return {"status": 409, "message": f"Cannot restart it now: it is {state}."}
+        self.restarting.add(name)
+        try:
+            return await self._restart(name, runner, drain)
+        finally:
+            self.restarting.discard(name)
+
+    async def _restart(self, name: str, runner: EngineRunner, drain: float) -> dict[str, Any]:
         async with self.lock:
             flag = self.flags / name
             started = time.monotonic()

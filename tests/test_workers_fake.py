@@ -251,3 +251,50 @@ def test_the_parent_reads_the_workers_requests_in_flight_from_their_metrics_file
     assert workers_in_flight(tmp_path, "cpu") == 3
     assert workers_in_flight(tmp_path, "gpu") == 5
     assert workers_in_flight(tmp_path, "none") == 0
+
+
+def test_a_second_restart_asked_while_one_drains_is_409(tmp_path: Path) -> None:
+    """The parent's answer to a restart of an engine it is already draining is 409 at
+    once, as one process answers, not a second restart queued behind the first; once
+    the first is answered, the engine can be restarted again. A FAKE supervisor stands
+    in for the engine's (its replace waits until the test lets it go)."""
+    from types import SimpleNamespace
+
+    from serving.restart_control import ParentControl
+
+    release, replacing = asyncio.Event(), asyncio.Event()
+    replaced: list[float] = []
+
+    async def replace(drain: float, ready_timeout: float) -> bool:
+        replaced.append(drain)
+        replacing.set()
+        await release.wait()
+        return True
+
+    runner = SimpleNamespace(
+        endpoint=SimpleNamespace(state="ready"),
+        replace=replace,
+        restarted=lambda started: {"engine": "cpu", "restarts": len(replaced)},
+    )
+    supervisor = SimpleNamespace(runner=lambda name: runner)
+    settings = Settings(engines=[{"name": "cpu", "model": "m"}], timeouts={"health_interval": 0.1})
+    (tmp_path / "metrics").mkdir()
+
+    async def twice() -> None:
+        control = ParentControl(settings, supervisor, tmp_path)
+        first = asyncio.create_task(control.restart("cpu", 5.0))
+        busy = {"status": 409, "message": "Cannot restart it now: it is draining."}
+        await asyncio.sleep(0.05)  # the workers' health polls are seeing the flag
+        assert (tmp_path / "draining" / "cpu").exists() and not replaced
+        # (a second ask that queued behind the first would time out here)
+        assert await asyncio.wait_for(control.restart("cpu", 5.0), 2) == busy
+        await replacing.wait()  # drained (nothing in flight): replacing
+        assert await asyncio.wait_for(control.restart("cpu", 5.0), 2) == busy
+        release.set()
+        assert (await first)["status"] == 200
+        assert not (tmp_path / "draining" / "cpu").exists()
+        again = await control.restart("cpu", 5.0)  # a new ask after the answer is served
+        assert again == {"status": 200, "engine": "cpu", "restarts": 2}
+        assert len(replaced) == 2
+
+    asyncio.run(twice())
