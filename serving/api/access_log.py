@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import sys
-import uuid
 from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
@@ -30,7 +30,7 @@ def request_id(given: str | None) -> str:
     """The client's x-request-id when it is a sane token, else a new one."""
     if given and _REQUEST_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 32 hex digits as uuid4().hex, at ~1/6 of its cost
 
 
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")

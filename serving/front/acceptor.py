@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import signal
 import socket
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 
 from serving.api.head import Head, parse_head
@@ -142,7 +142,7 @@ class Front:
             now = time.time()
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
             line = {"time": f"{stamp},{int(now % 1 * 1000):03d}", "message": "request"}
-            line |= {"request_id": uuid.uuid4().hex, "path": head.path.decode(), "status": 429}
+            line |= {"request_id": os.urandom(16).hex(), "path": head.path.decode(), "status": 429}
             print(json.dumps(line | {"error": "rate_limit_exceeded", "by": "front"}), flush=True)
         try:
             sent = conn.sock.send(answer)
