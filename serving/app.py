@@ -160,6 +160,7 @@ def create_app(
             settings.router.spill.retry_after_s,
             lag,
             max_refusals_s=server.max_refusals_s,
+            retry_after_max_scale=server.retry_after_max_scale,
         )
         if supervisor is not None:
             supervisor.start(http)

@@ -83,6 +83,15 @@ class ServerSettings(_Strict):
         "gateway's own core is saturated (0: off, the default: against clients that retry "
         "at once it cost goodput, benchmarks/RESULTS.md).",
     )
+    retry_after_max_scale: int = Field(
+        4,
+        ge=1,
+        le=60,
+        description="In a sustained overload the gateway's own 429s ask clients to wait up "
+        "to this many times router.spill.retry_after_s: as many times as clients wait per "
+        "slot of max_in_flight (refusals a second x retry-after), so that refusals do not "
+        "take the core from the streams (1: off; benchmarks/RESULTS.md).",
+    )
     front: bool = Field(
         False,
         description="A second process owns the port, parks idle keep-alive connections and "

@@ -161,6 +161,13 @@ class GatewayMetrics:
             "server.max_refusals_s: clients that re-send at once.",
             registry=r,
         )
+        self.retry_after_scale = Gauge(
+            "tiergate_admission_retry_after_scale",
+            "How many times router.spill.retry_after_s the gateway's own 429s now ask "
+            "clients to wait: above 1 in a sustained overload (server.retry_after_max_scale).",
+            registry=r,
+            multiprocess_mode="max",
+        )
         # Per tenant and key name (never the key), for chargeback and fairness; the
         # operator creates tenants and keys, so the label sets stay small.
         self.tenant_requests = Counter(

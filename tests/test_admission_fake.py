@@ -272,3 +272,66 @@ async def test_a_refusal_storm_is_paced_per_connection() -> None:
 async def _read_response_start(reader: asyncio.StreamReader) -> tuple[int, str, None]:
     head = (await reader.readuntil(b"\r\n\r\n")).decode()
     return int(head.split(" ", 2)[1]), head, None
+
+
+def test_retry_after_scales_are_powers_of_two_up_to_the_max() -> None:
+    from serving.api.hotpath import retry_after_scales, scale_for
+
+    assert retry_after_scales(1) == (1,)
+    assert retry_after_scales(4) == (1, 2, 4)
+    assert retry_after_scales(6) == (1, 2, 4, 6)
+    scales = (1, 2, 4)
+    # the largest scale at or under the clients waiting per slot
+    assert [scale_for(x, scales) for x in (0, 0.9, 1, 1.99, 2, 3.9, 4, 500)] == [
+        0, 0, 0, 0, 1, 1, 2, 2
+    ]  # fmt: skip
+
+
+async def test_a_sustained_overload_is_asked_to_wait_longer_then_not() -> None:
+    """The gateway's own 429s ask for more than router.spill.retry_after_s while more
+    clients wait than there are slots (refusals a second x the retry-after they were
+    given, over max_in_flight): one step a second, up to server.retry_after_max_scale,
+    in both headers, the message and a gauge; after a quiet spell, back to 1 at once.
+    With the max at 1 the refusals never change. Real HTTP: the parser callback's 429."""
+    with FakeEngine(force="stall-stream") as fake:
+        settings = Settings(
+            engines=[{"name": "e", "model": "m", "url": fake.url}],
+            server={"max_in_flight": 1, "max_refusals_s": 10_000},  # never paced here
+            router={"spill": {"retry_after_s": 1}},
+        )
+        async with served(settings) as (app, url), httpx.AsyncClient() as http:
+            stream = http.stream("POST", url + "/v1/chat/completions", json=CHAT)
+            assert (await stream.__aenter__()).status_code == 200  # the only slot
+            hot = app.state.hot
+
+            async def refused() -> tuple[int, float]:
+                r = await http.post(url + "/v1/chat/completions", json=CHAT)
+                assert r.status_code == 429
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
+                assert f"retry after {r.headers['retry-after']}s" in r.json()["error"]["message"]
+                return int(r.headers["retry-after"]), int(r.headers["retry-after-ms"]) / 1000
+
+            assert await refused() == (1, pytest.approx(1, abs=0.5))
+            seen = set()
+            for _ in range(3):  # ~20 refusals a second for one slot: scale 2, then 4
+                hot._window = (hot._window[0] - 1.0, 20)  # a second has passed, 20 refused
+                after, wait = await refused()
+                assert after / 2 <= wait <= after * 1.5  # spread over 0.5-1.5x
+                seen.add(after)
+            assert seen == {2, 4} and after == 4  # one step a second, then the max
+            metrics = (await http.get(url + "/metrics")).text
+            assert _metric(metrics, "tiergate_admission_retry_after_scale") == 4
+            hot._window = (hot._window[0] - 11.0, 0)  # a quiet spell
+            assert (await refused())[0] == 1
+            await stream.__aexit__(None, None, None)
+            assert len(fake.app.state.seen) == 1  # no refused request reached the engine
+
+        settings.server.retry_after_max_scale = 1
+        async with served(settings) as (app, url), httpx.AsyncClient() as http:
+            stream = http.stream("POST", url + "/v1/chat/completions", json=CHAT)
+            assert (await stream.__aenter__()).status_code == 200
+            for _ in range(3):
+                app.state.hot._window = (app.state.hot._window[0] - 1.0, 500)
+                r = await http.post(url + "/v1/chat/completions", json=CHAT)
+                assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            await stream.__aexit__(None, None, None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 
@@ -102,6 +103,7 @@ class HotPath:
         lag: LoopLag | None = None,
         *,
         max_refusals_s: int,
+        retry_after_max_scale: int = 1,
     ) -> None:
         self.proxy = proxy
         self.metrics = metrics
@@ -111,35 +113,49 @@ class HotPath:
         self.max_loop_lag_ms = max_loop_lag_ms
         self.lag = lag or LoopLag()
         self.in_flight = 0
-        # The two ASGI messages of each refusal, built once: SPREAD of them per reason,
-        # their retry-after-ms evenly over 0.5-1.5x retry-after, handed out in turn.
-        self._refusals = {
-            why: [
-                _error_messages(
-                    Saturated(
-                        f"The gateway is at capacity ({why}); retry after {retry_after_s}s.",
-                        retry_after_s,
-                        spread=(i + 0.5) / SPREAD,
+        # The two ASGI messages of each refusal, built once: SPREAD of them per reason
+        # and scale of retry-after (retry_after_scales), their retry-after-ms evenly over
+        # 0.5-1.5x it, handed out in turn.
+        self.scales = retry_after_scales(retry_after_max_scale)
+        self._by_scale = [
+            {
+                why: [
+                    _error_messages(
+                        Saturated(
+                            f"The gateway is at capacity ({why}); "
+                            f"retry after {retry_after_s * scale}s.",
+                            retry_after_s * scale,
+                            spread=(i + 0.5) / SPREAD,
+                        )
                     )
-                )
-                for i in range(SPREAD)
-            ]
-            for why in ("in_flight", "loop_lag")
-        }
+                    for i in range(SPREAD)
+                ]
+                for why in ("in_flight", "loop_lag")
+            }
+            for scale in self.scales
+        ]
         # ... and each one's status line and headers as HTTP/1.1 bytes, for the parser
         # callback's direct write (serving/api/admission.py) and the front's.
         self.wire_of = {
             id(refusal): (wire_head(refusal[0]), refusal[1]["body"])
-            for refusals in self._refusals.values()
+            for refusals_of in self._by_scale
+            for refusals in refusals_of.values()
             for refusal in refusals
         }
-        self._turn = 0
-        self.refusal_ms = [  # each one's Retry-After-Ms, in turn order (the front's too)
-            int(dict(start["headers"])[b"retry-after-ms"])
-            for start, _ in self._refusals["in_flight"]
+        self._ms_by_scale = [
+            [int(dict(start["headers"])[b"retry-after-ms"]) for start, _ in refusals["in_flight"]]
+            for refusals in self._by_scale
         ]
+        self._turn = 0
+        self._refusals = self._by_scale[0]
+        self.refusal_ms = self._ms_by_scale[0]  # the front's (it refuses at scale 1)
+        self._scale_at = 0  # which of self.scales the refusals now use
+        self._window = (time.monotonic(), 0)  # (since, refusals since)
+        self._retry_after_s = retry_after_s
         self.refusal_budget = RefusalBudget(max_refusals_s)
         self._count_paced = metrics.paced.inc
+        self._show_scale = metrics.retry_after_scale.set
+        self._show_scale(1)
         self._count_refusal = {
             (why, kind): metrics.refusal_counter(why, path, Saturated.status)
             for why in self._refusals
@@ -168,8 +184,33 @@ class HotPath:
         """Count and log a refusal for `why`, and return the next prebuilt 429."""
         self._count_refusal[why, kind]()
         self.proxy.access.write(path=PATHS[kind], status=Saturated.status, error=Saturated.code)
+        since, refused = self._window
+        now = time.monotonic()
+        if now - since >= 1.0:  # once a second at most: how many wait for a slot?
+            self._rescale(refused / (now - since), quiet=now - since > 10.0)
+            self._window = (now, 1)
+        else:
+            self._window = (since, refused + 1)
         self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
         return self._refusals[why][self._turn]
+
+    def _rescale(self, refusals_s: float, quiet: bool = False) -> None:
+        """Clients waiting ~ refusals a second x the mean retry-after they were given
+        (Little's law); past the slots, the retry-after grows with the clients per
+        slot, so that a sustained overload's refusals stay near `max_in_flight` per
+        retry-after instead of one per waiting client (benchmarks/RESULTS.md)."""
+        if not self.max_in_flight:  # loop-lag refusals alone: no slots to share out
+            return
+        waiting = refusals_s * self._retry_after_s * self.scales[self._scale_at]
+        target = scale_for(waiting / self.max_in_flight, self.scales)
+        # One step a second, as clients told the old wait still come back at it; after
+        # a quiet spell (`quiet`) nobody is, and the scale follows at once.
+        at = target if quiet else self._scale_at + max(-1, min(1, target - self._scale_at))
+        if at != self._scale_at:
+            self._scale_at = at
+            self._refusals = self._by_scale[at]
+            self.refusal_ms = self._ms_by_scale[at]
+            self._show_scale(self.scales[at])
 
     def pace_for(self, now: float) -> float | None:
         """After a refusal: None within server.max_refusals_s; past it, how long the
@@ -248,6 +289,24 @@ class HotPath:
             await _send_error(send, GatewayError(f"internal error: {type(exc).__name__}"), rid)
         finally:
             self.in_flight -= 1
+
+
+def retry_after_scales(max_scale: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to `max_scale` (and it): the retry-after multiples prebuilt."""
+    scales = [1]
+    while scales[-1] * 2 < max_scale:
+        scales.append(scales[-1] * 2)
+    return (*scales, max_scale) if max_scale > 1 else (1,)
+
+
+def scale_for(clients_per_slot: float, scales: tuple[int, ...]) -> int:
+    """The index of the largest scale at or under the clients waiting per slot: never
+    more wait than that ratio asks for, so refusals settle near one per slot and wait."""
+    at = 0
+    for i, scale in enumerate(scales):
+        if scale <= clients_per_slot:
+            at = i
+    return at
 
 
 def wire_head(start: dict) -> bytes:
