@@ -34,6 +34,9 @@ class EngineStartError(Exception):
     """An engine exited or stayed unhealthy during its first start."""
 
 
+STARTING_GRACE = 3.0  # seconds of SIGTERM for an engine stopped while it starts
+
+
 class EngineRunner:
     def __init__(
         self,
@@ -182,9 +185,13 @@ class EngineRunner:
 
     async def stop(self) -> None:
         self.stopping = True
+        starting = self.endpoint.state == "starting"
         self.endpoint.ready, self.endpoint.state = False, "stopped"
         if self.proc is not None:
-            await process.terminate(self.proc, self.settings.timeouts.engine_stop)
+            # One that has not served yet has nothing to drain: vLLM's API server caught
+            # waiting for its EngineCore ignored SIGTERM until the SIGKILL 20 s later.
+            grace = self.settings.timeouts.engine_stop
+            await process.terminate(self.proc, min(grace, STARTING_GRACE) if starting else grace)
 
 
 class Supervisor:
