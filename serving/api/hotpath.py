@@ -147,7 +147,6 @@ class HotPath:
             for refusals in self._by_scale
         ]
         self._turn = 0
-        self._refusals = self._by_scale[0]
         self.refusal_ms = self._ms_by_scale[0]  # the front's (it refuses at scale 1)
         self._scale_at = 0  # which of self.scales the refusals now use
         self._window = (time.monotonic(), 0)  # (since, refusals since)
@@ -158,7 +157,7 @@ class HotPath:
         self._show_scale(1)
         self._count_refusal = {
             (why, kind): metrics.refusal_counter(why, path, Saturated.status)
-            for why in self._refusals
+            for why in self._by_scale[0]
             for kind, path in PATHS.items()
         }
 
@@ -192,7 +191,7 @@ class HotPath:
         else:
             self._window = (since, refused + 1)
         self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
-        return self._refusals[why][self._turn]
+        return self._by_scale[self._scale_at][why][self._turn]
 
     def _rescale(self, refusals_s: float, quiet: bool = False) -> None:
         """Clients waiting ~ refusals a second x the mean retry-after they were given
@@ -208,8 +207,6 @@ class HotPath:
         at = target if quiet else self._scale_at + max(-1, min(1, target - self._scale_at))
         if at != self._scale_at:
             self._scale_at = at
-            self._refusals = self._by_scale[at]
-            self.refusal_ms = self._ms_by_scale[at]
             self._show_scale(self.scales[at])
 
     def pace_for(self, now: float) -> float | None:
@@ -219,7 +216,7 @@ class HotPath:
         if self.refusal_budget.take(now):
             return None
         self._count_paced()
-        return self.refusal_ms[self._turn] / 1000
+        return self._ms_by_scale[self._scale_at][self._turn] / 1000
 
     def take(self) -> None:
         """A slot with no checks: a request the front counted that cannot be refused from
@@ -228,7 +225,7 @@ class HotPath:
 
     def refusal_messages(self, why: str) -> list[list[dict]]:
         """The prebuilt 429s for `why` (the front sends the same bytes)."""
-        return self._refusals[why]
+        return self._by_scale[0][why]
 
     async def _read(self, receive, headers: dict[str, str]) -> bytes:
         limit = self.max_body_bytes
