@@ -124,7 +124,9 @@ class TimeoutSettings(_Strict):
     read: float = Field(300.0, gt=0)
     pool: float = Field(5.0, gt=0)
     engine_start: float = Field(600.0, gt=0, description="Wait for an engine's /health.")
-    engine_stop: float = Field(20.0, gt=0, description="Grace after SIGTERM before SIGKILL.")
+    engine_stop: float = Field(
+        20.0, gt=0, description="Grace after SIGTERM before SIGKILL (3 s while it starts)."
+    )
     health_interval: float = Field(2.0, gt=0)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import time
 
 import pytest
 
@@ -11,6 +13,7 @@ from benchmarks.arrivals import arrival_offsets
 from benchmarks.capacity import cost, find_limit, mix_factor, replicas_needed
 from benchmarks.datasets import LengthDist
 from benchmarks.metrics import SLO, RequestRecord, percentiles, summarize
+from benchmarks.studies.overhead import call_counts
 from benchmarks.verdict import RunFacts, Thresholds, judge
 
 
@@ -326,3 +329,18 @@ def test_compare_groups_repeats_by_name(tmp_path) -> None:
         (tmp_path / d / "sweep" / "bench.json").write_text(_json.dumps(a1))
     with pytest.raises(SystemExit):
         main([str(tmp_path / "p" / "sweep"), str(tmp_path / "q" / "sweep"), "--out", "o"])
+
+
+def test_the_overhead_study_counts_a_process_syscalls_and_wakeups() -> None:
+    before = call_counts(os.getpid())
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for _ in range(100):
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    time.sleep(0.01)  # a sleep is a voluntary context switch
+    after = call_counts(os.getpid())
+    assert after["writes"] - before["writes"] >= 100
+    assert after["reads"] >= before["reads"]
+    assert after["wakeups"] > before["wakeups"]

@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -51,6 +52,7 @@ class BatchResult:
     wall: float
     requests: list[RequestResult] = field(default_factory=list)
     gateway_cpu_s: float | None = None  # CPU the gateway process spent on this batch
+    gateway_calls: dict[str, int] | None = None  # its read/write syscalls and wake-ups
 
     @property
     def output_tps(self) -> float:
@@ -142,6 +144,10 @@ def summarize(batches: list[BatchResult], pair: tuple[str, str]) -> list[dict]:
             if cpu:
                 tokens = sum(r.completion_tokens for b in mine for r in b.requests if r.ok)
                 side[target]["gateway_cpu_ms_per_1k_tokens"] = sum(cpu) * 1e6 / max(tokens, 1)
+                calls = [b.gateway_calls for b in mine if b.gateway_calls]
+                for key in calls[0] if calls else ():
+                    per_1k = sum(c[key] for c in calls) * 1000 / max(tokens, 1)
+                    side[target][f"gateway_{key}_per_1k_tokens"] = round(per_1k, 1)
         g, e = side[pair[0]], side[pair[1]]
         # Round i's two batches ran next to each other (ABBA): on a host that drifts
         # within the run, their ratio is steadier than the ratio of the two medians.
@@ -184,6 +190,12 @@ def print_table(rows: list[dict], pair: tuple[str, str]) -> None:
             cpu = r.get(f"gateway_cpu_ms_per_1k_tokens_{side}")
             if cpu is not None:
                 print(f"C={r['concurrency']}: {side} CPU {cpu:.1f} ms per 1,000 streamed tokens")
+            calls = {k: r.get(f"gateway_{k}_per_1k_tokens_{side}") for k in CALLS}
+            if None not in calls.values():
+                print(
+                    f"C={r['concurrency']}: {side} per 1,000 streamed tokens: "
+                    + ", ".join(f"{v:.0f} {k}" for k, v in calls.items())
+                )
 
 
 Target = tuple[str, str]  # (base URL, model)
@@ -193,6 +205,25 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of one process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CALLS = ("reads", "writes", "wakeups")
+
+
+def call_counts(pid: int) -> dict[str, int]:
+    """The process's read and write syscalls (/proc/PID/io) and its threads' voluntary
+    context switches, i.e. the times it slept and was woken (Linux). The per-token kernel
+    cost is in these: each streamed token is one read from the engine and one write to
+    the client."""
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    wakeups = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+        wakeups += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M)[1])
+    return {"reads": int(io["syscr"]), "writes": int(io["syscw"]), "wakeups": wakeups}
 
 
 async def measure(
@@ -217,11 +248,14 @@ async def measure(
                     url, model = targets[name]
                     pid = pids.get(name)
                     cpu0 = cpu_seconds(pid) if pid else None
+                    calls0 = call_counts(pid) if pid else None
                     batch = await run_batch(
                         client, name, url, model, c, n, tokens, rng, args.prompt_words
                     )
                     if cpu0 is not None:
                         batch.gateway_cpu_s = cpu_seconds(pid) - cpu0
+                        calls = call_counts(pid)
+                        batch.gateway_calls = {k: calls[k] - calls0[k] for k in CALLS}
                     batches.append(batch)
                     print(
                         f"C={c} round {i + 1} {name}: {batch.output_tps:.1f} out tok/s, "
