@@ -275,7 +275,7 @@ async def _read_response_start(reader: asyncio.StreamReader) -> tuple[int, str, 
 
 
 def test_retry_after_scales_are_powers_of_two_up_to_the_max() -> None:
-    from serving.api.hotpath import retry_after_scales, scale_for
+    from serving.api.retry_scale import retry_after_scales, scale_for
 
     assert retry_after_scales(1) == (1,)
     assert retry_after_scales(4) == (1, 2, 4)
@@ -285,6 +285,28 @@ def test_retry_after_scales_are_powers_of_two_up_to_the_max() -> None:
     assert [scale_for(x, scales) for x in (0, 0.9, 1, 1.99, 2, 3.9, 4, 500)] == [
         0, 0, 0, 0, 1, 1, 2, 2
     ]  # fmt: skip
+
+
+def test_the_retry_scale_steps_once_a_second_and_drops_after_a_quiet_spell() -> None:
+    from serving.api.retry_scale import RetryScale
+
+    scale = RetryScale((1, 2, 4), retry_after_s=1, max_in_flight=10)
+    t = scale.window[0]
+    assert not any(scale.refused(t + i / 100) for i in range(50))  # within the first second
+    assert scale.refused(t + 1.0) and scale.at == 1  # 50/s x 1 s = 5 per slot: one step
+    for i in range(60):
+        scale.refused(t + 1.01 + i / 100)
+    assert scale.refused(t + 2.0) and scale.at == 2  # 60/s x 2 s = 12 per slot: the max
+    assert scale.refused(t + 3.0) and scale.at == 1  # one refusal that second: one step down
+    for i in range(60):
+        scale.refused(t + 3.01 + i / 100)
+    assert scale.refused(t + 4.0) and scale.at == 2
+    assert scale.refused(t + 15.5) and scale.at == 0  # 11.5 s quiet: back to 1 at once
+    off = RetryScale((1, 2, 4), retry_after_s=1, max_in_flight=0)  # loop-lag refusals only
+    t = off.window[0]
+    for i in range(500):
+        off.refused(t + i / 100)
+    assert off.at == 0
 
 
 async def test_a_sustained_overload_is_asked_to_wait_longer_then_not() -> None:
@@ -314,14 +336,15 @@ async def test_a_sustained_overload_is_asked_to_wait_longer_then_not() -> None:
             assert await refused() == (1, pytest.approx(1, abs=0.5))
             seen = set()
             for _ in range(3):  # ~20 refusals a second for one slot: scale 2, then 4
-                hot._window = (hot._window[0] - 1.0, 20)  # a second has passed, 20 refused
+                # a second has passed, 20 refused
+                hot.retry_scale.window = (hot.retry_scale.window[0] - 1.0, 20)
                 after, wait = await refused()
                 assert after / 2 <= wait <= after * 1.5  # spread over 0.5-1.5x
                 seen.add(after)
             assert seen == {2, 4} and after == 4  # one step a second, then the max
             metrics = (await http.get(url + "/metrics")).text
             assert _metric(metrics, "tiergate_admission_retry_after_scale") == 4
-            hot._window = (hot._window[0] - 11.0, 0)  # a quiet spell
+            hot.retry_scale.window = (hot.retry_scale.window[0] - 11.0, 0)  # a quiet spell
             assert (await refused())[0] == 1
             await stream.__aexit__(None, None, None)
             assert len(fake.app.state.seen) == 1  # no refused request reached the engine
@@ -331,7 +354,8 @@ async def test_a_sustained_overload_is_asked_to_wait_longer_then_not() -> None:
             stream = http.stream("POST", url + "/v1/chat/completions", json=CHAT)
             assert (await stream.__aenter__()).status_code == 200
             for _ in range(3):
-                app.state.hot._window = (app.state.hot._window[0] - 1.0, 500)
+                scale = app.state.hot.retry_scale
+                scale.window = (scale.window[0] - 1.0, 500)
                 r = await http.post(url + "/v1/chat/completions", json=CHAT)
                 assert r.status_code == 429 and r.headers["retry-after"] == "1"
             await stream.__aexit__(None, None, None)

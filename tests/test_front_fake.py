@@ -366,6 +366,47 @@ def test_refusal_budget_paces_clients_that_resend_at_once(tmp_path: Path) -> Non
     assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
+def test_the_fronts_429s_ask_a_sustained_overload_to_wait_longer(tmp_path: Path) -> None:
+    """The front's own 429s follow server.retry_after_max_scale as the gateway's do
+    (serving/api/retry_scale.py): ~30 refusals a second for one slot is ~30 clients per
+    slot, so the retry-after goes 1, 2, 4, one step a second, in both headers and the
+    message; the gateway's gauge shows the front's scale."""
+    with _fronted(tmp_path, "stall-stream", max_in_flight=1, max_refusals_s=10_000) as (
+        fake,
+        gw,
+    ):
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as held:
+            assert held.status_code == 200  # the one slot
+            conn = Raw(gw.url)
+            request = _post("/v1/chat/completions", CHAT)
+            seen: list[int] = []
+            end = time.monotonic() + 2.6
+            while time.monotonic() < end:
+                conn.sock.sendall(request)
+                status, headers, body = conn.response()
+                assert status == 429
+                after = int(headers["retry-after"])
+                assert after * 500 <= int(headers["retry-after-ms"]) <= after * 1500
+                assert f"retry after {after}s" in json.loads(body)["error"]["message"]
+                seen.append(after)
+                time.sleep(0.03)
+            assert seen[0] == 1 and seen[-1] == 4, seen
+            assert seen == sorted(seen) and set(seen) == {1, 2, 4}, seen  # one step at a time
+
+            def scale() -> float:
+                text = httpx.get(gw.url + "/metrics").text
+                return sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines()
+                    if line.startswith("tiergate_admission_retry_after_scale")
+                )
+
+            gw.wait_for(lambda: scale() == 4, 10, "the front's scale on /metrics")
+        assert len(fake.app.state.seen) == 1  # no refused request reached the engine
+        assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+    assert gw.seen and not gw.survivors(), gw.log_tail()
+
+
 @pytest.mark.parametrize("front", [True, False])
 def test_port_clash_names_the_key(tmp_path: Path, front: bool) -> None:
     """With or without the front, the port is bound before anything starts."""

@@ -26,6 +26,7 @@ from http import HTTPStatus
 from serving.api.access_log import request_id
 from serving.api.coalesce import chunk_writer, head_with_body
 from serving.api.protocol import Kind
+from serving.api.retry_scale import RetryScale, retry_after_scales
 from serving.api.serving import PATHS, ProxyService, Streamed, Unary
 from serving.errors import (
     GatewayError,
@@ -142,15 +143,13 @@ class HotPath:
             for refusals in refusals_of.values()
             for refusal in refusals
         }
-        self._ms_by_scale = [
+        self.refusal_ms_by_scale = [
             [int(dict(start["headers"])[b"retry-after-ms"]) for start, _ in refusals["in_flight"]]
             for refusals in self._by_scale
         ]
         self._turn = 0
-        self.refusal_ms = self._ms_by_scale[0]  # the front's (it refuses at scale 1)
-        self._scale_at = 0  # which of self.scales the refusals now use
-        self._window = (time.monotonic(), 0)  # (since, refusals since)
-        self._retry_after_s = retry_after_s
+        self.retry_after_s = retry_after_s
+        self.retry_scale = RetryScale(self.scales, retry_after_s, max_in_flight)
         self.refusal_budget = RefusalBudget(max_refusals_s)
         self._count_paced = metrics.paced.inc
         self._show_scale = metrics.retry_after_scale.set
@@ -183,31 +182,10 @@ class HotPath:
         """Count and log a refusal for `why`, and return the next prebuilt 429."""
         self._count_refusal[why, kind]()
         self.proxy.access.write(path=PATHS[kind], status=Saturated.status, error=Saturated.code)
-        since, refused = self._window
-        now = time.monotonic()
-        if now - since >= 1.0:  # once a second at most: how many wait for a slot?
-            self._rescale(refused / (now - since), quiet=now - since > 10.0)
-            self._window = (now, 1)
-        else:
-            self._window = (since, refused + 1)
+        if self.retry_scale.refused(time.monotonic()):
+            self._show_scale(self.scales[self.retry_scale.at])
         self._turn = (self._turn + 7) % SPREAD  # 7 is prime to SPREAD: every one in turn
-        return self._by_scale[self._scale_at][why][self._turn]
-
-    def _rescale(self, refusals_s: float, quiet: bool = False) -> None:
-        """Clients waiting ~ refusals a second x the mean retry-after they were given
-        (Little's law); past the slots, the retry-after grows with the clients per
-        slot, so that a sustained overload's refusals stay near `max_in_flight` per
-        retry-after instead of one per waiting client (benchmarks/RESULTS.md)."""
-        if not self.max_in_flight:  # loop-lag refusals alone: no slots to share out
-            return
-        waiting = refusals_s * self._retry_after_s * self.scales[self._scale_at]
-        target = scale_for(waiting / self.max_in_flight, self.scales)
-        # One step a second, as clients told the old wait still come back at it; after
-        # a quiet spell (`quiet`) nobody is, and the scale follows at once.
-        at = target if quiet else self._scale_at + max(-1, min(1, target - self._scale_at))
-        if at != self._scale_at:
-            self._scale_at = at
-            self._show_scale(self.scales[at])
+        return self._by_scale[self.retry_scale.at][why][self._turn]
 
     def pace_for(self, now: float) -> float | None:
         """After a refusal: None within server.max_refusals_s; past it, how long the
@@ -216,16 +194,16 @@ class HotPath:
         if self.refusal_budget.take(now):
             return None
         self._count_paced()
-        return self._ms_by_scale[self._scale_at][self._turn] / 1000
+        return self.refusal_ms_by_scale[self.retry_scale.at][self._turn] / 1000
 
     def take(self) -> None:
         """A slot with no checks: a request the front counted that cannot be refused from
         the parser callback (its client's socket is not writable)."""
         self.in_flight += 1
 
-    def refusal_messages(self, why: str) -> list[list[dict]]:
-        """The prebuilt 429s for `why` (the front sends the same bytes)."""
-        return self._by_scale[0][why]
+    def refusal_messages(self, why: str) -> list[list[list[dict]]]:
+        """The prebuilt 429s for `why`, per scale (the front sends the same bytes)."""
+        return [refusals[why] for refusals in self._by_scale]
 
     async def _read(self, receive, headers: dict[str, str]) -> bytes:
         limit = self.max_body_bytes
@@ -286,24 +264,6 @@ class HotPath:
             await _send_error(send, GatewayError(f"internal error: {type(exc).__name__}"), rid)
         finally:
             self.in_flight -= 1
-
-
-def retry_after_scales(max_scale: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to `max_scale` (and it): the retry-after multiples prebuilt."""
-    scales = [1]
-    while scales[-1] * 2 < max_scale:
-        scales.append(scales[-1] * 2)
-    return (*scales, max_scale) if max_scale > 1 else (1,)
-
-
-def scale_for(clients_per_slot: float, scales: tuple[int, ...]) -> int:
-    """The index of the largest scale at or under the clients waiting per slot: never
-    more wait than that ratio asks for, so refusals settle near one per slot and wait."""
-    at = 0
-    for i, scale in enumerate(scales):
-        if scale <= clients_per_slot:
-            at = i
-    return at
 
 
 def wire_head(start: dict) -> bytes:

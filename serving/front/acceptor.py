@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from serving.api.head import Head, parse_head
+from serving.api.retry_scale import RetryScale
 from serving.front import channel
 from serving.router.breaker import RefusalBudget
 
@@ -47,10 +48,15 @@ class Front:
         self.max_head = config["max_head_bytes"]
         self.keep_alive_s = config["keep_alive_s"]
         self.access_log = config["access_log"]
-        self.refusals = [base64.b64decode(r) for r in config["refusals"]]
-        self.refusal_s = [ms / 1000 for ms in config["refusal_ms"]]  # each one's retry-after-ms
+        # per retry-after scale, the 429s and each one's retry-after-ms, in seconds
+        self.refusals, self.refusals_close = (
+            [[base64.b64decode(r) for r in scale] for scale in config[key]]
+            for key in ("refusals", "refusals_close")
+        )
+        self.refusal_s = [[ms / 1000 for ms in scale] for scale in config["refusal_ms"]]
+        scales = tuple(config["scales"])
+        self.scale = RetryScale(scales, config["retry_after_s"], self.max_in_flight)
         self.budget = RefusalBudget(config["max_refusals_s"])
-        self.refusals_close = [base64.b64decode(r) for r in config["refusals_close"]]
         self.turn = 0
         self.conns: dict[int, Conn] = {}
         self.next_id = 1
@@ -135,8 +141,9 @@ class Front:
         conn.idle_since = time.monotonic()
 
     def _refuse(self, conn: Conn, head: Head) -> None:
-        self.turn = (self.turn + 7) % len(self.refusals)  # 7 is prime to 32: all in turn
-        answer = (self.refusals_close if head.close else self.refusals)[self.turn]
+        self.turn = (self.turn + 7) % len(self.refusals[0])  # 7 is prime to 32: all in turn
+        self.scale.refused(time.monotonic())
+        answer = (self.refusals_close if head.close else self.refusals)[self.scale.at][self.turn]
         self.refused[head.path] += 1
         if self.access_log:  # the gateway's line (serving/api/access_log.py), by the front
             now = time.time()
@@ -156,7 +163,7 @@ class Front:
             self.loop.remove_reader(conn.sock.fileno())
             conn.paced, conn.idle_since = True, time.monotonic()
             self.paced += 1
-            self.loop.call_later(self.refusal_s[self.turn], self._unpace, conn)
+            self.loop.call_later(self.refusal_s[self.scale.at][self.turn], self._unpace, conn)
 
     def _unpace(self, conn: Conn) -> None:
         conn.paced = False
@@ -218,11 +225,13 @@ class Front:
             self.loop.add_reader(conn.sock.fileno(), self._readable, conn)
 
     async def _sweep(self) -> None:
-        """Once a second: refusals to the gateway's metrics, idle connections closed."""
+        """Once a second: refusals (and the retry-after scale) to the gateway's metrics,
+        idle connections closed."""
         while True:
             await asyncio.sleep(1.0)
             if any(self.refused.values()) or self.paced:
-                self.out.send(channel.stats([*self.refused.values(), self.paced]))
+                scale = self.scale.scales[self.scale.at]
+                self.out.send(channel.stats([*self.refused.values(), self.paced, scale]))
                 self.refused = dict.fromkeys(self.refused, 0)
                 self.paced = 0
             cutoff = time.monotonic() - self.keep_alive_s

@@ -11,7 +11,8 @@ One message per packet (the kernel keeps the boundaries), a 1-byte kind first:
          end: a pipelined request or unwritten bytes);
 - CLOSE  front -> gateway: a parked connection ended (client gone, idle too long);
 - STATS  front -> gateway: refusals since the last STATS, per hot path (the order of
-         the paths the gateway gave the front at start), then the connections paced;
+         the paths the gateway gave the front at start), then the connections paced,
+         then the retry-after scale its 429s use now;
 - STOP   gateway -> front: stop accepting, close what is parked, exit.
 """
 

@@ -127,9 +127,12 @@ class FrontLink:
             "keep_alive_s": keep_alive_s,
             "access_log": settings.server.access_log == "json",
             "max_refusals_s": settings.server.max_refusals_s,
-            "refusal_ms": hot.refusal_ms,
-            "refusals": raw_responses(refusals, close=False),
-            "refusals_close": raw_responses(refusals, close=True),
+            # every retry-after scale's 429s: the front scales its own (retry_scale.py)
+            "scales": list(hot.scales),
+            "retry_after_s": hot.retry_after_s,
+            "refusal_ms": hot.refusal_ms_by_scale,
+            "refusals": [raw_responses(r, close=False) for r in refusals],
+            "refusals_close": [raw_responses(r, close=True) for r in refusals],
         }
         self._spawn()
 
@@ -181,7 +184,8 @@ class FrontLink:
                     protocol.managed = False
                     protocol.transport.close()
             elif kind == channel.STATS:
-                *refused, paced = message[1:]
+                *refused, paced, scale = message[1:]
+                self.metrics.retry_after_scale.set(scale)
                 for path, n in zip(_PATHS, refused, strict=True):
                     if n:
                         self.metrics.admission_refused("in_flight", n)
