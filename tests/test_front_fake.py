@@ -407,6 +407,23 @@ def test_the_fronts_429s_ask_a_sustained_overload_to_wait_longer(tmp_path: Path)
     assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
+def test_the_front_starts_with_the_largest_retry_after_scale(tmp_path: Path) -> None:
+    """Every scale's prebuilt 429s go to the front at start (~150 KB at the largest
+    server.retry_after_max_scale): more than one command-line argument may hold."""
+    with _fronted(tmp_path, "stall-stream", max_in_flight=1, retry_after_max_scale=60) as (
+        fake,
+        gw,
+    ):
+        assert len(_fronts(gw)) == 1
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=CHAT) as held:
+            assert held.status_code == 200
+            r = httpx.post(gw.url + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert len(fake.app.state.seen) == 1
+        assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+    assert gw.seen and not gw.survivors(), gw.log_tail()
+
+
 @pytest.mark.parametrize("front", [True, False])
 def test_port_clash_names_the_key(tmp_path: Path, front: bool) -> None:
     """With or without the front, the port is bound before anything starts."""

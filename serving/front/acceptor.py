@@ -4,8 +4,8 @@ and hands every other request to the gateway with its socket (serving/front/__in
 It imports the standard library and uvloop only (no FastAPI, no pydantic): it starts
 in ~100 ms and its own cost per request is a recv, a head parse and one sendmsg.
 Run by the gateway (`handoff.FrontLink`), never by hand: `python -m
-serving.front.acceptor CONFIG_JSON` with the listening socket and its end of the pair
-passed as file descriptors.
+serving.front.acceptor CONFIG_FD` (a memfd holding the JSON), with the listening
+socket and its end of the pair passed as file descriptors too.
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ class Front:
 
 
 def main(argv: list[str]) -> int:
-    config = json.loads(argv[0])
+    with open(int(argv[0]), "rb") as blob:  # a memfd the gateway wrote (handoff._spawn)
+        config = json.loads(blob.read())
     listener = socket.socket(fileno=config["listen_fd"])
     chan = socket.socket(fileno=config["channel_fd"])
     # The gateway leads shutdown (it sends STOP, or its end closes): Ctrl-C reaches the

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -139,10 +140,19 @@ class FrontLink:
     def _spawn(self) -> None:
         mine, theirs = channel.pair()
         config = self.config | {"channel_fd": theirs.fileno()}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.front.acceptor", json.dumps(config)],
-            pass_fds=(self.listener.fileno(), theirs.fileno()),
-        )
+        # In a memfd, not an argument: every scale's 429s reach ~150 KB, past the
+        # kernel's 128 KiB for one argument; nothing is left on disk.
+        blob = os.memfd_create("tiergate-front-config")
+        try:
+            with open(blob, "wb", closefd=False) as f:
+                f.write(json.dumps(config).encode())
+            os.lseek(blob, 0, os.SEEK_SET)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "serving.front.acceptor", str(blob)],
+                pass_fds=(self.listener.fileno(), theirs.fileno(), blob),
+            )
+        finally:
+            os.close(blob)
         theirs.close()
         mine.setblocking(False)
         self.chan = mine
