@@ -87,10 +87,11 @@ class ServerSettings(_Strict):
         4,
         ge=1,
         le=60,
-        description="In a sustained overload the gateway's own 429s ask clients to wait up "
-        "to this many times router.spill.retry_after_s: as many times as clients wait per "
-        "slot of max_in_flight (refusals a second x retry-after), so that refusals do not "
-        "take the core from the streams (1: off; benchmarks/RESULTS.md).",
+        description="In a sustained overload the max_in_flight 429s (the gateway's, or its "
+        "front's) ask clients to wait up to this many times router.spill.retry_after_s: as "
+        "many times as clients wait per slot of max_in_flight (refusals a second x "
+        "retry-after), so that refusals do not take the core from the streams (1: off; "
+        "benchmarks/RESULTS.md).",
     )
     front: bool = Field(
         False,

@@ -163,7 +163,8 @@ class GatewayMetrics:
         )
         self.retry_after_scale = Gauge(
             "tiergate_admission_retry_after_scale",
-            "How many times router.spill.retry_after_s the gateway's own 429s now ask "
+            "How many times router.spill.retry_after_s the max_in_flight 429s (the "
+            "gateway's, or under server.front the front's) now ask "
             "clients to wait: above 1 in a sustained overload (server.retry_after_max_scale).",
             registry=r,
             multiprocess_mode="max",

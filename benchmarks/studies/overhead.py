@@ -145,7 +145,7 @@ def summarize(batches: list[BatchResult], pair: tuple[str, str]) -> list[dict]:
                 tokens = sum(r.completion_tokens for b in mine for r in b.requests if r.ok)
                 side[target]["gateway_cpu_ms_per_1k_tokens"] = sum(cpu) * 1e6 / max(tokens, 1)
                 calls = [b.gateway_calls for b in mine if b.gateway_calls]
-                for key in calls[0] if calls else ():
+                for key in CALLS if calls else ():
                     per_1k = sum(c[key] for c in calls) * 1000 / max(tokens, 1)
                     side[target][f"gateway_{key}_per_1k_tokens"] = round(per_1k, 1)
         g, e = side[pair[0]], side[pair[1]]
