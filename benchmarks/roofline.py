@@ -156,5 +156,34 @@ def calibrate(model: Roofline, observations: list[Observation]) -> tuple[Efficie
     return best, math.expm1(rms)
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    model: Roofline
+    batch: int
+    context: float  # mean tokens each sequence attends to over the run
+    step_s: float  # measured seconds per decode step
+
+
+def fit_steps(timings: list[StepTiming], compute: float) -> tuple[Efficiency, float]:
+    """Fit the bandwidth share and per-step overhead to measured decode steps (one card,
+    any models), with the compute share given (a measured GEMM rate / the datasheet's).
+    Grid search on the squared log error; returns the fit and its RMS relative error."""
+    if not timings:
+        raise ValueError("a step fit needs at least one measured step")
+    shares = [round(0.30 + 0.01 * i, 2) for i in range(71)]  # 0.30 .. 1.00
+    overheads = [0.00002 * i for i in range(501)]  # 0 .. 10 ms, 20 µs apart
+    best, best_err = Efficiency(), math.inf
+    for bw, ov in itertools.product(shares, overheads):
+        eff = Efficiency(bw, compute, ov)
+        err = sum(
+            math.log(t.model.with_efficiency(eff).decode_step(t.batch, t.context)[0] / t.step_s)
+            ** 2
+            for t in timings
+        )
+        if err < best_err:
+            best, best_err = eff, err
+    return best, math.expm1(math.sqrt(best_err / len(timings)))
+
+
 def relative_error(predicted: float, measured: float) -> float:
     return predicted / measured - 1.0

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from benchmarks.roofline import Efficiency, Observation, Roofline, Workload, calibrate
+from benchmarks.roofline import (
+    Efficiency,
+    Observation,
+    Roofline,
+    StepTiming,
+    Workload,
+    calibrate,
+    fit_steps,
+)
 from models.hardware import GIB, ModelSpec, gpu_profiles, model_specs
 from models.memory import EngineShape, plan_memory
 
@@ -125,3 +135,64 @@ def test_calibration_recovers_known_efficiency() -> None:
         assert model.with_efficiency(fitted).predict(o.workload).output_tok_s == pytest.approx(
             o.output_tok_s, rel=0.02
         )
+
+
+def test_step_fit_recovers_a_known_bandwidth_and_overhead_across_models() -> None:
+    truth = Efficiency(bandwidth=0.82, compute=0.75, step_overhead_s=0.00132)
+    timings = []
+    for key in ("smollm2-135m", "llama-3.2-3b", "llama-3.1-8b"):
+        model = Roofline(SPECS[key], GPUS["h100-80gb"])
+        for batch in (1, 8, 32):
+            step = model.with_efficiency(truth).decode_step(batch, 192)[0]
+            timings.append(StepTiming(model, batch, 192, step))
+    fitted, err = fit_steps(timings, compute=0.75)
+    assert fitted.bandwidth == pytest.approx(0.82)
+    assert fitted.step_overhead_s == pytest.approx(0.00132, abs=2e-5)
+    assert fitted.compute == 0.75
+    assert err < 0.005
+    with pytest.raises(ValueError, match="at least one"):
+        fit_steps([], compute=0.75)
+
+
+def test_gpu_check_compare_fits_graph_rows_from_several_files(tmp_path, capsys) -> None:
+    """The GPU study's compare half (runs here, no GPU): graph rows split over two files
+    are all kept, a held-out model is shown but not fitted, and the fit is written as a
+    `plan --efficiency` file."""
+    from benchmarks.studies import gpu_check
+
+    gpu = GPUS["h200-141gb"]
+    truth = Efficiency(bandwidth=0.8, compute=0.77, step_overhead_s=0.00134)
+    head = {"date": "2026-11-27", "device": "fake card", "torch": "-", "transformers": "-"}
+    peaks = head | {
+        "memory": {"copy_gbs": 4200.0, "read_gbs": 4100.0},
+        "gemm": {"bf16_tflops": 0.77 * gpu.bf16_tflops},
+    }
+
+    def rows(key: str) -> list[dict]:
+        model = Roofline(SPECS[key], gpu).with_efficiency(truth)
+        out = []
+        for batch in (1, 8, 32, 128):
+            step = model.decode_step(batch, 192)[0]
+            out.append({"model": key, "batch": batch, "prompt": 128, "output": 128,
+                        "graph_step_s": step, "graph_tok_s": batch / step})  # fmt: skip
+        return out
+
+    files = []
+    for name, body in [
+        ("peaks", peaks),
+        ("small", head | {"graph": rows("smollm2-135m") + rows("llama-3.2-3b")}),
+        ("large", head | {"graph": rows("llama-3.1-8b") + rows("llama-3.1-70b")}),
+    ]:
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(body))
+    fit_file = tmp_path / "fit.json"
+    argv = ["compare", *map(str, files), "--gpu", "h200-141gb", "--held-out", "llama-3.1-70b"]
+    assert gpu_check.main([*argv, "--fit-out", str(fit_file)]) == 0
+    out = capsys.readouterr().out
+    assert "(9 points; held out: llama-3.1-70b)" in out  # three models x batch 1-32
+    assert sum(line.startswith("| llama-3.1-70b |") for line in out.splitlines()) == 4
+    fit = json.loads(fit_file.read_text())
+    assert fit["efficiency"]["bandwidth"] == pytest.approx(0.8)
+    assert fit["efficiency"]["step_overhead_s"] == pytest.approx(0.00134, abs=2e-5)
+    assert fit["points"] == 9 and fit["rms_error"] < 0.005
+    assert "not vLLM" in fit["what"]

@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 SPECS = Path(__file__).resolve().parents[2] / "configs" / "model_specs.yaml"
@@ -267,12 +268,13 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from benchmarks.roofline import Efficiency, Roofline
+    from benchmarks.roofline import Efficiency, Roofline, StepTiming, fit_steps
     from models.hardware import gpu_profiles, model_specs
 
     data: dict = {}
-    for f in args.files:  # one file per part: peaks, hf, graph
-        data |= json.loads(Path(f).read_text())
+    for f in args.files:  # one file per part (peaks, hf, graph); a part's rows may span files
+        for key, value in json.loads(Path(f).read_text()).items():
+            data[key] = data.get(key, []) + value if isinstance(value, list) else value
     gpu = gpu_profiles()[args.gpu]
     specs = model_specs()
     mem, gemm = data["memory"], data["gemm"]
@@ -304,22 +306,65 @@ def cmd_compare(args: argparse.Namespace) -> int:
         step_overhead_s=0.0,
     )
     hf = {(r["model"], r["batch"]): r for r in data.get("hf", [])}
+    rows = data.get("graph", [])
+    models = {name: Roofline(specs[name], gpu) for name in {r["model"] for r in rows}}
+    timings = [
+        StepTiming(models[r["model"]], r["batch"], r["prompt"] + r["output"] / 2, r["graph_step_s"])
+        for r in rows
+    ]
+    fitted_on = [
+        t
+        for t, r in zip(timings, rows, strict=True)
+        if t.batch <= args.fit_max_batch and r["model"] not in args.held_out
+    ]
+    fit, rms = fit_steps(fitted_on, floor.compute) if fitted_on else (None, float("nan"))
+    if fit:
+        held = ", ".join(args.held_out) or "none"
+        print(
+            f"\nfit to the CUDA-graph steps at batch <= {args.fit_max_batch} "
+            f"({len(fitted_on)} points; held out: {held}): "
+            f"bandwidth {fit.bandwidth:.2f} of the datasheet "
+            f"({fit.bandwidth * gpu.bandwidth_gbs:,.0f} GB/s), step overhead "
+            f"{fit.step_overhead_s * 1e3:.2f} ms, compute {fit.compute:.2f} (measured); "
+            f"RMS error {rms:.1%}"
+        )
+    if fit and args.fit_out:
+        args.fit_out.write_text(
+            json.dumps(
+                {
+                    "what": "the CUDA-graph decode floor of a plain-torch decoder, not vLLM",
+                    "device": data["device"],
+                    "date": data["date"],
+                    "gpu": args.gpu,
+                    "efficiency": asdict(fit),
+                    "rms_error": rms,
+                    "points": len(fitted_on),
+                },
+                indent=1,
+            )
+        )
     print(
         "\n| model | batch | transformers eager tok/s | CUDA graph tok/s | roofline, default "
-        "efficiency | floor: measured peaks, no overhead | graph / roofline | graph / floor |"
+        "efficiency | floor: measured peaks, no overhead | fitted | graph / roofline | "
+        "graph / floor | fitted / graph |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for row in data.get("graph", []):
-        model = Roofline(specs[row["model"]], gpu)
-        ctx = row["prompt"] + row["output"] / 2
-        default_step, _ = model.decode_step(row["batch"], ctx)
-        floor_step, bound = model.with_efficiency(floor).decode_step(row["batch"], ctx)
-        pred, best = row["batch"] / default_step, row["batch"] / floor_step
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row, t in zip(rows, timings, strict=True):
+        model = models[row["model"]]
+        default_step, _ = model.decode_step(t.batch, t.context)
+        floor_step, bound = model.with_efficiency(floor).decode_step(t.batch, t.context)
+        pred, best = t.batch / default_step, t.batch / floor_step
+        fitted = (
+            t.batch / model.with_efficiency(fit).decode_step(t.batch, t.context)[0]
+            if fit
+            else float("nan")
+        )
         graph = row["graph_tok_s"]
         eager = hf.get((row["model"], row["batch"]), {}).get("eager_tok_s", float("nan"))
         print(
             f"| {row['model']} | {row['batch']} | {eager:,.0f} | {graph:,.0f} | {pred:,.0f} | "
-            f"{best:,.0f} ({bound}) | {graph / pred:.2f} | {graph / best:.2f} |"
+            f"{best:,.0f} ({bound}) | {fitted:,.0f} | {graph / pred:.2f} | {graph / best:.2f} | "
+            f"{fitted / graph:.2f} |"
         )
     return 0
 
@@ -339,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("compare")
     c.add_argument("files", nargs="+")
     c.add_argument("--gpu", default="h100-80gb")
+    c.add_argument(
+        "--fit-max-batch", type=int, default=32, help="fit to the graph steps up to this batch"
+    )
+    c.add_argument("--held-out", nargs="*", default=[], help="models shown but not fitted")
+    c.add_argument("--fit-out", type=Path, help="write the fit as a `plan --efficiency` file")
     args = parser.parse_args(argv)
     return cmd_measure(args) if args.cmd == "measure" else cmd_compare(args)
 
