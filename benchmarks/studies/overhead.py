@@ -101,6 +101,7 @@ async def run_batch(
     max_tokens: int,
     rng: random.Random,
     prompt_words: int,
+    extra: dict | None = None,
 ) -> BatchResult:
     bodies = [
         {
@@ -111,6 +112,7 @@ async def run_batch(
             "temperature": 0,
             "stream": True,
             "stream_options": {"include_usage": True},
+            **(extra or {}),
         }
         for _ in range(n)
     ]
@@ -198,7 +200,7 @@ def print_table(rows: list[dict], pair: tuple[str, str]) -> None:
                 )
 
 
-Target = tuple[str, str]  # (base URL, model)
+Target = tuple[str, str, dict]  # (base URL, model, fields added to each request body)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -238,19 +240,19 @@ async def measure(
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     names = list(targets)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), limits=limits) as client:
-        for name, (url, model) in targets.items():
-            await run_batch(client, name, url, model, 4, 4, 16, rng, args.prompt_words)
+        for name, (url, model, extra) in targets.items():
+            await run_batch(client, name, url, model, 4, 4, 16, rng, args.prompt_words, extra)
         for c in args.concurrency:
             n = max(c * args.batches_per_slot, args.min_requests)
             tokens = args.max_tokens if c > 1 else args.max_tokens_c1
             for i in range(args.rounds):
                 for name in names if i % 2 == 0 else names[::-1]:
-                    url, model = targets[name]
+                    url, model, extra = targets[name]
                     pid = pids.get(name)
                     cpu0 = cpu_seconds(pid) if pid else None
                     calls0 = call_counts(pid) if pid else None
                     batch = await run_batch(
-                        client, name, url, model, c, n, tokens, rng, args.prompt_words
+                        client, name, url, model, c, n, tokens, rng, args.prompt_words, extra
                     )
                     if cpu0 is not None:
                         batch.gateway_cpu_s = cpu_seconds(pid) - cpu0
@@ -284,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--compare",
-        choices=["engine", "auto"],
+        choices=["engine", "auto", "interval"],
         default="engine",
         help="engine: gateway vs its engine directly; auto: model=auto vs the tier's model, "
-        "both through the gateway",
+        "both through the gateway; interval: requests with vLLM's stream_interval "
+        "(--stream-interval tokens per event) vs without, both through the gateway",
     )
+    p.add_argument("--stream-interval", type=int, default=2)
     p.add_argument("--model", help="the direct model name (default: the first listed)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=4)
@@ -308,13 +312,22 @@ def main(argv: list[str] | None = None) -> int:
             args.model or httpx.get(gateway_url + "/v1/models", timeout=10).json()["data"][0]["id"]
         )
         if args.compare == "engine" and args.engine_url:  # any relay in front of an engine
-            targets = {"gateway": (gateway_url, model), "engine": (args.engine_url, model)}
+            targets = {"gateway": (gateway_url, model, {}), "engine": (args.engine_url, model, {})}
         elif args.compare == "engine":
             engines = httpx.get(gateway_url + "/tiergate/engines", timeout=10).json()["engines"]
             engine = next(e for e in engines if e["model"] == model or e["name"] == model)
-            targets = {"gateway": (gateway_url, model), "engine": (engine["url"], engine["model"])}
-        else:
-            targets = {"auto": (gateway_url, "auto"), "direct": (gateway_url, model)}
+            targets = {
+                "gateway": (gateway_url, model, {}),
+                "engine": (engine["url"], engine["model"], {}),
+            }
+        elif args.compare == "auto":
+            targets = {"auto": (gateway_url, "auto", {}), "direct": (gateway_url, model, {})}
+        else:  # vLLM's per-request stream_interval: N tokens per event against one
+            n = args.stream_interval
+            targets = {
+                f"interval{n}": (gateway_url, model, {"stream_interval": n}),
+                "interval1": (gateway_url, model, {}),
+            }
         pid = gateway.proc.proc.pid if gateway.proc is not None else args.gateway_pid
         pids = {name: pid for name in targets if name != "engine" and pid}
         if args.engine_pid and "engine" in targets:
