@@ -292,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         "both through the gateway; interval: requests with vLLM's stream_interval "
         "(--stream-interval tokens per event) vs without, both through the gateway",
     )
-    p.add_argument("--stream-interval", type=int, default=2)
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        help="vLLM's per-request stream_interval (tokens per event), on both sides; with "
+        "--compare interval, the one side's (default 2)",
+    )
     p.add_argument("--model", help="the direct model name (default: the first listed)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=4)
@@ -323,11 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.compare == "auto":
             targets = {"auto": (gateway_url, "auto", {}), "direct": (gateway_url, model, {})}
         else:  # vLLM's per-request stream_interval: N tokens per event against one
-            n = args.stream_interval
+            n = args.stream_interval or 2
             targets = {
                 f"interval{n}": (gateway_url, model, {"stream_interval": n}),
                 "interval1": (gateway_url, model, {}),
             }
+        if args.stream_interval and args.compare != "interval":
+            for _, _, extra in targets.values():
+                extra["stream_interval"] = args.stream_interval
         pid = gateway.proc.proc.pid if gateway.proc is not None else args.gateway_pid
         pids = {name: pid for name in targets if name != "engine" and pid}
         if args.engine_pid and "engine" in targets:
