@@ -146,6 +146,8 @@ def test_engines_get_gpus_probes_shm_cache_and_secure_defaults() -> None:
     assert "--enable-prefix-caching" in args and args[args.index("--model") + 1].startswith(
         "RedHat"
     )
+    for _, c in engines:  # two tokens per streamed event on the GPU examples
+        assert c["args"][c["args"].index("--stream-interval") + 1] == "2"
     assert len(by_kind(docs, "PodDisruptionBudget")) == 4  # router + 3 tiers
     assert by_kind(docs, "ServiceMonitor")
 
