@@ -103,11 +103,14 @@ def _hf_config(spec: dict):
     return LlamaConfig(**common)
 
 
-def _graph_decode(spec: dict, batch: int, prompt: int, output: int, device: str = "cuda") -> float:
+def _graph_decode(
+    spec: dict, batch: int, prompt: int, output: int, device: str = "cuda", attend: bool = True
+) -> float:
     """Seconds per decode step of a plain-torch Llama decoder (random bf16 weights of the
     spec's shapes, a static KV cache, GQA attention over it), one step captured in a CUDA
     graph and replayed: the launch-free cost that an engine with CUDA graphs (vLLM) pays.
-    Rotary embedding is left out (elementwise, no weights)."""
+    Rotary embedding is left out (elementwise, no weights). `attend=False` skips the
+    attention (K/V still written): the step's cost without it, to tell the two apart."""
     import torch
     import torch.nn.functional as F
 
@@ -137,9 +140,12 @@ def _graph_decode(spec: dict, batch: int, prompt: int, output: int, device: str 
             q, k, v = (a @ qkv[i]).split([nh * d, kvh * d, kvh * d], dim=-1)
             kcache[i].index_copy_(2, pos, k.view(batch, kvh, 1, d))
             vcache[i].index_copy_(2, pos, v.view(batch, kvh, 1, d))
-            o = F.scaled_dot_product_attention(
-                q.view(batch, nh, 1, d), kcache[i], vcache[i], attn_mask=mask, enable_gqa=True
-            )
+            if attend:
+                o = F.scaled_dot_product_attention(
+                    q.view(batch, nh, 1, d), kcache[i], vcache[i], attn_mask=mask, enable_gqa=True
+                )
+            else:
+                o = q
             h = h + o.reshape(batch, nh * d) @ wo[i]
             g, u = (F.rms_norm(h, (hid,), norms[2 * i + 1]) @ gate_up[i]).chunk(2, dim=-1)
             h = h + (F.silu(g) * u) @ down[i]
@@ -168,7 +174,9 @@ def _graph_decode(spec: dict, batch: int, prompt: int, output: int, device: str 
     return _timed(replay_all, 5, warmup=2) / output
 
 
-def measure_graph(names: list[str], batches: list[int], prompt: int, output: int) -> list[dict]:
+def measure_graph(
+    names: list[str], batches: list[int], prompt: int, output: int, attend: bool = True
+) -> list[dict]:
     import torch
     import yaml
 
@@ -176,7 +184,7 @@ def measure_graph(names: list[str], batches: list[int], prompt: int, output: int
     rows = []
     for name in names:
         for batch in batches:
-            step = _graph_decode(specs[name], batch, prompt, output)
+            step = _graph_decode(specs[name], batch, prompt, output, attend=attend)
             row = {
                 "model": name,
                 "batch": batch,
@@ -184,6 +192,7 @@ def measure_graph(names: list[str], batches: list[int], prompt: int, output: int
                 "output": output,
                 "graph_step_s": step,
                 "graph_tok_s": batch / step,
+                "attention": attend,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -261,7 +270,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     elif args.part == "hf":
         result["hf"] = measure_decode(args.models, args.batches, args.prompt, args.output)
     else:
-        result["graph"] = measure_graph(args.models, args.batches, args.prompt, args.output)
+        result["graph"] = measure_graph(
+            args.models, args.batches, args.prompt, args.output, attend=not args.no_attention
+        )
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k in ("memory", "gemm")}))
     return 0
@@ -308,14 +319,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     hf = {(r["model"], r["batch"]): r for r in data.get("hf", [])}
     rows = data.get("graph", [])
     models = {name: Roofline(specs[name], gpu) for name in {r["model"] for r in rows}}
+    # A step without attention (--no-attention) reads no K/V: context 0, never fitted.
     timings = [
-        StepTiming(models[r["model"]], r["batch"], r["prompt"] + r["output"] / 2, r["graph_step_s"])
+        StepTiming(
+            models[r["model"]],
+            r["batch"],
+            r["prompt"] + r["output"] / 2 if r.get("attention", True) else 0,
+            r["graph_step_s"],
+        )
         for r in rows
     ]
     fitted_on = [
         t
         for t, r in zip(timings, rows, strict=True)
-        if t.batch <= args.fit_max_batch and r["model"] not in args.held_out
+        if t.batch <= args.fit_max_batch
+        and r["model"] not in args.held_out
+        and r.get("attention", True)
     ]
     fit, rms = fit_steps(fitted_on, floor.compute) if fitted_on else (None, float("nan"))
     if fit:
@@ -361,8 +380,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
         graph = row["graph_tok_s"]
         eager = hf.get((row["model"], row["batch"]), {}).get("eager_tok_s", float("nan"))
+        name = row["model"] if row.get("attention", True) else f"{row['model']} (no attention)"
         print(
-            f"| {row['model']} | {row['batch']} | {eager:,.0f} | {graph:,.0f} | {pred:,.0f} | "
+            f"| {name} | {row['batch']} | {eager:,.0f} | {graph:,.0f} | {pred:,.0f} | "
             f"{best:,.0f} ({bound}) | {fitted:,.0f} | {graph / pred:.2f} | {graph / best:.2f} | "
             f"{fitted / graph:.2f} |"
         )
@@ -381,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     m.add_argument("--prompt", type=int, default=128)
     m.add_argument("--output", type=int, default=128)
+    m.add_argument("--no-attention", action="store_true", help="graph: skip attention")
     c = sub.add_parser("compare")
     c.add_argument("files", nargs="+")
     c.add_argument("--gpu", default="h100-80gb")
