@@ -160,7 +160,7 @@ def calibrate(model: Roofline, observations: list[Observation]) -> tuple[Efficie
 class StepTiming:
     model: Roofline
     batch: int
-    context: float  # mean tokens each sequence attends to over the run
+    context: float  # tokens of K/V each sequence reads per step (the run's mean; 0: none)
     step_s: float  # measured seconds per decode step
 
 

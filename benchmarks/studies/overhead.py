@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             targets = {"auto": (gateway_url, "auto", {}), "direct": (gateway_url, model, {})}
         else:  # vLLM's per-request stream_interval: N tokens per event against one
             n = args.stream_interval or 2
+            if n < 2:
+                p.error("--compare interval needs --stream-interval 2 or more")
             targets = {
                 f"interval{n}": (gateway_url, model, {"stream_interval": n}),
                 "interval1": (gateway_url, model, {}),
