@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.compare == "interval" and (args.stream_interval or 2) < 2:
+        p.error("--compare interval needs --stream-interval 2 or more")  # both sides: one
     exit_on_sigterm()
 
     gateway = GatewayUnderTest(args)
@@ -329,8 +331,6 @@ def main(argv: list[str] | None = None) -> int:
             targets = {"auto": (gateway_url, "auto", {}), "direct": (gateway_url, model, {})}
         else:  # vLLM's per-request stream_interval: N tokens per event against one
             n = args.stream_interval or 2
-            if n < 2:
-                p.error("--compare interval needs --stream-interval 2 or more")
             targets = {
                 f"interval{n}": (gateway_url, model, {"stream_interval": n}),
                 "interval1": (gateway_url, model, {}),
