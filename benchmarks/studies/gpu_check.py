@@ -8,7 +8,9 @@ Two halves, because the GPU machine has torch and transformers but not our insta
            shapes, same cost) through transformers: eager `generate`, and one decode step
            replayed from a CUDA graph (what vLLM does) where capture works.
   compare  (here): the roofline's prediction for each measured point, with the datasheet
-           peaks and default efficiency, and with the measured peaks, side by side.
+           peaks and default efficiency, and with the measured peaks, side by side; and a
+           fit of its bandwidth share and per-step overhead to the graph steps
+           (`--fit-out`: a file for `tiergate plan ... --efficiency`).
 
     for part in peaks hf graph; do                                           # on the GPU
       python -m benchmarks.studies.gpu_check measure $part --out gpu_$part.json; done
@@ -24,6 +26,11 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the measure half runs where only torch is
+    from benchmarks.roofline import Efficiency, StepTiming
+    from models.hardware import GPUProfile
 
 SPECS = Path(__file__).resolve().parents[2] / "configs" / "model_specs.yaml"
 
@@ -278,8 +285,57 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(
+    args: argparse.Namespace,
+    data: dict,
+    gpu: GPUProfile,
+    rows: list[dict],
+    timings: list[StepTiming],
+    compute: float,
+) -> Efficiency | None:
+    """Fit the bandwidth share and step overhead to the graph steps (batch <= --fit-max-batch,
+    with attention, not --held-out); print it, and write it as a `plan --efficiency` file
+    with --fit-out. None when no step qualifies."""
+    from benchmarks.roofline import fit_steps
+
+    fitted_on = [
+        t
+        for t, r in zip(timings, rows, strict=True)
+        if t.batch <= args.fit_max_batch
+        and r["model"] not in args.held_out
+        and r.get("attention", True)
+    ]
+    fit, rms = fit_steps(fitted_on, compute) if fitted_on else (None, float("nan"))
+    if fit:
+        held = ", ".join(args.held_out) or "none"
+        print(
+            f"\nfit to the CUDA-graph steps at batch <= {args.fit_max_batch} "
+            f"({len(fitted_on)} points; held out: {held}): "
+            f"bandwidth {fit.bandwidth:.2f} of the datasheet "
+            f"({fit.bandwidth * gpu.bandwidth_gbs:,.0f} GB/s), step overhead "
+            f"{fit.step_overhead_s * 1e3:.2f} ms, compute {fit.compute:.2f} (measured); "
+            f"RMS error {rms:.1%}"
+        )
+    if fit and args.fit_out:
+        args.fit_out.write_text(
+            json.dumps(
+                {
+                    "what": "the CUDA-graph decode floor of a plain-torch decoder, not vLLM",
+                    "device": data["device"],
+                    "date": data["date"],
+                    "gpu": args.gpu,
+                    "efficiency": asdict(fit),
+                    "rms_error": rms,
+                    "points": len(fitted_on),
+                },
+                indent=1,
+            )
+        )
+    return fit
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from benchmarks.roofline import Efficiency, Roofline, StepTiming, fit_steps
+    from benchmarks.roofline import Efficiency, Roofline, StepTiming
     from models.hardware import gpu_profiles, model_specs
 
     data: dict = {}
@@ -329,39 +385,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    fitted_on = [
-        t
-        for t, r in zip(timings, rows, strict=True)
-        if t.batch <= args.fit_max_batch
-        and r["model"] not in args.held_out
-        and r.get("attention", True)
-    ]
-    fit, rms = fit_steps(fitted_on, floor.compute) if fitted_on else (None, float("nan"))
-    if fit:
-        held = ", ".join(args.held_out) or "none"
-        print(
-            f"\nfit to the CUDA-graph steps at batch <= {args.fit_max_batch} "
-            f"({len(fitted_on)} points; held out: {held}): "
-            f"bandwidth {fit.bandwidth:.2f} of the datasheet "
-            f"({fit.bandwidth * gpu.bandwidth_gbs:,.0f} GB/s), step overhead "
-            f"{fit.step_overhead_s * 1e3:.2f} ms, compute {fit.compute:.2f} (measured); "
-            f"RMS error {rms:.1%}"
-        )
-    if fit and args.fit_out:
-        args.fit_out.write_text(
-            json.dumps(
-                {
-                    "what": "the CUDA-graph decode floor of a plain-torch decoder, not vLLM",
-                    "device": data["device"],
-                    "date": data["date"],
-                    "gpu": args.gpu,
-                    "efficiency": asdict(fit),
-                    "rms_error": rms,
-                    "points": len(fitted_on),
-                },
-                indent=1,
-            )
-        )
+    fit = _fit(args, data, gpu, rows, timings, floor.compute)
     print(
         "\n| model | batch | transformers eager tok/s | CUDA graph tok/s | roofline, default "
         "efficiency | floor: measured peaks, no overhead | fitted | graph / roofline | "
