@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from models.hardware import KV_BYTES, QUANTS, GPUProfile, ModelSpec
@@ -143,17 +144,26 @@ def calibrate(model: Roofline, observations: list[Observation]) -> tuple[Efficie
         raise ValueError("calibration needs at least one measured point")
     grid = [round(0.04 * i, 2) for i in range(1, 26)]
     overheads = [0.0, *(0.0005 * 1.3**i for i in range(31))]  # 0.5 ms .. 1.3 s
-    best, best_err = Efficiency(), math.inf
-    for bw, comp, ov in itertools.product(grid, grid, overheads):
-        eff = Efficiency(bw, comp, ov)
+
+    def ratios(eff: Efficiency) -> Iterator[float]:
         m = model.with_efficiency(eff)
-        err = sum(
-            math.log(m.predict(o.workload).output_tok_s / o.output_tok_s) ** 2 for o in observations
-        )
+        return (m.predict(o.workload).output_tok_s / o.output_tok_s for o in observations)
+
+    candidates = itertools.product(grid, grid, overheads)
+    return _grid_search((Efficiency(*c) for c in candidates), ratios, len(observations))
+
+
+def _grid_search(
+    candidates: Iterable[Efficiency], ratios: Callable[[Efficiency], Iterable[float]], n: int
+) -> tuple[Efficiency, float]:
+    """The candidate whose predicted/measured ratios have the least squared log error,
+    and its RMS relative error over the `n` points."""
+    best, best_err = Efficiency(), math.inf
+    for eff in candidates:
+        err = sum(math.log(r) ** 2 for r in ratios(eff))
         if err < best_err:
             best, best_err = eff, err
-    rms = math.sqrt(best_err / len(observations))
-    return best, math.expm1(rms)
+    return best, math.expm1(math.sqrt(best_err / n))
 
 
 @dataclass(frozen=True)
@@ -172,17 +182,17 @@ def fit_steps(timings: list[StepTiming], compute: float) -> tuple[Efficiency, fl
         raise ValueError("a step fit needs at least one measured step")
     shares = [round(0.30 + 0.01 * i, 2) for i in range(71)]  # 0.30 .. 1.00
     overheads = [0.00002 * i for i in range(501)]  # 0 .. 10 ms, 20 µs apart
-    best, best_err = Efficiency(), math.inf
-    for bw, ov in itertools.product(shares, overheads):
-        eff = Efficiency(bw, compute, ov)
-        err = sum(
-            math.log(t.model.with_efficiency(eff).decode_step(t.batch, t.context)[0] / t.step_s)
-            ** 2
+
+    def ratios(eff: Efficiency) -> Iterator[float]:
+        return (
+            t.model.with_efficiency(eff).decode_step(t.batch, t.context)[0] / t.step_s
             for t in timings
         )
-        if err < best_err:
-            best, best_err = eff, err
-    return best, math.expm1(math.sqrt(best_err / len(timings)))
+
+    candidates = itertools.product(shares, overheads)
+    return _grid_search(
+        (Efficiency(bw, compute, ov) for bw, ov in candidates), ratios, len(timings)
+    )
 
 
 def relative_error(predicted: float, measured: float) -> float:
