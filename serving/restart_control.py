@@ -124,6 +124,9 @@ class ParentControl:
                 "status": 409,
                 "message": f"Engine '{name}' did not come back within timeouts.engine_start.",
             }
+        # Answer once every worker's health poll has seen it back (as the drain waits for
+        # them to see the flag): "ready" then holds on whichever worker a client reaches.
+        await asyncio.sleep(self.settings.timeouts.health_interval + 0.5)
         return {"status": 200, **runner.restarted(started)}
 
 
