@@ -98,7 +98,8 @@ class ServerSettings(_Strict):
         description="A second process owns the port, parks idle keep-alive connections and "
         "answers the max_in_flight 429s itself, in milliseconds even while the gateway's "
         "core is saturated; every other request is handed to the gateway with its socket "
-        "(serving/front). With server.workers 1 only. server.max_loop_lag_ms still "
+        "(serving/front). Under server.workers each worker has its own front, refusing "
+        "at that worker's share of max_in_flight. server.max_loop_lag_ms still "
         "applies: the gateway refuses what the front hands it while its loop lags.",
     )
     max_refusals_s: int = Field(
@@ -110,12 +111,6 @@ class ServerSettings(_Strict):
         "cannot spend the gateway's core on refusals; clients that honour Retry-After "
         "never notice (benchmarks/RESULTS.md). Also read as front_max_refusals_s.",
     )
-
-    @model_validator(mode="after")
-    def _front_needs_one_worker(self) -> ServerSettings:
-        if self.front and self.workers > 1:
-            raise ValueError("front: works with one gateway process; set workers to 1")
-        return self
 
 
 class TimeoutSettings(_Strict):

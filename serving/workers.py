@@ -25,6 +25,11 @@ What is shared between workers, and what stays per worker (and why):
   own series (engine restarts) are in its log and not on /metrics in this mode.
 - Affinity rings are computed from the same config by each worker, so a session key
   maps to the same replica whichever worker takes the connection.
+- `server.front`: each worker starts its own front on its own SO_REUSEPORT socket, so
+  the kernel spreads connections across the fronts and each front refuses at its
+  worker's share of `server.max_in_flight` (counted exactly, as with one worker). A
+  worker's front stops with it (STOP, or the channel's end when the worker dies) and
+  the restarted worker starts a new one.
 - Planned engine restarts (`POST /tiergate/engines/NAME/restart` on any worker) are the
   parent's: a control socket and a draining flag per engine in the work folder
   (serving/restart_control.py).
@@ -197,10 +202,26 @@ def worker_main(job: Path) -> int:
     app.state.parent_supervises = set(supervised)  # the parent's to restart, not ours
     app.state.parent_control = control  # ... asked over this socket
     app.state.parent_draining = flags  # ... whose flags say which one is draining
-    server = GatewayServer(uvicorn_config(app, settings))
+    config = uvicorn_config(app, settings)
     sock = bind(host, port, reuse_port=True)
+    link = None
+    if settings.server.front:  # this worker's own front, on its own share of the port
+        from serving.front.handoff import FrontLink, fronted_server
+
+        link = FrontLink(sock, app.state.metrics)
+        server = fronted_server(config, app, settings, link)
+    else:
+        server = GatewayServer(config)
+
+    async def serve() -> None:
+        try:
+            await server.serve(sockets=[] if link is not None else [sock])
+        finally:
+            if link is not None:
+                await link.close()
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(server.serve(sockets=[sock]))
+        asyncio.run(serve())
     return 0
 
 

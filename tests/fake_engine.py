@@ -133,7 +133,19 @@ async def _health(_: Request) -> Response:
     return PlainTextResponse("")
 
 
+async def _filtered_metrics(request: Request) -> Response:
+    """vLLM's /metrics/ honours prometheus_client's `name[]` (serving/router/load.py);
+    `empty` stands for a registry that filters everything out (multiprocess mode)."""
+    request.app.state.scraped.append(str(request.url.path) + "?" + request.url.query)
+    mode = request.app.state.filtered
+    if mode == "none":
+        return PlainTextResponse("Not Found", status_code=404)
+    return await _metrics(request) if mode == "load" else PlainTextResponse("")
+
+
 async def _metrics(request: Request) -> Response:
+    if request.url.path == "/metrics":
+        request.app.state.scraped.append("/metrics")
     waiting = request.app.state.waiting
     return PlainTextResponse(
         f'vllm:num_requests_waiting{{model_name="fake"}} {waiting}\n'
@@ -151,6 +163,7 @@ class FakeEngine:
             routes=[
                 Route("/health", _health),
                 Route("/metrics", _metrics),
+                Route("/metrics/", _filtered_metrics),
                 Route("/v1/chat/completions", _chat, methods=["POST"]),
             ]
         )
@@ -158,6 +171,8 @@ class FakeEngine:
         app.state.headers = []
         app.state.force = force
         app.state.waiting = 0.0
+        app.state.filtered = "none"  # /metrics/?name[]=: none (404), empty, or load
+        app.state.scraped = []  # the /metrics paths asked, with their query
         self.app = app
         self.server = uvicorn.Server(
             uvicorn.Config(

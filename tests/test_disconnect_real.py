@@ -42,9 +42,15 @@ def test_client_disconnect_aborts_engine_request(gateway: GatewayProcess, model:
         got = [next(lines) for _ in range(10)]
         assert any(line.startswith("data: ") for line in got)
         assert _running(engine_url) == 1  # it is generating for us right now
+        # The gateway's scrape sees it too, from vLLM's filtered /metrics/ (~1 KB).
+        seen = gateway.engines()[0]
+        assert seen["scrape_path"].startswith("/metrics/?name%5B%5D=vllm:")
+        assert _wait(lambda: gateway.engines()[0]["load"]["running"] == 1, timeout=5)
+        assert gateway.engines()[0]["scrape_path"] == seen["scrape_path"]  # no fallback
     # The client hung up long before 1500 tokens; the engine must stop generating.
     assert _wait(lambda: _running(engine_url) == 0, timeout=10), "engine still generating"
     assert _wait(lambda: gateway.engines()[0]["in_flight"] == 0, timeout=5)
+    assert _wait(lambda: gateway.engines()[0]["load"]["running"] == 0, timeout=5)
     metrics = gateway.get("/metrics").text
     pattern = r'tiergate_client_disconnects_total\{model="' + model + r'"\} [1-9]'
     assert re.search(pattern, metrics)

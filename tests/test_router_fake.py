@@ -129,6 +129,36 @@ async def test_an_engine_that_becomes_ready_again_starts_with_a_closed_breaker()
         assert ep.ready and ep.breaker.state == "closed"
 
 
+async def test_the_scrape_asks_for_the_load_alone_and_falls_back_to_the_whole_text() -> None:
+    from serving.router.load import FILTERED_PATH, FULL_PATH
+    from serving.router.registry import Endpoint
+    from serving.upstream.client import UpstreamClient
+    from serving.upstream.health import scrape
+
+    http = UpstreamClient(Settings(engines=[{"name": "e", "model": "m"}]).timeouts, 4)
+    await http.start()
+    try:
+        # Nothing listens: no answer, so nothing is concluded about the engine.
+        gone = Endpoint(name="gone", model="m", url="http://127.0.0.1:1", ready=True)
+        await scrape(http, gone, 2.0)
+        assert gone.scrape_path == FILTERED_PATH
+        for mode, path in (("load", FILTERED_PATH), ("none", FULL_PATH), ("empty", FULL_PATH)):
+            with FakeEngine(force="ok") as fake:
+                fake.app.state.filtered, fake.app.state.waiting = mode, 3.0
+                ep = Endpoint(name="e", model="m", url=fake.url, ready=True, state="external")
+                await scrape(http, ep, 2.0)
+                await scrape(http, ep, 2.0)
+                assert ep.scrape_path == path, mode
+                assert ep.load.waiting == 3.0, mode  # read either way
+                asked = fake.app.state.scraped
+                if mode == "load":  # the filtered answer each time, never the whole text
+                    assert asked == [FILTERED_PATH] * 2
+                else:  # once filtered, then the whole text only
+                    assert asked == [FILTERED_PATH, FULL_PATH, FULL_PATH], mode
+    finally:
+        await http.close()
+
+
 async def test_a_request_waits_for_a_restarting_engine_when_asked() -> None:
     # The FAKE engine's port is known, but nothing listens there until 1 s in.
     late = FakeEngine(force="ok")

@@ -53,18 +53,21 @@ def _stat(pid: int) -> list[str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its children (`server.front`'s process is the
-    gateway's: it runs on the same core and its CPU is part of the gateway's cost)."""
-    total = 0
+    """utime + stime of a process and all its descendants (`server.front`'s process is the
+    gateway's: it runs on the same core and its CPU is part of the gateway's cost; under
+    `server.workers` the fronts are the workers' children)."""
+    stats: dict[str, list[str]] = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            fields = _stat(int(proc.name))
-        except (OSError, IndexError):
-            continue  # gone meanwhile
-        if proc.name == str(pid) or fields[1] == str(pid):
-            total += int(fields[11]) + int(fields[12])
+        if proc.name.isdigit():
+            try:
+                stats[proc.name] = _stat(int(proc.name))
+            except (OSError, IndexError):
+                continue  # gone meanwhile
+    tree, total = {str(pid)}, 0
+    while grown := {name for name, fields in stats.items() if fields[1] in tree} - tree:
+        tree |= grown
+    for name in tree & stats.keys():
+        total += int(stats[name][11]) + int(stats[name][12])
     return total / TICKS
 
 

@@ -5,6 +5,7 @@ POST /v1/chat/completions and /v1/completions are not here: they are the hot pat
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -105,10 +106,12 @@ async def engines(request: Request) -> dict:
         "in_flight",
         "max_model_len",
         "last_error",
+        "scrape_path",
     )
     return {
         "engines": [
-            {f: getattr(ep, f) for f in fields} for ep in request.app.state.registry.endpoints
+            {f: getattr(ep, f) for f in fields} | {"load": dataclasses.asdict(ep.load)}
+            for ep in request.app.state.registry.endpoints
         ],
         "time": time.time(),
     }

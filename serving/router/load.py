@@ -27,6 +27,20 @@ _WANTED = (
 )
 
 
+# vLLM answers /metrics with every family (~58 KB, most of it histogram buckets), but it
+# also mounts prometheus_client's own app under /metrics/, which honours `name[]`: there
+# the load is ~1 KB, and a scrape costs vLLM's API server 1.7 ms of CPU, not 11
+# (benchmarks/RESULTS.md, "The engine scrape"). An engine whose answer there has no
+# load (another server, a multiprocess registry) is scraped at /metrics.
+FILTERED_PATH = "/metrics/?" + "&".join(f"name%5B%5D={name}" for name in _WANTED)
+FULL_PATH = "/metrics"
+
+
+def has_load(text: bytes) -> bool:
+    """Whether a /metrics answer carries the engine's load at all."""
+    return b"vllm:num_requests_running" in text
+
+
 def parse_vllm_metrics(text: str) -> EngineLoad:
     """Sum each gauge over its label sets (one engine may report several). Only the lines
     of the wanted names are looked at (found with str.find): the text is mostly

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from serving.errors import ModelNotFound
 from serving.router.breaker import CircuitBreaker
-from serving.router.load import EngineLoad
+from serving.router.load import FILTERED_PATH, EngineLoad
 from serving.router.ring import HashRing
 
 
@@ -28,6 +28,7 @@ class Endpoint:
     max_model_len: int | None = None
     last_error: str | None = None
     load: EngineLoad = field(default_factory=EngineLoad)
+    scrape_path: str = FILTERED_PATH  # FULL_PATH once the filtered answer had no load
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
 
 

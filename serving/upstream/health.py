@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 
 from serving.metrics import GatewayMetrics
-from serving.router.load import EngineLoad, parse_vllm_metrics
+from serving.router.load import FULL_PATH, EngineLoad, has_load, parse_vllm_metrics
 from serving.router.registry import Endpoint, EngineRegistry
 from serving.upstream.client import UpstreamClient
 
@@ -88,20 +88,27 @@ async def health_loop(
         await check_once(http, registry, metrics, timeout, draining)
 
 
+async def scrape(http: UpstreamClient, ep: Endpoint, timeout: float) -> None:
+    """One engine's load from its /metrics: the filtered answer where the engine gives
+    one (serving/router/load.py), else the whole text from then on. A failed request
+    changes nothing: readiness is the health loop's job, and the last load is kept."""
+    if not (ep.ready and ep.url):
+        ep.load = EngineLoad()
+        return
+    answer = await http.get(ep.url + ep.scrape_path, timeout)
+    if answer is not None and ep.scrape_path != FULL_PATH:
+        if answer[0] != 200 or not has_load(answer[1]):
+            log.info("engine %s has no load at %s; scraping /metrics", ep.name, ep.scrape_path)
+            ep.scrape_path = FULL_PATH
+            answer = await http.get(ep.url + FULL_PATH, timeout)
+    if answer is not None and answer[0] == 200:
+        ep.load = parse_vllm_metrics(answer[1].decode(errors="replace"))
+
+
 async def scrape_loop(
     http: UpstreamClient, registry: EngineRegistry, interval: float, timeout: float
 ) -> None:
     """Keep each ready engine's load (queue, running, KV use) from its /metrics."""
-
-    async def one(ep: Endpoint) -> None:
-        if not (ep.ready and ep.url):
-            ep.load = EngineLoad()
-            return
-        answer = await http.get(ep.url + "/metrics", timeout)
-        if answer is not None and answer[0] == 200:
-            ep.load = parse_vllm_metrics(answer[1].decode(errors="replace"))
-        # else: readiness is the health loop's job; keep the last load
-
     while True:
-        await asyncio.gather(*(one(ep) for ep in registry.endpoints))
+        await asyncio.gather(*(scrape(http, ep, timeout) for ep in registry.endpoints))
         await asyncio.sleep(interval)
