@@ -177,7 +177,9 @@ def create_app(
                 )
             ),
             asyncio.create_task(
-                scrape_loop(http, registry, settings.router.scrape_interval, timeouts.connect)
+                scrape_loop(
+                    http, registry, settings.router.scrape_interval, timeouts.connect, metrics
+                )
             ),
             asyncio.create_task(lag.run()),
             *([asyncio.create_task(flush_loop(ledger))] if ledger is not None else []),

@@ -8,6 +8,7 @@ Gauges say how to combine workers: in-flight counts add up, states take the max.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -85,6 +86,16 @@ class GatewayMetrics:
             ["engine"],
             registry=r,
             multiprocess_mode="max",
+        )
+        # Each engine's load as the router last scraped it (router.scrape_interval): an
+        # embedded engine's own /metrics is on a loopback port no Prometheus reaches.
+        self.engine_waiting, self.engine_running, self.engine_kv = (
+            Gauge(name, doc, ["engine"], registry=r, multiprocess_mode="livemostrecent")
+            for name, doc in (
+                ("tiergate_engine_requests_waiting", "The engine's queue, as last scraped."),
+                ("tiergate_engine_requests_running", "The engine's batch, as last scraped."),
+                ("tiergate_engine_kv_cache_usage", "The engine's KV-cache use (0-1), scraped."),
+            )
         )
         self.engine_restarts = Counter(
             "tiergate_engine_restarts",
@@ -221,6 +232,18 @@ class GatewayMetrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+    def engine_load(self, engine: str, waiting: float, running: float, kv: float) -> None:
+        self._child(self.engine_waiting, engine).set(waiting)
+        self._child(self.engine_running, engine).set(running)
+        self._child(self.engine_kv, engine).set(kv)
+
+    def forget_engine(self, engine: str) -> None:
+        """An engine discovery dropped: its series go (a scrape may have set none)."""
+        for metric in (self.engine_ready, self.engine_waiting, self.engine_running, self.engine_kv):
+            self._children.pop((id(metric), engine), None)
+            with contextlib.suppress(KeyError):
+                metric.remove(engine)
 
     def admission_refused(self, reason: str, n: int = 1) -> None:
         self._child(self.admission, reason).inc(n)

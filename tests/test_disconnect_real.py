@@ -46,6 +46,9 @@ def test_client_disconnect_aborts_engine_request(gateway: GatewayProcess, model:
         seen = gateway.engines()[0]
         assert seen["scrape_path"].startswith("/metrics/?name%5B%5D=vllm:")
         assert _wait(lambda: gateway.engines()[0]["load"]["running"] == 1, timeout=5)
+        name = seen["name"]
+        line = f'tiergate_engine_requests_running{{engine="{name}"}} 1.0'
+        assert _wait(lambda: line in gateway.get("/metrics").text, timeout=5)
         assert gateway.engines()[0]["scrape_path"] == seen["scrape_path"]  # no fallback
     # The client hung up long before 1500 tokens; the engine must stop generating.
     assert _wait(lambda: _running(engine_url) == 0, timeout=10), "engine still generating"

@@ -121,12 +121,17 @@ def _settings(nameserver: str, port: int = 8000, interval: float = 5.0) -> Setti
     )
 
 
+def _text(metrics: GatewayMetrics) -> str:
+    return metrics.exposition().decode()
+
+
 def test_apply_scales_one_three_two_and_moves_only_the_removed_keys() -> None:
     settings = _settings("127.0.0.1:1")
     registry = build_registry(settings)
     tier = registry.tier("small")
     assert tier.endpoints == []  # nothing until DNS answers
-    found = Discovery(settings.engines[1], registry, settings.router.breaker, GatewayMetrics())
+    metrics = GatewayMetrics()
+    found = Discovery(settings.engines[1], registry, settings.router.breaker, metrics)
 
     found.apply({"10.0.0.1"})
     assert [ep.url for ep in tier.endpoints] == ["http://10.0.0.1:8000"]
@@ -139,12 +144,16 @@ def test_apply_scales_one_three_two_and_moves_only_the_removed_keys() -> None:
     assert len(set(homes.values())) == 3
     leaving = next(ep for ep in tier.endpoints if ep.name.endswith("10.0.0.2"))
     leaving.in_flight = 1  # a stream still on it
+    metrics.engine_ready.labels(leaving.name).set(1)
+    metrics.engine_load(leaving.name, 2.0, 3.0, 0.5)  # as a scrape sets it
+    assert f'tiergate_engine_requests_running{{engine="{leaving.name}"}} 3.0' in _text(metrics)
 
     change = found.apply({"10.0.0.1", "10.0.0.3"})
     assert change.removed == ["10.0.0.2"] and change.added == []
     assert [ep.name for ep in tier.endpoints] == [names[0], names[2]]
     assert leaving.name not in [ep.name for ep in registry.endpoints]
     assert (leaving.state, leaving.ready, leaving.in_flight) == ("removed", False, 1)
+    assert f'engine="{leaving.name}"' not in _text(metrics)  # its series went with it
     # Sessions whose home stayed keep it; only the removed pod's sessions move.
     for key, home in homes.items():
         if home != leaving.name:

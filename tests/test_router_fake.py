@@ -130,6 +130,7 @@ async def test_an_engine_that_becomes_ready_again_starts_with_a_closed_breaker()
 
 
 async def test_the_scrape_asks_for_the_load_alone_and_falls_back_to_the_whole_text() -> None:
+    from serving.metrics import GatewayMetrics
     from serving.router.load import FILTERED_PATH, FULL_PATH
     from serving.router.registry import Endpoint
     from serving.upstream.client import UpstreamClient
@@ -146,10 +147,13 @@ async def test_the_scrape_asks_for_the_load_alone_and_falls_back_to_the_whole_te
             with FakeEngine(force="ok") as fake:
                 fake.app.state.filtered, fake.app.state.waiting = mode, 3.0
                 ep = Endpoint(name="e", model="m", url=fake.url, ready=True, state="external")
-                await scrape(http, ep, 2.0)
-                await scrape(http, ep, 2.0)
+                metrics = GatewayMetrics()
+                await scrape(http, ep, 2.0, metrics)
+                await scrape(http, ep, 2.0, metrics)
                 assert ep.scrape_path == path, mode
                 assert ep.load.waiting == 3.0, mode  # read either way
+                text = metrics.exposition().decode()
+                assert 'tiergate_engine_requests_waiting{engine="e"} 3.0' in text, mode
                 asked = fake.app.state.scraped
                 if mode == "load":  # the filtered answer each time, never the whole text
                     assert asked == [FILTERED_PATH] * 2

@@ -20,7 +20,6 @@ not empty a tier. An authoritative empty answer (NXDOMAIN, no records) empties i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -141,8 +140,7 @@ class Discovery:
         for name in gone:
             ep = self.registry.remove(name)
             ep.ready, ep.state = False, "removed"
-            with contextlib.suppress(KeyError):  # never reported ready
-                self.metrics.engine_ready.remove(name)
+            self.metrics.forget_engine(name)
         self.addresses = set(found)
         mine = {endpoint_name(self.engine.name, a) for a in self.addresses}
         for tier in self.tiers:

@@ -88,27 +88,36 @@ async def health_loop(
         await check_once(http, registry, metrics, timeout, draining)
 
 
-async def scrape(http: UpstreamClient, ep: Endpoint, timeout: float) -> None:
+async def scrape(
+    http: UpstreamClient, ep: Endpoint, timeout: float, metrics: GatewayMetrics | None = None
+) -> None:
     """One engine's load from its /metrics: the filtered answer where the engine gives
     one (serving/router/load.py), else the whole text from then on. A failed request
     changes nothing: readiness is the health loop's job, and the last load is kept."""
     if not (ep.ready and ep.url):
         ep.load = EngineLoad()
-        return
-    answer = await http.get(ep.url + ep.scrape_path, timeout)
-    if answer is not None and ep.scrape_path != FULL_PATH:
-        if answer[0] != 200 or not has_load(answer[1]):
-            log.info("engine %s has no load at %s; scraping /metrics", ep.name, ep.scrape_path)
-            ep.scrape_path = FULL_PATH
-            answer = await http.get(ep.url + FULL_PATH, timeout)
-    if answer is not None and answer[0] == 200:
-        ep.load = parse_vllm_metrics(answer[1].decode(errors="replace"))
+    else:
+        answer = await http.get(ep.url + ep.scrape_path, timeout)
+        if answer is not None and ep.scrape_path != FULL_PATH:
+            if answer[0] != 200 or not has_load(answer[1]):
+                log.info("engine %s has no load at %s; scraping /metrics", ep.name, ep.scrape_path)
+                ep.scrape_path = FULL_PATH
+                answer = await http.get(ep.url + FULL_PATH, timeout)
+        if answer is not None and answer[0] == 200:
+            ep.load = parse_vllm_metrics(answer[1].decode(errors="replace"))
+    if metrics is not None:
+        load = ep.load
+        metrics.engine_load(ep.name, load.waiting, load.running, load.kv_usage)
 
 
 async def scrape_loop(
-    http: UpstreamClient, registry: EngineRegistry, interval: float, timeout: float
+    http: UpstreamClient,
+    registry: EngineRegistry,
+    interval: float,
+    timeout: float,
+    metrics: GatewayMetrics | None = None,
 ) -> None:
     """Keep each ready engine's load (queue, running, KV use) from its /metrics."""
     while True:
-        await asyncio.gather(*(scrape(http, ep, timeout) for ep in registry.endpoints))
+        await asyncio.gather(*(scrape(http, ep, timeout, metrics) for ep in registry.endpoints))
         await asyncio.sleep(interval)
