@@ -84,7 +84,7 @@ messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)"
 
 
 async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
-    from serving.api.server import GatewayServer, bind
+    from serving.api.server import bind, server_for
     from serving.app import build_registry, create_app, uvicorn_config
     from serving.engines.supervisor import EngineStartError, Supervisor
     from serving.metrics import GatewayMetrics
@@ -101,14 +101,7 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
         raise ConfigError(
             f"server.port: cannot bind {settings.server.host}:{settings.server.port}: {exc}"
         ) from exc
-    link = None
-    if settings.server.front:
-        from serving.front.handoff import FrontLink, fronted_server
-
-        link = FrontLink(listener, metrics)
-        server = fronted_server(config, app, settings, link)
-    else:
-        server = GatewayServer(config)
+    server, sockets, link = server_for(listener, config, app, settings)
     failed = False
 
     async def announce() -> None:
@@ -127,7 +120,7 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
 
     watcher = asyncio.create_task(announce())
     try:
-        await server.serve(sockets=[] if link is not None else [listener])
+        await server.serve(sockets=sockets)
     finally:
         watcher.cancel()
         if link is not None:

@@ -190,7 +190,7 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
 
 def worker_main(job: Path) -> int:
     """One worker: the gateway app on the shared port, engines by URL."""
-    from serving.api.server import GatewayServer, bind
+    from serving.api.server import bind, server_for
     from serving.app import create_app, uvicorn_config
 
     settings, model_dirs, host, port, (supervised, control, flags) = pickle.loads(job.read_bytes())
@@ -202,20 +202,13 @@ def worker_main(job: Path) -> int:
     app.state.parent_supervises = set(supervised)  # the parent's to restart, not ours
     app.state.parent_control = control  # ... asked over this socket
     app.state.parent_draining = flags  # ... whose flags say which one is draining
-    config = uvicorn_config(app, settings)
+    # Under server.front, this worker's own front on its own share of the port.
     sock = bind(host, port, reuse_port=True)
-    link = None
-    if settings.server.front:  # this worker's own front, on its own share of the port
-        from serving.front.handoff import FrontLink, fronted_server
-
-        link = FrontLink(sock, app.state.metrics)
-        server = fronted_server(config, app, settings, link)
-    else:
-        server = GatewayServer(config)
+    server, sockets, link = server_for(sock, uvicorn_config(app, settings), app, settings)
 
     async def serve() -> None:
         try:
-            await server.serve(sockets=[] if link is not None else [sock])
+            await server.serve(sockets=sockets)
         finally:
             if link is not None:
                 await link.close()

@@ -156,6 +156,15 @@ def _fronts(gw: GatewayProcess) -> list[psutil.Process]:
     return found
 
 
+def _refused(gw: GatewayProcess) -> float:
+    """The in_flight 429s on /metrics (the fronts' and the gateway's, every worker's)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in gw.get("/metrics").text.splitlines()
+        if line.startswith('tiergate_admission_refused_total{reason="in_flight"}')
+    )
+
+
 def _gone(p: psutil.Process) -> bool:
     try:
         return p.status() == psutil.STATUS_ZOMBIE
@@ -271,14 +280,7 @@ def test_front_refuses_at_capacity_and_loses_nothing(tmp_path: Path) -> None:
             "a free slot",
         )
 
-        def refused() -> float:
-            return sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in gw.get("/metrics").text.splitlines()
-                if line.startswith('tiergate_admission_refused_total{reason="in_flight"}')
-            )
-
-        gw.wait_for(lambda: refused() == 12, 10, "the front's refusals on /metrics")
+        gw.wait_for(lambda: _refused(gw) == 12, 10, "the front's refusals on /metrics")
         lines = [
             json.loads(line)
             for line in gw.log_path.read_text().splitlines()
@@ -360,14 +362,7 @@ def test_each_worker_has_its_own_front_refusing_at_its_share(tmp_path: Path) -> 
             assert sorted(statuses) == [200, 200] + [429] * 18, statuses
             assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
 
-            def refused() -> float:
-                return sum(
-                    float(line.rsplit(" ", 1)[1])
-                    for line in gw.get("/metrics").text.splitlines()
-                    if line.startswith('tiergate_admission_refused_total{reason="in_flight"}')
-                )
-
-            gw.wait_for(lambda: refused() == 18, 10, "both fronts' refusals on /metrics")
+            gw.wait_for(lambda: _refused(gw) == 18, 10, "both fronts' refusals on /metrics")
             for conn in conns:  # the held streams end: their slots come back
                 conn.sock.close()
             ok = {**CHAT, "stream": False}

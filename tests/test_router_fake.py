@@ -141,7 +141,7 @@ async def test_the_scrape_asks_for_the_load_alone_and_falls_back_to_the_whole_te
     try:
         # Nothing listens: no answer, so nothing is concluded about the engine.
         gone = Endpoint(name="gone", model="m", url="http://127.0.0.1:1", ready=True)
-        await scrape(http, gone, 2.0)
+        await scrape(http, gone, 2.0, GatewayMetrics())
         assert gone.scrape_path == FILTERED_PATH
         for mode, path in (("load", FILTERED_PATH), ("none", FULL_PATH), ("empty", FULL_PATH)):
             with FakeEngine(force="ok") as fake:

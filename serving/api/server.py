@@ -21,6 +21,7 @@ import functools
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
@@ -154,3 +155,17 @@ class GatewayServer(uvicorn.Server):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.tick_s):
                     await self._nudge.wait()
+
+
+def server_for(
+    listener: socket.socket, config: uvicorn.Config, app: Any, settings: Any
+) -> tuple[GatewayServer, list[socket.socket], Any]:
+    """The server for `listener`, the sockets to serve it on, and the front's link (None
+    without `server.front`; else the front owns the listener and hands connections over,
+    serving/front, and the caller awaits `link.close()` once serving ends)."""
+    if not settings.server.front:
+        return GatewayServer(config), [listener], None
+    from serving.front.handoff import FrontLink, fronted_server
+
+    link = FrontLink(listener, app.state.metrics)
+    return fronted_server(config, app, settings, link), [], link

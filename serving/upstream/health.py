@@ -89,7 +89,7 @@ async def health_loop(
 
 
 async def scrape(
-    http: UpstreamClient, ep: Endpoint, timeout: float, metrics: GatewayMetrics | None = None
+    http: UpstreamClient, ep: Endpoint, timeout: float, metrics: GatewayMetrics
 ) -> None:
     """One engine's load from its /metrics: the filtered answer where the engine gives
     one (serving/router/load.py), else the whole text from then on. A failed request
@@ -105,9 +105,8 @@ async def scrape(
                 answer = await http.get(ep.url + FULL_PATH, timeout)
         if answer is not None and answer[0] == 200:
             ep.load = parse_vllm_metrics(answer[1].decode(errors="replace"))
-    if metrics is not None:
-        load = ep.load
-        metrics.engine_load(ep.name, load.waiting, load.running, load.kv_usage)
+    load = ep.load
+    metrics.engine_load(ep.name, load.waiting, load.running, load.kv_usage)
 
 
 async def scrape_loop(
@@ -115,7 +114,7 @@ async def scrape_loop(
     registry: EngineRegistry,
     interval: float,
     timeout: float,
-    metrics: GatewayMetrics | None = None,
+    metrics: GatewayMetrics,
 ) -> None:
     """Keep each ready engine's load (queue, running, KV use) from its /metrics."""
     while True:
