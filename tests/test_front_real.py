@@ -1,14 +1,18 @@
-"""server.front against the real vLLM engine: the openai SDK, streamed and not, over
-connections the front parks and hands over; a client that leaves mid-stream still
-aborts the engine's request; Ctrl-C stops the gateway and its front."""
+"""server.front against the real vLLM engine, with one gateway process and with two
+workers (a front each): the openai SDK, streamed and not, over connections the front
+parks and hands over; a client that leaves mid-stream still aborts the engine's
+request; Ctrl-C stops the gateway and its fronts."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
 
 import httpx
+import psutil
+import pytest
 import yaml
 from openai import OpenAI
 
@@ -16,13 +20,16 @@ from tests.test_disconnect_real import _running, _wait
 from tests.utils import GatewayProcess
 
 
-def test_front_serves_the_real_engine(gateway: GatewayProcess, model: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_front_serves_the_real_engine(
+    gateway: GatewayProcess, model: str, tmp_path: Path, workers: int
+) -> None:
     engine_url = gateway.engines()[0]["url"]
     config = tmp_path / "front.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "server": {"front": True, "max_in_flight": 8},
+                "server": {"front": True, "max_in_flight": 8, "workers": workers},
                 "engines": [{"name": "cpu", "model": model, "url": engine_url}],
                 "timeouts": {"health_interval": 0.5},
             }
@@ -30,7 +37,15 @@ def test_front_serves_the_real_engine(gateway: GatewayProcess, model: str, tmp_p
     )
     with GatewayProcess(config, tmp_path / "serve.log") as gw:
         gw.wait_ready(60)
-        assert any("serving.front.acceptor" in " ".join(p.cmdline()) for p in gw.descendants())
+
+        def fronts() -> int:
+            found = 0
+            for p in gw.descendants():
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                    found += "serving.front.acceptor" in " ".join(p.cmdline())
+            return found
+
+        gw.wait_for(lambda: fronts() == workers, 30, "a front per gateway process")
         client = OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         messages = [{"role": "user", "content": "Name a colour."}]
         for _ in range(2):  # the SDK's pooled connection, parked in the front in between
