@@ -138,8 +138,9 @@ async def _filtered_metrics(request: Request) -> Response:
     `empty` stands for a registry that filters everything out (multiprocess mode)."""
     request.app.state.scraped.append(str(request.url.path) + "?" + request.url.query)
     mode = request.app.state.filtered
-    if mode == "none":
-        return PlainTextResponse("Not Found", status_code=404)
+    if mode in ("none", "error"):
+        status = 404 if mode == "none" else 500
+        return PlainTextResponse("Not Found" if status == 404 else "boom", status_code=status)
     return await _metrics(request) if mode == "load" else PlainTextResponse("")
 
 
@@ -171,7 +172,7 @@ class FakeEngine:
         app.state.headers = []
         app.state.force = force
         app.state.waiting = 0.0
-        app.state.filtered = "none"  # /metrics/?name[]=: none (404), empty, or load
+        app.state.filtered = "none"  # /metrics/?name[]=: none (404), error (500), empty, load
         app.state.scraped = []  # the /metrics paths asked, with their query
         self.app = app
         self.server = uvicorn.Server(

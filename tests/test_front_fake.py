@@ -23,6 +23,7 @@ import yaml
 from serving.api.head import Head, parse_head
 from serving.front import channel
 from tests.fake_engine import FakeEngine
+from tests.test_workers_fake import _workers
 from tests.utils import GatewayProcess
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
@@ -334,57 +335,49 @@ def test_each_worker_has_its_own_front_refusing_at_its_share(tmp_path: Path) -> 
     # server.workers 2: two fronts on one port (SO_REUSEPORT), each holding its worker's
     # share of max_in_flight (1 of 2). The FAKE engine stalls every stream after two
     # events, so each admitted stream holds its slot.
-    config = _config(tmp_path, "", workers=2, max_in_flight=2)
-    with FakeEngine(force="stall-stream") as fake:
-        doc = yaml.safe_load(config.read_text())
-        doc["engines"][0]["url"] = fake.url
-        config.write_text(yaml.safe_dump(doc))
-        with GatewayProcess(config, tmp_path / "serve.log") as gw:
-            gw.wait_ready(60)  # the first worker: the second's front may still be starting
-            gw.wait_for(lambda: len(_fronts(gw)) == 2, 30, "both workers' fronts")
-            workers = {
-                p.pid for p in gw.descendants() if "serving.workers" in " ".join(p.cmdline())
-            }
-            fronts = _fronts(gw)
-            assert len(workers) == 2 and len(fronts) == 2
-            assert {f.ppid() for f in fronts} == workers  # one front per worker
-            # 20 connections: the kernel spreads them over both fronts (all on one: 2^-19)
-            conns = [Raw(gw.url) for _ in range(20)]
-            for conn in conns:
-                conn.sock.sendall(_post("/v1/chat/completions", CHAT))
-            statuses = []
-            for conn in conns:
-                conn.sock.settimeout(10)
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += conn.sock.recv(65536)
-                statuses.append(int(head.split(b" ", 2)[1]))
-            assert sorted(statuses) == [200, 200] + [429] * 18, statuses
-            assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
+    with _fronted(tmp_path, "stall-stream", workers=2, max_in_flight=2) as (fake, gw):
+        # wait_ready saw the first worker: the second's front may still be starting
+        gw.wait_for(lambda: len(_fronts(gw)) == 2, 30, "both workers' fronts")
+        workers, fronts = {p.pid for p in _workers(gw)}, _fronts(gw)
+        assert len(workers) == 2 and len(fronts) == 2
+        assert {f.ppid() for f in fronts} == workers  # one front per worker
+        # 20 connections: the kernel spreads them over both fronts (all on one: 2^-19)
+        conns = [Raw(gw.url) for _ in range(20)]
+        for conn in conns:
+            conn.sock.sendall(_post("/v1/chat/completions", CHAT))
+        statuses = []
+        for conn in conns:
+            conn.sock.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.sock.recv(65536)
+            statuses.append(int(head.split(b" ", 2)[1]))
+        assert sorted(statuses) == [200, 200] + [429] * 18, statuses
+        assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
 
-            gw.wait_for(lambda: _refused(gw) == 18, 10, "both fronts' refusals on /metrics")
-            for conn in conns:  # the held streams end: their slots come back
-                conn.sock.close()
-            ok = {**CHAT, "stream": False}
-            fake.app.state.force = "ok"
-            gw.wait_for(
-                lambda: httpx.post(gw.url + "/v1/chat/completions", json=ok).status_code == 200,
-                10,
-                "a free slot",
-            )
-            # A worker that dies takes its front with it; its replacement starts one.
-            victim = fronts[0].ppid()
-            os.kill(victim, signal.SIGKILL)
-            gw.wait_for(
-                lambda: len(_fronts(gw)) == 2 and fronts[0] not in _fronts(gw) and _gone(fronts[0]),
-                30,
-                "the dead worker's front gone and a new worker's front up",
-            )
-            assert {f.ppid() for f in _fronts(gw)} != workers
-            replies = [httpx.post(gw.url + "/v1/chat/completions", json=ok) for _ in range(6)]
-            assert [r.status_code for r in replies] == [200] * 6
-            assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
-        assert gw.seen and not gw.survivors(), gw.log_tail()
+        gw.wait_for(lambda: _refused(gw) == 18, 10, "both fronts' refusals on /metrics")
+        for conn in conns:  # the held streams end: their slots come back
+            conn.sock.close()
+        ok = {**CHAT, "stream": False}
+        fake.app.state.force = "ok"
+        gw.wait_for(
+            lambda: httpx.post(gw.url + "/v1/chat/completions", json=ok).status_code == 200,
+            10,
+            "a free slot",
+        )
+        # A worker that dies takes its front with it; its replacement starts one.
+        victim = fronts[0].ppid()
+        os.kill(victim, signal.SIGKILL)
+        gw.wait_for(
+            lambda: len(_fronts(gw)) == 2 and fronts[0] not in _fronts(gw) and _gone(fronts[0]),
+            30,
+            "the dead worker's front gone and a new worker's front up",
+        )
+        assert {f.ppid() for f in _fronts(gw)} != workers
+        replies = [httpx.post(gw.url + "/v1/chat/completions", json=ok) for _ in range(6)]
+        assert [r.status_code for r in replies] == [200] * 6
+        assert gw.stop(signal.SIGINT, timeout=30) in (0, 130), gw.log_tail()
+    assert gw.seen and not gw.survivors(), gw.log_tail()
 
 
 def test_refusal_budget_paces_clients_that_resend_at_once(tmp_path: Path) -> None:

@@ -5,18 +5,17 @@ request; Ctrl-C stops the gateway and its fronts."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
 from openai import OpenAI
 
 from tests.test_disconnect_real import _running, _wait
+from tests.test_front_fake import _fronts
 from tests.utils import GatewayProcess
 
 
@@ -37,15 +36,7 @@ def test_front_serves_the_real_engine(
     )
     with GatewayProcess(config, tmp_path / "serve.log") as gw:
         gw.wait_ready(60)
-
-        def fronts() -> int:
-            found = 0
-            for p in gw.descendants():
-                with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
-                    found += "serving.front.acceptor" in " ".join(p.cmdline())
-            return found
-
-        gw.wait_for(lambda: fronts() == workers, 30, "a front per gateway process")
+        gw.wait_for(lambda: len(_fronts(gw)) == workers, 30, "a front per gateway process")
         client = OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=120)
         messages = [{"role": "user", "content": "Name a colour."}]
         for _ in range(2):  # the SDK's pooled connection, parked in the front in between

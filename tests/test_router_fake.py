@@ -131,7 +131,7 @@ async def test_an_engine_that_becomes_ready_again_starts_with_a_closed_breaker()
 
 async def test_the_scrape_asks_for_the_load_alone_and_falls_back_to_the_whole_text() -> None:
     from serving.metrics import GatewayMetrics
-    from serving.router.load import FILTERED_PATH, FULL_PATH
+    from serving.router.load import FILTERED_PATH, FULL_PATH, EngineLoad
     from serving.router.registry import Endpoint
     from serving.upstream.client import UpstreamClient
     from serving.upstream.health import scrape
@@ -159,6 +159,14 @@ async def test_the_scrape_asks_for_the_load_alone_and_falls_back_to_the_whole_te
                     assert asked == [FILTERED_PATH] * 2
                 else:  # once filtered, then the whole text only
                     assert asked == [FILTERED_PATH, FULL_PATH, FULL_PATH], mode
+        # A 5xx there is the engine's trouble: the path stays, the last load is kept.
+        with FakeEngine(force="ok") as fake:
+            fake.app.state.filtered = "error"
+            ep = Endpoint(name="e", model="m", url=fake.url, ready=True, state="external")
+            ep.load = EngineLoad(waiting=5.0)
+            await scrape(http, ep, 2.0, GatewayMetrics())
+            assert ep.scrape_path == FILTERED_PATH and ep.load.waiting == 5.0
+            assert fake.app.state.scraped == [FILTERED_PATH]
     finally:
         await http.close()
 

@@ -98,7 +98,9 @@ async def scrape(
         ep.load = EngineLoad()
     else:
         answer = await http.get(ep.url + ep.scrape_path, timeout)
-        if answer is not None and ep.scrape_path != FULL_PATH:
+        # A 5xx is the engine's trouble, not the path's: only an answer that says the
+        # path has no load (404, a redirect, a 200 without it) moves to the whole text.
+        if answer is not None and answer[0] < 500 and ep.scrape_path != FULL_PATH:
             if answer[0] != 200 or not has_load(answer[1]):
                 log.info("engine %s has no load at %s; scraping /metrics", ep.name, ep.scrape_path)
                 ep.scrape_path = FULL_PATH
