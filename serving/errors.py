@@ -172,6 +172,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+def _http_message(request: Request, exc: StarletteHTTPException) -> str:
+    """Starlette's bare "Not Found" names the URL, as the OpenAI API's answer does."""
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return f"Invalid URL ({where})."
+    if exc.status_code == 405:
+        return f"Invalid method for URL ({where})."
+    return str(exc.detail)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(error_payload(exc), status_code=exc.status, headers=exc.headers)
@@ -180,10 +190,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message, param = _validation_message(exc)
         return JSONResponse(envelope(message, "invalid_request_error", param), status_code=400)
 
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(
-            envelope(str(exc.detail), type_),
+            envelope(_http_message(request, exc), type_),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

@@ -111,6 +111,8 @@ def test_models_health_ready(gateway: GatewayProcess, client: OpenAI, model: str
     assert [m.id for m in models.data] == [model, "auto"]
     assert models.data[0].model_extra["max_model_len"] == 2048
     assert all(m.model_extra["ready"] for m in models.data)
+    for card in models.data:  # the SDK's retrieve gives the same card as the list
+        assert client.models.retrieve(card.id) == card
     assert gateway.get("/health").json() == {"status": "ok"}
     ready = gateway.get("/ready")
     assert ready.status_code == 200

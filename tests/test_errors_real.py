@@ -74,6 +74,26 @@ def test_missing_messages_is_400(gateway: GatewayProcess, model: str) -> None:
     _assert_envelope(r, 400, "invalid_request_error", param="messages")
 
 
+@pytest.mark.parametrize(
+    ("message", "param", "code"),
+    [
+        ({"content": "Hi"}, "messages.1.role", "missing_required_parameter"),
+        ({"role": 5, "content": "Hi"}, "messages.1.role", "invalid_value"),
+        ({"role": "", "content": "Hi"}, "messages.1.role", "invalid_value"),
+        ({"role": "user", "content": 5}, "messages.1.content", "invalid_type"),
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_malformed_message_is_400_naming_it(
+    gateway: GatewayProcess, model: str, message: dict, param: str, code: str, stream: bool
+) -> None:
+    # vLLM's own answer to these lists every message type it tried; ours names the field.
+    body = {"model": model, "messages": [*MSG, message], "stream": stream}
+    r = _post(gateway, "/v1/chat/completions", json=body)
+    text = _assert_envelope(r, 400, "invalid_request_error", code=code, param=param)
+    assert param in text and "validation errors" not in text
+
+
 def test_body_not_an_object_is_400(gateway: GatewayProcess) -> None:
     r = _post(gateway, "/v1/completions", json=[1, 2])
     _assert_envelope(r, 400, "invalid_request_error")
@@ -115,6 +135,26 @@ def test_body_over_limit_is_413(gateway: GatewayProcess, model: str) -> None:
     assert "4194304" in _assert_envelope(r, 413, "invalid_request_error", code="request_too_large")
 
 
-def test_unknown_route_is_404_envelope(gateway: GatewayProcess) -> None:
-    r = _post(gateway, "/v1/nothing", json={})
-    _assert_envelope(r, 404, "invalid_request_error")
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/nothing"), ("POST", "/v1/embeddings"), ("GET", "/v1/chat/completions")],
+)
+def test_unknown_route_is_404_naming_the_url(gateway: GatewayProcess, method, path) -> None:
+    r = httpx.request(method, gateway.url + path, json={}, timeout=60)
+    message = _assert_envelope(r, 404, "invalid_request_error")
+    assert message == f"Invalid URL ({method} {path})."
+
+
+def test_a_wrong_method_is_405_naming_the_url(gateway: GatewayProcess) -> None:
+    r = _post(gateway, "/v1/models", json={})
+    message = _assert_envelope(r, 405, "invalid_request_error")
+    assert message == "Invalid method for URL (POST /v1/models)."
+
+
+def test_retrieving_an_unknown_model_is_404(gateway: GatewayProcess) -> None:
+    for name in ("gpt-nope", "org/gpt-nope"):
+        r = httpx.get(f"{gateway.url}/v1/models/{name}", timeout=60)
+        message = _assert_envelope(
+            r, 404, "invalid_request_error", code="model_not_found", param="model"
+        )
+        assert name in message

@@ -55,4 +55,35 @@ def parse_request(kind: Kind, raw: bytes) -> tuple[_Passthrough, dict[str, Any]]
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"])
         raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}", param=param) from exc
+    if kind == "chat":
+        check_messages(payload["messages"])
     return checked, payload
+
+
+def check_messages(messages: list[dict[str, Any]]) -> None:
+    """Each message's role and content type, said by name. vLLM answers these mistakes
+    with a dump of every message type it tried ("11 validation errors: ..."). Role
+    names themselves are the chat template's business (vLLM takes custom ones, such as
+    Llama's "ipython"), so any non-empty string passes."""
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role is None:
+            raise InvalidRequest(
+                f"Missing required parameter: 'messages.{i}.role'.",
+                param=f"messages.{i}.role",
+                code="missing_required_parameter",
+            )
+        if not isinstance(role, str) or not role:
+            raise InvalidRequest(
+                f"Invalid value for 'messages.{i}.role': expected a non-empty string.",
+                param=f"messages.{i}.role",
+                code="invalid_value",
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise InvalidRequest(
+                f"Invalid type for 'messages.{i}.content': expected a string or an array "
+                "of content parts.",
+                param=f"messages.{i}.content",
+                code="invalid_type",
+            )

@@ -14,7 +14,14 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving.config import Settings
-from serving.errors import Conflict, Forbidden, NoEngineReady, NotFound, error_payload
+from serving.errors import (
+    Conflict,
+    Forbidden,
+    ModelNotFound,
+    NoEngineReady,
+    NotFound,
+    error_payload,
+)
 from serving.restart_control import ask_parent
 from serving.tenants.auth import OPERATOR_TENANT
 
@@ -39,9 +46,8 @@ v1 = APIRouter(dependencies=[Depends(require_api_key)])
 operator = APIRouter(dependencies=[Depends(require_operator)])
 
 
-@v1.get("/v1/models")
-async def list_models(request: Request) -> dict:
-    """Every tier's model, then the virtual `auto` model that picks among them."""
+def model_cards(request: Request) -> list[dict]:
+    """Every tier's model the caller may use, then the virtual `auto` model."""
     registry = request.app.state.registry
     created = request.app.state.created
 
@@ -70,7 +76,23 @@ async def list_models(request: Request) -> dict:
             any(c["ready"] for c in cards),
         )
     )
-    return {"object": "list", "data": cards}
+    return cards
+
+
+@v1.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": model_cards(request)}
+
+
+@v1.get("/v1/models/{model:path}")
+async def retrieve_model(request: Request, model: str) -> dict:
+    """One card (the SDK's `models.retrieve`); ids may hold a '/' (org/name)."""
+    for card in model_cards(request):
+        if card["id"] == model:
+            return card
+    raise ModelNotFound(
+        f"The model '{model}' does not exist or you do not have access to it.", param="model"
+    )
 
 
 @router.get("/health")
