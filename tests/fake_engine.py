@@ -41,6 +41,7 @@ BEHAVIOURS = (
     "drip",
     "trickle",
     "late-end",
+    "error-event",
 )
 
 
@@ -129,6 +130,36 @@ async def _chat(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def _response_event(kind: str, **data) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+
+async def _responses(request: Request) -> Response:
+    """The Responses API as vLLM streams it: `event:` lines, no [DONE], the usage in the
+    last event's response. Modes as for chat, plus `error-event` (the engine's own)."""
+    body = await request.json()
+    mode = request.app.state.force or body["model"]
+    request.app.state.seen.append(mode)
+    usage = {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
+    done = {"id": "resp_fake", "object": "response", "status": "completed", "usage": usage}
+    if not body.get("stream"):
+        return JSONResponse({**done, "output": [{"type": "message", "content": []}]})
+
+    async def events():
+        yield _response_event("response.created", response={**done, "usage": None})
+        yield _response_event("response.output_text.delta", delta="one")
+        if mode == "stall-stream":
+            await asyncio.sleep(30)
+        if mode == "cut-stream":
+            raise RuntimeError("fake engine drops the connection")
+        if mode == "error-event":
+            yield _response_event("error", code="fake", message="the engine failed")
+        elif mode != "no-done":
+            yield _response_event("response.completed", response=done)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 async def _health(_: Request) -> Response:
     return PlainTextResponse("")
 
@@ -166,6 +197,7 @@ class FakeEngine:
                 Route("/metrics", _metrics),
                 Route("/metrics/", _filtered_metrics),
                 Route("/v1/chat/completions", _chat, methods=["POST"]),
+                Route("/v1/responses", _responses, methods=["POST"]),
             ]
         )
         app.state.seen = []

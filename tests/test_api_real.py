@@ -159,6 +159,50 @@ def test_metrics_count_requests_and_tokens(
     assert re.search(r'tiergate_engine_ready\{engine="smollm2-cpu"\} 1\.0', after)
 
 
+def test_responses_api_streamed_and_not_with_usage_counted(
+    gateway: GatewayProcess, client: OpenAI, model: str
+) -> None:
+    # The SDK's responses API: vLLM serves it, the gateway routes it like a chat.
+    before = gateway.get("/metrics").text
+    reply = client.responses.create(
+        model=model,
+        instructions="Answer in one word.",
+        input="Capital of France?",
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert reply.output_text.strip() and reply.model == model
+    assert 0 < reply.usage.output_tokens <= 8 and reply.usage.input_tokens > 5
+    deltas, kinds = [], []
+    with client.responses.stream(
+        model="auto",
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+        max_output_tokens=8,
+        temperature=0,
+    ) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created"
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(deltas) == final.output_text and final.output_text.strip()
+    after = gateway.get("/metrics").text
+    done = {"endpoint": "/v1/responses", "status": "200"}
+    for name in (model, "auto"):
+        assert (
+            _metric(after, "tiergate_requests_total", model=name, **done)
+            - _metric(before, "tiergate_requests_total", model=name, **done)
+            == 1
+        )
+    completion = _metric(after, "tiergate_completion_tokens_total") - _metric(
+        before, "tiergate_completion_tokens_total"
+    )
+    assert completion == reply.usage.output_tokens + final.usage.output_tokens
+    assert all(e["in_flight"] == 0 for e in gateway.engines())
+
+
 def _exposed_names(text: str) -> set[str]:
     """Every metric name a scrape can query: samples, and declared families (a labelled
     counter with no samples yet still declares itself) with their suffixes."""

@@ -121,6 +121,50 @@ async def test_error_after_stream_start_is_one_event_then_done(
     assert f'tiergate_stream_errors_total{{kind="{code}",model="{mode}"}} 1.0' in metrics
 
 
+@pytest.mark.parametrize(
+    ("mode", "code"),
+    [
+        ("cut-stream", "upstream_error"),
+        ("stall-stream", "upstream_timeout"),
+        ("no-done", "upstream_error"),
+    ],
+)
+async def test_a_responses_stream_that_fails_ends_with_one_error_event_then_done(
+    gw: httpx.AsyncClient, mode: str, code: str
+) -> None:
+    # The Responses API's stream has no [DONE] of its own; a failure ends it as any other.
+    body = {"model": mode, "input": "hi", "stream": True}
+    r = await gw.post("/v1/responses", json=body)
+    assert r.status_code == 200
+    events = r.text.split("\n\n")[:-1]
+    assert events[0].startswith("event: response.created\n")
+    assert json.loads(events[1].split("data: ")[1])["delta"] == "one"
+    assert events[-1] == "data: [DONE]" and len(events) == 4
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == code
+    metrics = (await gw.get("/metrics")).text
+    assert f'tiergate_stream_errors_total{{kind="{code}",model="{mode}"}} 1.0' in metrics
+
+
+async def test_a_responses_stream_ends_at_its_last_event_with_its_usage_counted(
+    gw: httpx.AsyncClient,
+) -> None:
+    r = await gw.post("/v1/responses", json={"model": "ok", "input": "hi", "stream": True})
+    assert r.status_code == 200
+    events = r.text.split("\n\n")[:-1]
+    assert events[-1].startswith("event: response.completed\n")  # nothing added after it
+    assert "[DONE]" not in r.text and len(events) == 3
+    # The engine's own error event passes as it came and ends the stream.
+    r = await gw.post("/v1/responses", json={"model": "error-event", "input": "hi", "stream": True})
+    assert r.status_code == 200 and "[DONE]" not in r.text
+    assert r.text.split("\n\n")[-2].startswith("event: error\n")
+    unary = await gw.post("/v1/responses", json={"model": "ok", "input": "hi"})
+    assert unary.status_code == 200 and unary.json()["usage"]["output_tokens"] == 2
+    metrics = (await gw.get("/metrics")).text
+    assert 'tiergate_prompt_tokens_total{model="ok"} 10.0' in metrics  # 5 + 5
+    assert 'tiergate_completion_tokens_total{model="ok"} 4.0' in metrics
+    assert 'tiergate_stream_errors_total{kind="engine_error",model="error-event"} 1.0' in metrics
+
+
 async def test_api_keys_guard_the_openai_routes_only() -> None:
     """With keys set, /v1/* need one (401 in the OpenAI shape); probes and metrics stay open."""
     settings = Settings(

@@ -94,6 +94,22 @@ def test_a_malformed_message_is_400_naming_it(
     assert param in text and "validation errors" not in text
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param", "code"),
+    [
+        ("/v1/responses", {}, "input", None),
+        ("/v1/responses", {"input": 5}, "input", "invalid_type"),
+        ("/v1/responses", {"input": "Hi", "max_output_tokens": 0}, "max_output_tokens", None),
+        ("/v1/completions", {"prompt": 5}, "prompt", "invalid_type"),
+    ],
+)
+def test_a_bad_responses_or_completions_body_is_400_naming_the_field(
+    gateway: GatewayProcess, model: str, path: str, body: dict, param: str, code
+) -> None:
+    r = _post(gateway, path, json={"model": model, **body})
+    assert param in _assert_envelope(r, 400, "invalid_request_error", code=code, param=param)
+
+
 def test_body_not_an_object_is_400(gateway: GatewayProcess) -> None:
     r = _post(gateway, "/v1/completions", json=[1, 2])
     _assert_envelope(r, 400, "invalid_request_error")
@@ -137,7 +153,7 @@ def test_body_over_limit_is_413(gateway: GatewayProcess, model: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/nothing"), ("POST", "/v1/embeddings"), ("GET", "/v1/chat/completions")],
+    [("POST", "/v1/nothing"), ("POST", "/v1/embeddings"), ("GET", "/v1/responses/resp_1")],
 )
 def test_unknown_route_is_404_naming_the_url(gateway: GatewayProcess, method, path) -> None:
     r = httpx.request(method, gateway.url + path, json={}, timeout=60)

@@ -1,4 +1,4 @@
-"""The gateway's OpenAPI document: FastAPI's routes, plus the two hot routes, which are
+"""The gateway's OpenAPI document: FastAPI's routes, plus the three hot routes, which are
 served before FastAPI sees a request (serving/api/hotpath.py) and so are added here
 from the same pydantic models that check their bodies. Every error is the one OpenAI
 envelope."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.api.protocol import ChatRequest, CompletionRequest
+from serving.api.protocol import ChatRequest, CompletionRequest, ResponsesRequest
 
 ERROR = {
     "type": "object",
@@ -81,6 +81,12 @@ def add_hot_routes(doc: dict[str, Any], models: list[str] | None = None) -> dict
     )
     doc["paths"]["/v1/completions"] = _operation(
         CompletionRequest, "Text completion (OpenAI-compatible)", "completions", models or []
+    )
+    doc["paths"]["/v1/responses"] = _operation(
+        ResponsesRequest,
+        "Response (OpenAI Responses API, as vLLM serves it)",
+        "responses",
+        models or [],
     )
     components = doc.setdefault("components", {})
     components.setdefault("schemas", {})["Error"] = ERROR

@@ -1,6 +1,6 @@
 """Thin HTTP handlers: fetch a service from app.state, return its answer.
 
-POST /v1/chat/completions and /v1/completions are not here: they are the hot path
+POST /v1/chat/completions, /v1/completions and /v1/responses are not here: they are the hot path
 (serving/api/hotpath.py), served before FastAPI sees the request."""
 
 from __future__ import annotations

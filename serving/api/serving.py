@@ -1,4 +1,4 @@
-"""The proxy service behind /v1/chat/completions and /v1/completions.
+"""The proxy service behind /v1/chat/completions, /v1/completions and /v1/responses.
 
 Checks the body, resolves the tier (or lets the auto policy pick one), plans the
 replicas to try, and opens the first that answers (serving/api/failover.py: errors
@@ -20,7 +20,7 @@ from typing import Any
 
 from serving.api.access_log import AccessLog, valid_traceparent
 from serving.api.failover import Failover
-from serving.api.protocol import Kind, parse_request
+from serving.api.protocol import Kind, as_chat, parse_request
 from serving.config import RouterSettings
 from serving.errors import (
     GatewayError,
@@ -42,9 +42,19 @@ from serving.tenants.redis_limits import RedisAdmission, RedisLimiter
 from serving.tenants.store import Principal
 from serving.tenants.usage import UsageLedger
 from serving.upstream.client import UpstreamClient
-from serving.upstream.stream import Relay, StreamOutcome, usage_of
+from serving.upstream.stream import (
+    Relay,
+    ResponsesRelay,
+    StreamOutcome,
+    response_usage,
+    usage_of,
+)
 
-PATHS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+PATHS: dict[Kind, str] = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "response": "/v1/responses",
+}
 _TENANT_REFUSALS = (RateLimited, InsufficientQuota, ModelNotAllowed)
 
 
@@ -66,6 +76,7 @@ class Streamed:
 class Call:
     """One request's facts, once checked and routed."""
 
+    kind: Kind
     path: str
     raw: bytes
     payload: dict[str, Any]
@@ -165,12 +176,14 @@ class ProxyService:
         stream = False
         try:
             checked, payload = parse_request(kind, raw)
+            # what the router reads; the payload goes on as it came
+            view = as_chat(payload) if kind == "response" else payload
             tier = self.registry.tier_for_model(checked.model)
             model = checked.model  # a label only once known: clients cannot add series
             counts: dict[str, int] | None = None
             if tier is None:
-                counts, estimated = await self._count(payload)
-                features = features_of(headers, payload, counts)
+                counts, estimated = await self._count(view)
+                features = features_of(headers, view, counts)
                 views = self.views
                 if principal.tiers is not None:
                     if features.hint is not None and not principal.may_use(features.hint):
@@ -186,17 +199,17 @@ class ProxyService:
                     raise _not_allowed(principal, checked.model)
                 decision = Decision(tier.name, "explicit")
             tier = self.registry.tier(decision.tier)
-            await self._check_limits(tier, payload, counts)
+            await self._check_limits(tier, view, counts)
             self.metrics.decision(tier.name, decision.reason)
             # affinity matters only where there is a choice of replica
             key = (
-                affinity_key(headers, payload, self.router.affinity_prefix_chars)
+                affinity_key(headers, view, self.router.affinity_prefix_chars)
                 if self.router.affinity and (len(tier.endpoints) > 1 or self.router.order)
                 else None
             )
             if principal.budget is not None and principal.budget.hard:  # soft: serve on
                 await self._check_budget(principal)
-            max_out = payload.get("max_completion_tokens") or payload.get("max_tokens")
+            max_out = view.get("max_completion_tokens") or view.get("max_tokens")
             admission = None
             if principal.scopes or principal.budget:  # others pay nothing here
                 admission = await self.limiter.admit(principal, max_out, self.clock())
@@ -205,7 +218,7 @@ class ProxyService:
                 self.failover.budget.record_request(self.clock())
                 stream = bool(checked.stream)
                 call = Call(
-                    path, raw, payload, model, decision, started, trace, principal, admission
+                    kind, path, raw, payload, model, decision, started, trace, principal, admission
                 )
                 if stream:
                     return await self._stream(attempts, call)
@@ -365,12 +378,14 @@ class ProxyService:
         )
         self.failover.leave(attempt.endpoint)
         response.release()
-        self._record(attempt, call, response.status, usage_of(body), retries)
+        usage = response_usage(body) if call.kind == "response" else usage_of(body)
+        self._record(attempt, call, response.status, usage, retries)
         return Unary(response.status, body, self._headers(attempt, call))
 
     async def _stream(self, attempts: list[Attempt], call: Call) -> Streamed:
         options = call.payload.get("stream_options") or {}
-        drop_usage = not options.get("include_usage")  # asked for anyway; hidden below
+        # asked for anyway, hidden below (a Responses stream always ends with its usage)
+        drop_usage = call.kind != "response" and not options.get("include_usage")
         attempt, response, first, retries = await self.failover.first_answer(
             attempts,
             call.path,
@@ -380,7 +395,9 @@ class ProxyService:
             trace=call.trace,
         )
         outcome = StreamOutcome(started=call.started, first_byte=time.perf_counter())
-        relay = Relay(response, outcome, drop_usage, first)
+        relay = (ResponsesRelay if call.kind == "response" else Relay)(
+            response, outcome, drop_usage, first
+        )
         finished = False
 
         def finish() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,9 @@ from serving.upstream.wire import Response
 
 _DONE = b"data: [DONE]"
 _USAGE = b'"prompt_tokens"'
+_RESPONSE_USAGE = b'"input_tokens"'
+# The Responses API's stream has no [DONE]: one of these events is its last.
+_RESPONSE_END = re.compile(rb"^event: (response\.(?:completed|incomplete|failed)|error)$", re.M)
 
 
 @dataclass(slots=True)
@@ -60,6 +64,23 @@ def usage_of(event: bytes) -> dict[str, Any] | None:
     except (ValueError, AttributeError):
         return None
     return usage if isinstance(usage, dict) else None
+
+
+def response_usage(body: bytes) -> dict[str, Any] | None:
+    """A Responses API object's usage (the unary body, or a terminal event's
+    `response`), in the chat names the metrics and the ledger count."""
+    if _RESPONSE_USAGE not in body:
+        return None
+    try:
+        data = json.loads(body)
+        usage = data.get("usage") if "usage" in data else data["response"].get("usage")
+        return {
+            "prompt_tokens": int(usage["input_tokens"]),
+            "completion_tokens": int(usage["output_tokens"]),
+            "total_tokens": int(usage["input_tokens"]) + int(usage["output_tokens"]),
+        }
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def is_usage_only(event: bytes) -> bool:
@@ -215,7 +236,7 @@ class Relay:
             if self.failed is not None:
                 raise self.failed
             if not self.outcome.done:
-                raise UpstreamError("The engine ended the stream before [DONE].")
+                raise UpstreamError("The engine ended the stream before its last event.")
         except GatewayError as exc:  # the engine client raises nothing else
             if self.outcome.disconnected:
                 return  # we closed it because the client left
@@ -240,3 +261,27 @@ class Relay:
         if self.resumer is not None and not self.resumer.done():
             self.resumer.cancel()
         self.response.release()  # kept only if read to the end, else closed (vLLM aborts)
+
+
+class ResponsesRelay(Relay):
+    """The Responses API's stream (`event:` and `data:` lines, no [DONE]): it ends with
+    `response.completed`, `.incomplete` or `.failed`, whose response carries the usage,
+    or with the engine's own `error` event, which passes as it came."""
+
+    __slots__ = ()
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not self.buffer and chunk.endswith(b"\n\n") and _RESPONSE_END.search(chunk) is None:
+            return chunk
+        events, self.buffer = split_events(self.buffer, chunk)
+        for event in events:
+            end = _RESPONSE_END.search(event)
+            if end is None:
+                continue
+            if end[1] == b"error":
+                self.outcome.error = "engine_error"
+            else:
+                data = event[event.find(b"data: ") + 6 :]
+                self.outcome.usage = response_usage(data) or self.outcome.usage
+            self.outcome.done = True
+        return b"".join(event + b"\n\n" for event in events)
