@@ -80,6 +80,7 @@ class Call:
     path: str
     raw: bytes
     payload: dict[str, Any]
+    view: dict[str, Any]  # the payload as a chat (a Responses API request's input as messages)
     model: str
     decision: Decision
     started: float
@@ -218,7 +219,17 @@ class ProxyService:
                 self.failover.budget.record_request(self.clock())
                 stream = bool(checked.stream)
                 call = Call(
-                    kind, path, raw, payload, model, decision, started, trace, principal, admission
+                    kind,
+                    path,
+                    raw,
+                    payload,
+                    view,
+                    model,
+                    decision,
+                    started,
+                    trace,
+                    principal,
+                    admission,
                 )
                 if stream:
                     return await self._stream(attempts, call)
@@ -461,5 +472,5 @@ class ProxyService:
                 tenant=call.principal.tenant,
                 key=call.principal.key,
                 cost_usd=round(tier.cost(usage), 8),
-                prompt=self.access.sampled_prompt(call.payload),
+                prompt=self.access.sampled_prompt(call.view),
             )
