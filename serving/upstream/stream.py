@@ -31,7 +31,9 @@ _DONE = b"data: [DONE]"
 _USAGE = b'"prompt_tokens"'
 _RESPONSE_USAGE = b'"input_tokens"'
 # The Responses API's stream has no [DONE]: one of these events is its last.
-_RESPONSE_END = re.compile(rb"^event: (response\.(?:completed|incomplete|failed)|error)$", re.M)
+_DELTA = b"event: response.output_text.delta\n"
+# (An event's lines end in a newline; one inside a JSON string is escaped, so no anchor.)
+_RESPONSE_END = re.compile(rb"event: (response\.(?:completed|incomplete|failed)|error)\n")
 
 
 @dataclass(slots=True)
@@ -271,8 +273,11 @@ class ResponsesRelay(Relay):
     __slots__ = ()
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self.buffer and chunk.endswith(b"\n\n") and _RESPONSE_END.search(chunk) is None:
-            return chunk
+        if not self.buffer and chunk.endswith(b"\n\n"):
+            if chunk.startswith(_DELTA) and chunk.find(b"\n\n") == len(chunk) - 2:
+                return chunk  # one token's event, whole: the usual chunk
+            if _RESPONSE_END.search(chunk) is None:
+                return chunk  # whole events, none of them the last
         events, self.buffer = split_events(self.buffer, chunk)
         for event in events:
             end = _RESPONSE_END.search(event)
