@@ -165,6 +165,29 @@ async def test_a_responses_stream_ends_at_its_last_event_with_its_usage_counted(
     assert 'tiergate_stream_errors_total{kind="engine_error",model="error-event"} 1.0' in metrics
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+        ("/v1/responses", {"input": "hi"}, "max_output_tokens"),
+    ],
+)
+async def test_a_tiers_output_limit_is_400_naming_the_clients_field(
+    fake: FakeEngine, path: str, body: dict, param: str
+) -> None:
+    settings = Settings(
+        engines=[{"name": "e", "model": "ok", "url": fake.url}],
+        tiers=[
+            {"name": "small", "model": "ok", "engines": ["e"], "limits": {"max_output_tokens": 4}}
+        ],
+    )
+    async with in_process_gateway(settings) as client:
+        asked = {"model": "ok", **body, param: 5}
+        err = _error(await client.post(path, json=asked), 400, None)
+        assert err["param"] == param and err["message"].startswith(f"{param} is 5")
+        assert (await client.post(path, json={**asked, param: 4})).status_code == 200
+
+
 async def test_api_keys_guard_the_openai_routes_only() -> None:
     """With keys set, /v1/* need one (401 in the OpenAI shape); probes and metrics stay open."""
     settings = Settings(

@@ -200,7 +200,7 @@ class ProxyService:
                     raise _not_allowed(principal, checked.model)
                 decision = Decision(tier.name, "explicit")
             tier = self.registry.tier(decision.tier)
-            await self._check_limits(tier, view, counts)
+            await self._check_limits(tier, view, counts, kind)
             self.metrics.decision(tier.name, decision.reason)
             # affinity matters only where there is a choice of replica
             key = (
@@ -316,15 +316,18 @@ class ProxyService:
         return max(0, min(limits, default=1 << 30))
 
     async def _check_limits(
-        self, tier: Tier, payload: dict[str, Any], counts: dict[str, int] | None
+        self, tier: Tier, payload: dict[str, Any], counts: dict[str, int] | None, kind: Kind
     ) -> None:
-        """A tier's own limits, where they are tighter than what its engines enforce."""
+        """A tier's own limits, where they are tighter than what its engines enforce.
+        `payload` is the chat view; the errors name the fields the client sent."""
+        out_param = "max_output_tokens" if kind == "response" else "max_tokens"
+        in_param = {"chat": "messages", "completion": "prompt", "response": "input"}[kind]
         max_out = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if tier.max_output_tokens and max_out and max_out > tier.max_output_tokens:
             raise InvalidRequest(
-                f"max_tokens is {max_out}, but tier '{tier.name}' allows at most "
+                f"{out_param} is {max_out}, but tier '{tier.name}' allows at most "
                 f"{tier.max_output_tokens} output tokens.",
-                param="max_tokens",
+                param=out_param,
             )
         engine_limit = min((ep.max_model_len or 0 for ep in tier.endpoints), default=0)
         if not tier.max_context or (engine_limit and engine_limit <= tier.max_context):
@@ -337,7 +340,7 @@ class ProxyService:
                 f"This model's maximum context length is {tier.max_context} tokens. However, "
                 f"you requested {prompt + (max_out or 0)} tokens ({prompt} in the messages, "
                 f"{max_out or 0} in the completion).",
-                param="messages" if "messages" in payload else "prompt",
+                param=in_param,
                 code="context_length_exceeded",
             )
 
