@@ -21,7 +21,7 @@ def test_a_responses_request_reads_as_a_chat_for_the_router() -> None:
             {"type": "function_call_output", "call_id": "c", "output": "42"},
         ],
         "max_output_tokens": 9,
-        "tools": [{"type": "function", "name": "f"}],
+        "tools": [{"type": "function", "name": "f", "parameters": {}}, {"type": "web_search"}],
         "text": {"format": {"type": "json_object"}},
         "user": "u1",
     }
@@ -31,7 +31,9 @@ def test_a_responses_request_reads_as_a_chat_for_the_router() -> None:
         {"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
         {"role": "tool", "content": "42"},
     ]
-    assert view["max_tokens"] == 9 and view["tools"] and view["user"] == "u1"
+    assert view["max_tokens"] == 9 and view["user"] == "u1"
+    # the chat shape a chat template reads; a built-in tool has no template form
+    assert view["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert view["response_format"] == {"type": "json_object"}
     assert as_chat({"model": "m", "input": "Hi"}) == {
         "messages": [{"role": "user", "content": "Hi"}]

@@ -140,7 +140,7 @@ def as_chat(payload: dict[str, Any]) -> dict[str, Any]:
     view = {"messages": messages or [{"role": "user", "content": ""}]}
     for key, value in (
         ("max_tokens", payload.get("max_output_tokens")),
-        ("tools", payload.get("tools")),
+        ("tools", _chat_tools(payload.get("tools"))),
         ("response_format", text.get("format") if isinstance(text, dict) else None),
         ("metadata", payload.get("metadata")),
         ("user", payload.get("user")),
@@ -148,3 +148,15 @@ def as_chat(payload: dict[str, Any]) -> dict[str, Any]:
         if value is not None:
             view[key] = value
     return view
+
+
+def _chat_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Responses API function tools (flat) in the chat shape a chat template reads."""
+    if not isinstance(tools, list):
+        return None
+    chat = [
+        {"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+        for t in tools
+        if isinstance(t, dict) and t.get("type") == "function" and "name" in t
+    ]
+    return chat or None
