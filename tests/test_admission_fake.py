@@ -85,19 +85,19 @@ async def test_refused_in_the_parser_callback_keeps_the_connection_and_loses_not
             writer.write(body)  # read and dropped: the next request on the line is in step
 
             spreads = set()
-            for path in ("/v1/completions", "/v1/chat/completions"):
+            for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
                 h, b = _request(path, b'{"model": "m", "prompt": "x"}')
                 writer.write(h + b)
                 status, headers, _ = await asyncio.wait_for(_read_response(reader), 2)
                 assert status == 429
                 spreads.add(headers["retry-after-ms"])
-            assert len(spreads) == 2  # each refusal gets its own share of the spread
+            assert len(spreads) == 3  # each refusal gets its own share of the spread
             writer.write(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
             status, _, _ = await asyncio.wait_for(_read_response(reader), 2)
             assert status == 200  # the same keep-alive connection still serves
 
             metrics = (await http.get(url + "/metrics")).text
-            assert _metric(metrics, 'tiergate_admission_refused_total{reason="in_flight"}') == 3
+            assert _metric(metrics, 'tiergate_admission_refused_total{reason="in_flight"}') == 4
             assert _metric(metrics, "tiergate_admission_paced_total") == 0  # within the budget
             assert len(fake.app.state.seen) == 2  # nothing refused reached the engine
 

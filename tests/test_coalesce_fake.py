@@ -175,6 +175,7 @@ def test_whole_request_reads_only_plain_whole_hot_requests() -> None:
     assert whole_request(REQUEST.replace(b"/v1/chat/completions", b"/v1/completions")) == (
         "completion"
     )
+    assert whole_request(REQUEST.replace(b"/v1/chat/completions", b"/v1/responses")) == ("response")
     assert whole_request(REQUEST.replace(b"/chat/completions", b"/chat/completions?x=1")) == (
         "chat"
     )
