@@ -93,17 +93,20 @@ def test_channel_messages_round_trip() -> None:
 
         # the front does not read for a while: DONEs wait, in order, none lost
         to_front = channel.Sender(gateway, lambda: errors.append("gone"))
-        for i in range(20000):
-            to_front.send(channel.done(i, channel.RETURNED))
+        for i in range(0, 20000, 2):  # a loop pass's records go in one packet
+            to_front.send(channel.done([(i, channel.RETURNED), (i + 1, channel.KEPT)]))
         assert to_front.queue  # the pair's buffer filled; the rest waits here
         front.setblocking(False)
-        seen: list[int] = []
+        seen: list[tuple[int, int]] = []
         while len(seen) < 20000:
             for message in channel.receive(front) or []:
                 assert message[0] == channel.DONE
-                seen.append(message[1])
+                seen.extend(message[1:])
             await asyncio.sleep(0.001)  # the sender's writer callback runs
-        assert seen == list(range(20000)) and not to_front.queue and not errors
+        assert seen == [(i, channel.RETURNED if i % 2 == 0 else channel.KEPT) for i in range(20000)]
+        assert not to_front.queue and not errors
+        with pytest.raises(ValueError):
+            channel.decode(bytes([channel.DONE]), [])  # a DONE with no record
         to_front.send(channel.close(8))
         await asyncio.sleep(0)
         assert channel.receive(front) == [(channel.CLOSE, 8)]

@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["upstream", "yardstick", "tiergate"],
         help="upstream, yardstick, tiergate, front (tiergate with server.front), tenancy "
-        "(tiergate with a limited tenant's key), and `before`: tiergate from --before-repo",
+        "(tiergate with a limited tenant's key), and `before` / `front-before`: tiergate / "
+        "front from --before-repo",
     )
     p.add_argument("--before-repo", type=Path, help="another checkout (e.g. a git worktree)")
     p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     # one script for every run, so that the Lua callbacks' cost on the load core is alike
     script = wrk_script(a.model, work, honour_retry_after=a.clients == "retry-after")
     names = ("upstream", "yardstick", "rawasgi", "raw", "tiergate", "front", "before", "tenancy")
-    names += ("limited", "limited-before")
+    names += ("limited", "limited-before", "front-before")
     ports = {t: free_port() for t in names}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
     module = "fake_stream" if a.fake == "raw" else "fake_server"
@@ -474,15 +475,16 @@ def main(argv: list[str] | None = None) -> int:
             pids["tiergate"] = stack.enter_context(
                 started(gate, a.gateway_cpu, urls["tiergate"] + "/ready")
             )
-        if "front" in a.targets:
-            fconfig = gateway_config(
-                work / "front", urls["upstream"], a.tokenizer, a.max_in_flight, server=FRONT
-            )
-            front = [py, "-m", "serving.cli", "serve", "--config", str(fconfig)]
-            front += ["--port", str(ports["front"])]
-            pids["front"] = stack.enter_context(
-                started(front, a.gateway_cpu, urls["front"] + "/ready")
-            )
+        for kind, repo in (("front", None), ("front-before", a.before_repo)):
+            if kind in a.targets:
+                fconfig = gateway_config(
+                    work / kind, urls["upstream"], a.tokenizer, a.max_in_flight, server=FRONT
+                )
+                front = [py, "-m", "serving.cli", "serve", "--config", str(fconfig)]
+                front += ["--port", str(ports[kind])]
+                pids[kind] = stack.enter_context(
+                    started(front, a.gateway_cpu, urls[kind] + "/ready", cwd=repo or REPO)
+                )
         if "tenancy" in a.targets:
             pids["tenancy"] = stack.enter_context(
                 started(tenancy_gate, a.gateway_cpu, urls["tenancy"] + "/ready")

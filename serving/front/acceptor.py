@@ -207,7 +207,8 @@ class Front:
             return
         for message in messages:
             if message[0] == channel.DONE:
-                self._done(message[1], message[2])
+                for conn_id, disposition in message[1:]:
+                    self._done(conn_id, disposition)
             elif message[0] == channel.STOP:
                 self.stopped.set()
 

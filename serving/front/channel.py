@@ -5,10 +5,11 @@ One message per packet (the kernel keeps the boundaries), a 1-byte kind first:
          its id, whether the front counted it against `server.max_in_flight`, and the
          bytes read so far. The gateway keeps its copy of the socket from then on;
 - RESUME front -> gateway: the next request on a parked connection (id, counted, bytes);
-- DONE   gateway -> front: the request on connection `id` is answered, and what became
-         of the connection: RETURNED (parked: the gateway stopped reading it and the
-         front reads the next request), CLOSED, or KEPT (the gateway serves it to its
-         end: a pipelined request or unwritten bytes);
+- DONE   gateway -> front: requests answered, one record each (id, and what became of
+         the connection: RETURNED (parked: the gateway stopped reading it and the front
+         reads the next request), CLOSED, or KEPT (the gateway serves it to its end: a
+         pipelined request or unwritten bytes)). The records of a loop pass go in one
+         packet: one wake-up of the front, not one a request;
 - CLOSE  front -> gateway: a parked connection ended (client gone, idle too long);
 - STATS  front -> gateway: refusals since the last STATS, per hot path (the order of
          the paths the gateway gave the front at start), then the connections paced,
@@ -29,7 +30,7 @@ from collections.abc import Callable
 HAND, DONE, STATS, STOP, RESUME, CLOSE = 1, 2, 3, 4, 5, 6
 RETURNED, CLOSED, KEPT = 0, 1, 2
 _HAND = struct.Struct("!BIB")  # kind, connection id, counted
-_DONE = struct.Struct("!BIB")  # kind, connection id, disposition
+_DONE = struct.Struct("!IB")  # after the kind, per record: connection id, disposition
 _RESUME = struct.Struct("!BIB")  # kind, connection id, counted
 _CLOSE = struct.Struct("!BI")  # kind, connection id
 MAX_PACKET = 512 * 1024  # the largest HAND: a 64 KiB head limit plus one read
@@ -53,8 +54,9 @@ def resume(conn_id: int, counted: bool, data: bytes) -> list[bytes]:
     return [_RESUME.pack(RESUME, conn_id, counted), data]
 
 
-def done(conn_id: int, disposition: int) -> list[bytes]:
-    return [_DONE.pack(DONE, conn_id, disposition)]
+def done(records: list[tuple[int, int]]) -> list[bytes]:
+    """(connection id, disposition) records, in the order they happened."""
+    return [bytes([DONE]), b"".join(_DONE.pack(*r) for r in records)]
 
 
 def close(conn_id: int) -> list[bytes]:
@@ -114,7 +116,7 @@ class Sender:
 
 def decode(packet: bytes, fds: list[int]) -> tuple:
     """One packet as a tuple: (HAND, id, counted, data, fd), (RESUME, id, counted, data),
-    (DONE, id, disposition), (CLOSE, id), (STATS, *counts) or (STOP,).
+    (DONE, (id, disposition), ...), (CLOSE, id), (STATS, *counts) or (STOP,).
     Raises ValueError on anything else."""
     kind = packet[:1]
     if kind == bytes([HAND]) and len(fds) == 1 and len(packet) >= _HAND.size:
@@ -125,8 +127,8 @@ def decode(packet: bytes, fds: list[int]) -> tuple:
         return RESUME, conn_id, bool(counted), packet[_RESUME.size :]
     if kind == bytes([CLOSE]) and len(packet) == _CLOSE.size:
         return _CLOSE.unpack(packet)
-    if kind == bytes([DONE]) and len(packet) == _DONE.size:
-        return _DONE.unpack(packet)
+    if kind == bytes([DONE]) and len(packet) > 1 and (len(packet) - 1) % _DONE.size == 0:
+        return (DONE, *_DONE.iter_unpack(packet[1:]))
     if kind == bytes([STATS]) and (len(packet) - 1) % 4 == 0:
         return (STATS, *struct.unpack(f"!{(len(packet) - 1) // 4}I", packet[1:]))
     if kind == bytes([STOP]) and len(packet) == 1:

@@ -35,6 +35,7 @@ log = logging.getLogger("tiergate.front")
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_RESTARTS = 5  # of the front within a minute
+DONE_BATCH = 8  # DONE records sent at once at the most (benchmarks/RESULTS.md, session 18)
 _PATHS = tuple(ROUTES)  # the hot paths the front may refuse, in the STATS message's order
 
 
@@ -110,14 +111,18 @@ class FrontLink:
         self.factory: Any = None
         self.parked: dict[int, FrontedProtocol] = {}
         self.out: channel.Sender | None = None
+        self.done: list[tuple[int, int]] = []  # DONE records not yet sent
         self.config: dict = {}
         self.server: Any = None
         self.restarts: list[float] = []
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.hot: HotPath | None = None
+        self.max_in_flight = 0
 
     def start(self, hot: HotPath, settings: Any, keep_alive_s: float) -> None:
         """Start the front process; it accepts at once (the gateway adopts once attached)."""
         self.listener.listen(2048)
+        self.hot, self.max_in_flight = hot, settings.server.max_in_flight
         refusals = hot.refusal_messages("in_flight")
         self.config = {
             "listen_fd": self.listener.fileno(),
@@ -257,10 +262,27 @@ class FrontLink:
         self.report(protocol.conn_id, channel.CLOSED)
 
     def report(self, conn_id: int, disposition: int) -> bool:
+        """Queue a DONE record; a loop pass's records leave together (`_send_done`), as
+        each packet wakes the front, which shares the gateway's core. The front counts a
+        request until its record comes: near `server.max_in_flight` every record goes
+        at once, so that the front never refuses for a slot that is free."""
         if self.out is None or self.factory is None:
             return False
-        self.out.send(channel.done(conn_id, disposition))
+        if not self.done:
+            self.loop.call_soon(self._send_done)
+        self.done.append((conn_id, disposition))
+        if len(self.done) >= DONE_BATCH or (
+            self.max_in_flight
+            and self.hot is not None
+            and self.hot.in_flight + len(self.done) + DONE_BATCH >= self.max_in_flight
+        ):
+            self._send_done()
         return True
+
+    def _send_done(self) -> None:
+        records, self.done = self.done, []
+        if records and self.out is not None and self.factory is not None:
+            self.out.send(channel.done(records))
 
     def _detach(self) -> None:
         """No more messages either way. Parked connections cannot be read by anyone now:
@@ -269,6 +291,7 @@ class FrontLink:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.chan.fileno())
         self.factory = None
+        self.done = []  # for a front that is gone; a new one knows none of these ids
         parked, self.parked = self.parked, {}
         for protocol in parked.values():
             protocol.managed = False
@@ -277,6 +300,7 @@ class FrontLink:
     def stop(self) -> None:
         """Stop accepting: the front closes the port and what it parked, then exits."""
         if self.out is not None and self.factory is not None:
+            self._send_done()
             self.out.send(channel.stop())
         self._detach()
 
