@@ -503,3 +503,45 @@ def test_port_clash_names_the_key(tmp_path: Path, front: bool) -> None:
         taken.close()
     assert run.returncode == 2, run.stderr[-2000:]
     assert f"server.port: cannot bind 127.0.0.1:{port}" in run.stderr
+
+
+def test_done_records_leave_once_a_pass_and_at_once_near_the_limit() -> None:
+    """The gateway's DONE records wait for the end of the loop pass (one wake-up of the
+    front), at most DONE_BATCH of them; near server.max_in_flight each goes at once, so
+    that the front's count is exact where it refuses. FAKE sender and hot path."""
+
+    async def run() -> None:
+        from types import SimpleNamespace
+
+        from serving.front.handoff import DONE_BATCH, FrontLink
+
+        sent: list[list[tuple[int, int]]] = []
+        link = FrontLink(socket.socket(), metrics=None)
+        link.loop, link.factory = asyncio.get_running_loop(), object()
+        link.out = SimpleNamespace(
+            send=lambda parts: sent.append(list(channel.decode(b"".join(parts), [])[1:]))
+        )
+        link.hot, link.max_in_flight = SimpleNamespace(in_flight=0), 100
+        for i in range(3):
+            assert link.report(i, channel.RETURNED)
+        assert sent == []  # queued for the end of the pass
+        await asyncio.sleep(0)
+        assert sent == [[(0, 0), (1, 0), (2, 0)]]
+        for i in range(DONE_BATCH + 1):
+            link.report(10 + i, channel.KEPT)
+        assert sent[1] == [(10 + i, channel.KEPT) for i in range(DONE_BATCH)]  # a full batch
+        await asyncio.sleep(0)
+        assert sent[2] == [(10 + DONE_BATCH, channel.KEPT)]
+        link.hot.in_flight = 100 - DONE_BATCH - 1  # near the limit: no record waits
+        link.report(50, channel.CLOSED)
+        assert sent[3] == [(50, channel.CLOSED)]
+        await asyncio.sleep(0)
+        assert len(sent) == 4  # the pass's flush found nothing left
+        link.hot.in_flight = 0
+        link.report(60, channel.RETURNED)
+        link._detach()  # the front is gone: a new one knows none of these ids
+        await asyncio.sleep(0)
+        assert len(sent) == 4 and link.done == []
+        link.listener.close()
+
+    asyncio.run(run())
