@@ -57,3 +57,26 @@ def test_client_disconnect_aborts_engine_request(gateway: GatewayProcess, model:
     metrics = gateway.get("/metrics").text
     pattern = r'tiergate_client_disconnects_total\{model="' + model + r'"\} [1-9]'
     assert re.search(pattern, metrics)
+
+
+def test_a_responses_stream_left_mid_way_aborts_the_engine_request(
+    gateway: GatewayProcess, model: str
+) -> None:
+    # The Responses API's stream takes the same path out: the engine stops, nothing stays.
+    engine_url = gateway.engines()[0]["url"]
+    assert _running(engine_url) == 0
+    before = gateway.get("/metrics").text
+    body = {"model": model, "input": "Tell me a long story.", "max_output_tokens": 1500}
+    body |= {"stream": True, "ignore_eos": True}
+    with httpx.stream("POST", gateway.url + "/v1/responses", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(20)]
+        assert "event: response.output_text.delta" in got
+        assert _running(engine_url) == 1
+    assert _wait(lambda: _running(engine_url) == 0, timeout=10), "engine still generating"
+    assert _wait(lambda: gateway.engines()[0]["in_flight"] == 0, timeout=5)
+    pattern = r'tiergate_client_disconnects_total\{model="' + model + r'"\} ([0-9.]+)'
+    count = re.search(pattern, gateway.get("/metrics").text)
+    was = re.search(pattern, before)
+    assert count and float(count[1]) == (float(was[1]) if was else 0.0) + 1
