@@ -169,6 +169,11 @@ async def test_a_responses_stream_ends_at_its_last_event_with_its_usage_counted(
     ("path", "body", "param"),
     [
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "max_completion_tokens",
+        ),
         ("/v1/responses", {"input": "hi"}, "max_output_tokens"),
     ],
 )

@@ -56,6 +56,7 @@ PATHS: dict[Kind, str] = {
     "response": "/v1/responses",
 }
 _TENANT_REFUSALS = (RateLimited, InsufficientQuota, ModelNotAllowed)
+_PROMPT_PARAM: dict[Kind, str] = {"chat": "messages", "completion": "prompt", "response": "input"}
 
 
 @dataclass(slots=True)
@@ -320,10 +321,14 @@ class ProxyService:
     ) -> None:
         """A tier's own limits, where they are tighter than what its engines enforce.
         `payload` is the chat view; the errors name the fields the client sent."""
-        out_param = "max_output_tokens" if kind == "response" else "max_tokens"
-        in_param = {"chat": "messages", "completion": "prompt", "response": "input"}[kind]
         max_out = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if tier.max_output_tokens and max_out and max_out > tier.max_output_tokens:
+            if kind == "response":
+                out_param = "max_output_tokens"
+            elif payload.get("max_completion_tokens"):
+                out_param = "max_completion_tokens"
+            else:
+                out_param = "max_tokens"
             raise InvalidRequest(
                 f"{out_param} is {max_out}, but tier '{tier.name}' allows at most "
                 f"{tier.max_output_tokens} output tokens.",
@@ -340,7 +345,7 @@ class ProxyService:
                 f"This model's maximum context length is {tier.max_context} tokens. However, "
                 f"you requested {prompt + (max_out or 0)} tokens ({prompt} in the messages, "
                 f"{max_out or 0} in the completion).",
-                param=in_param,
+                param=_PROMPT_PARAM[kind],
                 code="context_length_exceeded",
             )
 

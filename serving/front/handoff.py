@@ -268,15 +268,15 @@ class FrontLink:
         at once, so that the front never refuses for a slot that is free."""
         if self.out is None or self.factory is None:
             return False
-        if not self.done:
-            self.loop.call_soon(self._send_done)
         self.done.append((conn_id, disposition))
         if len(self.done) >= DONE_BATCH or (
             self.max_in_flight
             and self.hot is not None
             and self.hot.in_flight + len(self.done) + DONE_BATCH >= self.max_in_flight
         ):
-            self._send_done()
+            self._send_done()  # under overload every record: no callback scheduled for it
+        elif len(self.done) == 1:
+            self.loop.call_soon(self._send_done)
         return True
 
     def _send_done(self) -> None:
