@@ -259,7 +259,8 @@ def test_multi_turn_chat_sessions(gateway: GatewayProcess, tmp_path) -> None:
 def test_planner_matches_the_engines_logged_kv_cache(gateway: GatewayProcess) -> None:
     log = gateway.log_path.read_text()
     logged = int(re.search(r"CPU KV cache size: ([\d,]+) tokens", log).group(1).replace(",", ""))
-    dtype = re.search(r"dtype=torch\.(\w+)", log).group(1)
+    # The engine's own config line: model preparation may log another dtype before it.
+    dtype = re.search(r"Initializing a V1 LLM engine .*?dtype=torch\.(\w+)", log).group(1)
     space = float(re.search(r"Explicitly set \(([\d.]+)/", log).group(1))
     plan = plan_memory(
         model_specs()["smollm2-135m"],
