@@ -243,6 +243,9 @@ def gateway_config(
 
 
 FRONT = {"front": True}  # server.front: refusals in a process of their own, same core
+# The probe's 429s on a connection whose previous answer was a 200 (a subset of its
+# 429s): the gateway must hand such a connection back to the front before it is read.
+AFTER_200 = 4292
 PROBES = 8  # clients, each one request at a time: enough 429s for a p99
 
 
@@ -267,6 +270,7 @@ async def probe_statuses(url: str, model: str, seconds: float) -> dict[int, list
 
     async def client() -> None:
         reader, writer = await asyncio.open_connection(host, int(port))
+        previous = 0
         try:
             while time.monotonic() < end:
                 t0 = time.perf_counter()
@@ -275,6 +279,9 @@ async def probe_statuses(url: str, model: str, seconds: float) -> dict[int, list
                 ms = (time.perf_counter() - t0) * 1000
                 status = int(head.split(b" ", 2)[1])
                 out.setdefault(status, []).append(ms)
+                if status == 429 and previous == 200:  # the connection was just handed back
+                    out.setdefault(AFTER_200, []).append(ms)
+                previous = status
                 length = re.search(rb"(?i)content-length: (\d+)", head)
                 if length:
                     await reader.readexactly(int(length.group(1)))
