@@ -23,7 +23,7 @@ import httpx
 from tqdm import tqdm
 
 from benchmarks import lengths, report
-from benchmarks.client import Target
+from benchmarks.client import ENDPOINTS, Target
 from benchmarks.datasets import ChatTemplate, LengthDist, SyntheticText, sharegpt, synthetic
 from benchmarks.metrics import SLO, bucket_throughput, measured, summarize
 from benchmarks.runner import Load, RunResult, run
@@ -35,7 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("target")
     t.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8000")
     t.add_argument("--model", required=True)
-    t.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    t.add_argument(
+        "--endpoint",
+        choices=ENDPOINTS,
+        default="completions",
+        help="/v1/completions, /v1/chat/completions or /v1/responses (the Responses API: "
+        "the prompt as chat messages in its input, tokens from its last event's usage)",
+    )
     t.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     t.add_argument("--tokenizer", help="tokenizer folder or name (default: the model's, if local)")
     t.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
@@ -133,7 +139,7 @@ def make_sessions(args: argparse.Namespace, tokenizer, text, point: int, count: 
             raise SystemExit("tiergate bench: error: --sharegpt-path is needed")
         data = sharegpt(args.sharegpt_path, tokenizer, count or 10**9, seed=seed, turns=args.turns)
         return iter(data)
-    chat = ChatTemplate(tokenizer) if args.endpoint == "chat" else None
+    chat = ChatTemplate(tokenizer) if args.endpoint in ("chat", "responses") else None
     return synthetic(
         text,
         count,

@@ -18,12 +18,23 @@ import aiohttp
 from benchmarks.datasets import RequestSpec
 from benchmarks.metrics import RequestRecord
 
+PATHS = {
+    "completions": "/v1/completions",
+    "chat": "/v1/chat/completions",
+    "responses": "/v1/responses",
+}
+ENDPOINTS = tuple(PATHS)
+# Responses API events that carry output (one per token, as vLLM streams them)
+_RESPONSE_DELTAS = frozenset(
+    ("response.output_text.delta", "response.reasoning_text.delta", "response.refusal.delta")
+)
+
 
 @dataclass
 class Target:
     base_url: str
     model: str
-    endpoint: str = "completions"  # or "chat"
+    endpoint: str = "completions"  # a key of PATHS
     api_key: str | None = None
     timeout_s: float = 600.0
     ignore_eos: bool = True  # exact output lengths (a vLLM extension; others ignore it)
@@ -32,23 +43,21 @@ class Target:
 
     @property
     def url(self) -> str:
-        path = "/v1/chat/completions" if self.endpoint == "chat" else "/v1/completions"
-        return self.base_url.rstrip("/") + path
+        return self.base_url.rstrip("/") + PATHS[self.endpoint]
 
     def body(self, spec: RequestSpec) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "max_tokens": spec.output_tokens,
-            "temperature": 0,
-        }
+        body: dict[str, Any] = {"model": self.model, "stream": True, "temperature": 0}
+        if self.endpoint == "responses":
+            # The messages as its input; its usage comes in the last event, unasked.
+            body |= {"input": spec.messages(), "max_output_tokens": spec.output_tokens}
+        else:
+            body |= {"stream_options": {"include_usage": True}, "max_tokens": spec.output_tokens}
         if self.ignore_eos:
             body["ignore_eos"] = True
-        if self.endpoint == "chat":
-            body["messages"] = spec.messages()
-        else:
+        if self.endpoint == "completions":
             body["prompt"] = spec.text
+        elif self.endpoint == "chat":
+            body["messages"] = spec.messages()
         return body | self.extra_body
 
     def encode(self, spec: RequestSpec) -> bytes:
@@ -95,6 +104,28 @@ def _absorb(event: dict, record: RequestRecord, chat: bool, now: float) -> None:
         record.cached_tokens = details.get("cached_tokens")
 
 
+def _absorb_response(event: dict, record: RequestRecord, now: float) -> bool:
+    """One Responses API event; True at its last (that API sends no [DONE]): the usage
+    comes in `response.completed` or `.incomplete`, a failure as `response.failed`, an
+    `error` event, or the gateway's mid-stream `{"error": ...}`."""
+    kind = event.get("type")
+    if kind in _RESPONSE_DELTAS:
+        record.chunk_times.append(now)
+        return False
+    if kind in ("response.completed", "response.incomplete"):
+        usage = (event.get("response") or {}).get("usage") or {}
+        record.prompt_tokens = usage.get("input_tokens")
+        record.completion_tokens = usage.get("output_tokens")
+        record.cached_tokens = (usage.get("input_tokens_details") or {}).get("cached_tokens")
+        return True
+    if kind == "response.failed" or kind == "error" or "error" in event:
+        error = (event.get("response") or {}).get("error") or event.get("error") or event
+        record.error_kind = "stream"
+        record.error = str(error.get("message", error) if isinstance(error, dict) else error)
+        return True
+    return False
+
+
 def _error_message(raw: bytes) -> str:
     try:
         return json.loads(raw)["error"]["message"]
@@ -112,6 +143,7 @@ async def send(
     """Send `spec`, filling `record`'s timeline (seconds since `t0`)."""
     clock = time.perf_counter
     chat = target.endpoint == "chat"
+    responses = target.endpoint == "responses"
     record.sent = clock() - t0
     try:
         async with http.post(
@@ -129,15 +161,22 @@ async def send(
                 buffer += data
                 *events, buffer = buffer.split(b"\n\n")
                 for raw in events:
-                    if not raw.startswith(b"data: "):
+                    at = raw.find(b"data: ")  # 0, or after the Responses API's `event:` line
+                    if at < 0:
                         continue
-                    payload = raw[6:].strip()
+                    payload = raw[at + 6 :].strip()
                     if payload == b"[DONE]":
                         done = True
                         break
-                    _absorb(json.loads(payload), record, chat, now)
+                    if responses:
+                        if _absorb_response(json.loads(payload), record, now):
+                            done = True
+                            break
+                    else:
+                        _absorb(json.loads(payload), record, chat, now)
             if record.error_kind is None and not done:
-                record.error_kind, record.error = "stream", "stream ended without [DONE]"
+                last = "its last event" if responses else "[DONE]"
+                record.error_kind, record.error = "stream", f"stream ended without {last}"
             elif record.error_kind is None and record.completion_tokens is None:
                 record.error_kind = "no_usage"
                 record.error = "no usage in the stream (stream_options.include_usage ignored?)"

@@ -97,6 +97,42 @@ def test_failures_are_counted_by_kind(behaviour, kind, tokenizer_dir, tmp_path) 
     assert all(r["error"] for r in point["requests"])
 
 
+@pytest.mark.parametrize(
+    ("behaviour", "kind"),
+    [
+        ("ok", None),
+        ("cut-stream", "connection"),
+        ("no-done", "stream"),  # no response.completed: the stream's end is not its last
+        ("error-event", "stream"),
+    ],
+)
+def test_responses_api_outcomes_are_counted_by_kind(behaviour, kind, tokenizer_dir, tmp_path):
+    """--endpoint responses against the FAKE engine's Responses stream."""
+    with FakeEngine(force=behaviour) as engine:
+        doc = run(
+            engine.url,
+            tmp_path,
+            tokenizer_dir,
+            "--endpoint",
+            "responses",
+            "--concurrency",
+            "2",
+            "--requests",
+            "4",
+        )
+    point = doc["points"][0]
+    records = point["requests"]
+    assert len(records) == 4
+    if kind is None:
+        assert point["summary"]["completed"] == 4 and not point["summary"]["errors"]
+        assert all(r["prompt_tokens"] == 5 and r["completion_tokens"] == 2 for r in records)
+    else:
+        assert point["summary"]["errors"] == {kind: 4}
+        assert all(r["error"] for r in records)
+    if behaviour == "error-event":
+        assert all("the engine failed" in r["error"] for r in records)
+
+
 def test_a_stalled_stream_times_out(tokenizer_dir, tmp_path) -> None:
     with FakeEngine(force="stall-stream") as engine:
         doc = run(

@@ -256,6 +256,34 @@ def test_multi_turn_chat_sessions(gateway: GatewayProcess, tmp_path) -> None:
         assert by_key[(s, 1)]["scheduled_s"] * 1000 >= by_key[(s, 0)]["e2e_ms"] - 1
 
 
+def test_bench_drives_the_responses_api(gateway: GatewayProcess, tmp_path) -> None:
+    """--endpoint responses: the prompt as chat messages in `input`, one timed chunk per
+    token delta, the tokens from the last event's usage (that API has no [DONE])."""
+    doc = run_bench(
+        gateway,
+        tmp_path,
+        "--endpoint",
+        "responses",
+        "--concurrency",
+        "2",
+        "--requests",
+        "4",
+        "--input-len",
+        "40",
+        "--output-len",
+        "6",
+    )
+    point = doc["points"][0]
+    assert doc["meta"]["target"]["endpoint"] == "responses"
+    assert point["summary"]["completed"] == 4 and not point["summary"]["errors"]
+    for r in point["requests"]:
+        assert r["error_kind"] is None and r["status"] == 200
+        assert r["prompt_tokens"] == r["expected_input"]  # the chat template counted exactly
+        assert r["completion_tokens"] == 6  # max_output_tokens with ignore_eos
+        assert r["ttft_ms"] > 0
+    assert gateway.get("/tiergate/engines").json()["engines"][0]["in_flight"] == 0
+
+
 def test_planner_matches_the_engines_logged_kv_cache(gateway: GatewayProcess) -> None:
     log = gateway.log_path.read_text()
     logged = int(re.search(r"CPU KV cache size: ([\d,]+) tokens", log).group(1).replace(",", ""))
