@@ -52,12 +52,12 @@ class Target:
             body |= {"input": spec.messages(), "max_output_tokens": spec.output_tokens}
         else:
             body |= {"stream_options": {"include_usage": True}, "max_tokens": spec.output_tokens}
+            if self.endpoint == "chat":
+                body["messages"] = spec.messages()
+            else:
+                body["prompt"] = spec.text
         if self.ignore_eos:
             body["ignore_eos"] = True
-        if self.endpoint == "completions":
-            body["prompt"] = spec.text
-        elif self.endpoint == "chat":
-            body["messages"] = spec.messages()
         return body | self.extra_body
 
     def encode(self, spec: RequestSpec) -> bytes:
