@@ -72,6 +72,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     d.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt shares")
     d.add_argument("--turns", type=int, default=1, help="turns per session (chat history)")
+    d.add_argument(
+        "--prefix-groups",
+        type=int,
+        default=0,
+        help="chat: requests in N interleaved groups, each with a system prompt of its own "
+        "(--group-prefix tokens, after the --shared-prefix preamble every group shares); "
+        "--input-len is then the question's length",
+    )
+    d.add_argument("--group-prefix", type=int, default=512, help="tokens of each group's own")
+    d.add_argument(
+        "--session-ids",
+        choices=["session", "group", "none"],
+        default="session",
+        help="what x-session-id carries: each multi-turn session (default), the prefix "
+        "group (an ideal partition), or nothing (the router must find the reuse itself)",
+    )
     d.add_argument("--seed", type=int, default=0)
     s = p.add_argument_group("SLO and report")
     s.add_argument("--slo-ttft-ms", type=float)
@@ -150,6 +166,9 @@ def make_sessions(args: argparse.Namespace, tokenizer, text, point: int, count: 
         turns=args.turns,
         chat=chat,
         pairs=lengths.parse(args.lengths) if args.lengths else None,
+        groups=args.prefix_groups,
+        group_prefix=args.group_prefix,
+        session_ids=args.session_ids,
     )
 
 
@@ -205,7 +224,7 @@ def facts_of(result: RunResult, args: argparse.Namespace, cache: float | None) -
         if quarter >= 5
         else None,
         cache_hit_rate=cache,
-        expect_cache_hits=args.shared_prefix > 0 or args.turns > 1,
+        expect_cache_hits=args.shared_prefix > 0 or args.turns > 1 or args.prefix_groups > 0,
         open_loop=result.load.kind == "rate",
     )
 
@@ -255,6 +274,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("tiergate bench: error: give --duration or --requests")
     if args.turns > 1 and args.endpoint != "chat":
         raise SystemExit("tiergate bench: error: --turns needs --endpoint chat")
+    if args.prefix_groups and (args.endpoint != "chat" or args.turns > 1):
+        raise SystemExit("tiergate bench: error: --prefix-groups needs --endpoint chat, one turn")
     if args.lengths:
         if args.dataset != "synthetic":
             raise SystemExit("tiergate bench: error: --lengths needs --dataset synthetic")
@@ -322,6 +343,9 @@ def main(args: argparse.Namespace) -> int:
                 "lengths": args.lengths,
                 "shared_prefix": args.shared_prefix,
                 "turns": args.turns,
+                "prefix_groups": args.prefix_groups,
+                "group_prefix": args.group_prefix,
+                "session_ids": args.session_ids,
                 "seed": args.seed,
             },
             "load_kind": kind,

@@ -145,6 +145,9 @@ def synthetic(
     turns: int = 1,
     chat: ChatTemplate | None = None,
     pairs: PairSampler | None = None,
+    groups: int = 0,
+    group_prefix: int = 0,
+    session_ids: str = "session",
 ) -> Iterator[Session]:
     """Up to `n` sessions (None: endless) of `turns` turns each, made as they are drawn.
 
@@ -153,12 +156,33 @@ def synthetic(
     every session starts with the same words, on purpose. With `chat`, input lengths
     count the whole templated conversation, as the server's `usage` does. With
     `pairs`, each turn's input and output lengths are drawn together from real requests.
+
+    With `groups` (chat), session s belongs to group s % groups, so groups interleave:
+    each group has a system prompt of `group_prefix` tokens of its own, after the
+    `shared_prefix` preamble common to all groups (SGLang's generated-shared-prefix,
+    inference-perf's shared_prefix); `input_len` is then the user turn's own length.
+    `session_ids`: what x-session-id carries: "session" (each multi-turn session),
+    "group" (the group: an ideal partition) or "none".
     """
     rng = random.Random(seed)
     common = text.make(shared_prefix, rng) if shared_prefix else ""
+    systems = [text.make(shared_prefix + group_prefix, rng, prefix=common) for _ in range(groups)]
     overhead = chat.overhead() if chat else 0
     seen: set[str] = set()
     for s in itertools.count() if n is None else range(n):
+        if groups:
+            yield _group_turn(
+                text,
+                rng,
+                s % groups,
+                systems[s % groups],
+                input_len,
+                output_len,
+                chat,
+                session_ids,
+                seen,
+            )
+            continue
         history: list[dict[str, str]] = []
         session: Session = []
         for turn in range(turns):
@@ -178,7 +202,7 @@ def synthetic(
                 input_tokens=content_len,
                 output_tokens=out,
                 history=list(history),
-                session=f"s{s}" if turns > 1 else None,
+                session=f"s{s}" if turns > 1 and session_ids == "session" else None,
                 turn=turn,
             )
             if chat:
@@ -190,6 +214,34 @@ def synthetic(
                     {"role": "assistant", "content": text.make(out, rng)},
                 ]
         yield session
+
+
+def _group_turn(
+    text: SyntheticText,
+    rng: random.Random,
+    group: int,
+    system: str,
+    input_len: LengthDist,
+    output_len: LengthDist,
+    chat: ChatTemplate | None,
+    session_ids: str,
+    seen: set[str],
+) -> Session:
+    """One request of a shared-prefix group: the group's system prompt, a new question."""
+    while True:
+        question = text.make(input_len.sample(rng), rng)
+        if question[:64] not in seen:
+            seen.add(question[:64])
+            break
+    spec = RequestSpec(
+        text=question,
+        input_tokens=0,
+        output_tokens=output_len.sample(rng),
+        history=[{"role": "system", "content": system}],
+        session=f"g{group}" if session_ids == "group" else None,
+    )
+    spec.input_tokens = chat.prompt_tokens(spec.messages()) if chat else 0
+    return [spec]
 
 
 def sharegpt(

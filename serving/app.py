@@ -19,10 +19,12 @@ from serving.api.openapi import add_hot_routes
 from serving.api.routes import operator, router, v1
 from serving.api.serving import ProxyService
 from serving.config import Settings
+from serving.engines.cpu import is_cpu_build
 from serving.engines.supervisor import Supervisor
 from serving.errors import install_error_handlers
 from serving.metrics import GatewayMetrics
 from serving.router.breaker import CircuitBreaker
+from serving.router.prefix import ReplicaIndex
 from serving.router.registry import Endpoint, EngineRegistry, Tier
 from serving.router.tokens import TokenCounter
 from serving.tasks import cancel_and_wait
@@ -34,6 +36,7 @@ from serving.tenants.usage import UsageLedger, flush_loop
 from serving.upstream.client import UpstreamClient
 from serving.upstream.discovery import Discovery
 from serving.upstream.health import check_once, health_loop, scrape_loop
+from serving.upstream.kv_events import Feeds
 
 
 def build_registry(settings: Settings) -> EngineRegistry:
@@ -48,6 +51,7 @@ def build_registry(settings: Settings) -> EngineRegistry:
                 name=engine.name,
                 model=engine.model_name,
                 url=engine.url,
+                kv_events=engine.kv_events,
                 supervised=supervised,
                 state="starting" if supervised else "external",
                 max_model_len=engine.args.get("max_model_len"),
@@ -69,9 +73,24 @@ def build_registry(settings: Settings) -> EngineRegistry:
                 or min((ep.max_model_len or 0 for ep in endpoints), default=0)
                 or None,
                 max_output_tokens=tier.limits.max_output_tokens,
+                block_size=block_size(settings, tier.engines),
             )
         )
+    prefix = settings.router.prefix
+    for ep in registry.endpoints:
+        ep.prefix = ReplicaIndex(prefix.approx_blocks, prefix.pending_s)
     return registry
+
+
+def block_size(settings: Settings, engine_names: list[str]) -> int:
+    """The tier's KV block: router.prefix.block_size, else its first engine's block_size
+    arg, else vLLM's default where the gateway runs (128 on the CPU build, 16 on GPUs)."""
+    if settings.router.prefix.block_size:
+        return settings.router.prefix.block_size
+    for engine in settings.engines:
+        if engine.name in engine_names and engine.args.get("block_size"):
+            return int(engine.args["block_size"])
+    return 128 if is_cpu_build() else 16
 
 
 def build_token_counter(settings: Settings, model_dirs: dict[str, Path]) -> TokenCounter | None:
@@ -182,6 +201,7 @@ def create_app(
                 )
             ),
             asyncio.create_task(lag.run()),
+            asyncio.create_task(Feeds(registry, metrics).run()),
             *([asyncio.create_task(flush_loop(ledger))] if ledger is not None else []),
             *(
                 asyncio.create_task(

@@ -156,6 +156,14 @@ class DiscoverSettings(_Strict):
     nameserver: str | None = Field(
         None, description="'host' or 'host:port'; default: the system's resolver."
     )
+    kv_events_port: int | None = Field(
+        None,
+        gt=0,
+        le=65535,
+        description="Each pod's vLLM KV-event publisher (ZMQ PUB, --kv-events-config "
+        "endpoint tcp://*:PORT): the router subscribes to every discovered pod on it and "
+        "routes by what each has cached; unset: an approximate index of what it sent.",
+    )
 
 
 class EngineSettings(_Strict):
@@ -166,6 +174,12 @@ class EngineSettings(_Strict):
     model: str = Field(description="Manifest name under models/manifests, or a served name.")
     served_model_name: str | None = None
     url: str | None = Field(None, description="External engine; nothing is started.")
+    kv_events: str | None = Field(
+        None,
+        pattern=r"^tcp://",
+        description="An external engine's KV-event publisher, e.g. tcp://10.0.0.5:5557. "
+        "Supervised engines publish on a free loopback port when router.prefix.kv_events.",
+    )
     discover: DiscoverSettings | None = Field(
         None, description="External engines found in DNS (one per record); nothing is started."
     )
@@ -259,6 +273,55 @@ class BreakerSettings(_Strict):
     )
 
 
+class PrefixSettings(_Strict):
+    """Routing by what each replica has cached (serving/router/balancer.py has the
+    formula): score = min(matched + session, max_credit_tokens) - load_tokens x load."""
+
+    load_tokens: float = Field(
+        256.0,
+        ge=0,
+        description="Prompt tokens of cache reuse that one more request of load on a "
+        "replica is worth (one running or in-flight request counts 1, a waiting one 3).",
+    )
+    max_credit_tokens: int = Field(
+        2048,
+        ge=0,
+        description="The most reuse can buy: a replica holding a hot prefix gives it up "
+        "once it has max_credit_tokens / load_tokens more requests than another.",
+    )
+    session_tokens: int = Field(
+        1024,
+        ge=0,
+        description="Credit of the replica a session (x-session-id, else `user`) last used.",
+    )
+    kv_events: bool = Field(
+        True,
+        description="Supervised engines publish vLLM's KV events (prefix caching on) and "
+        "the router subscribes; off, or where an engine publishes none: an approximate "
+        "index of what the router sent there.",
+    )
+    block_size: int | None = Field(
+        None,
+        gt=0,
+        description="The engines' KV block in tokens; default: the engine's block_size "
+        "arg, else 128 on the CPU build of vLLM and 16 on GPUs.",
+    )
+    max_prompt_tokens: int = Field(
+        8192,
+        gt=0,
+        description="Prompt tokens looked at for reuse (a bound on the per-request cost).",
+    )
+    approx_blocks: int = Field(
+        4096, gt=0, description="Blocks the approximate index keeps per replica (LRU)."
+    )
+    pending_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds a request's blocks count as cached where it was sent, until "
+        "the engine's events say so (bursts of one prefix stay together).",
+    )
+
+
 class RouterSettings(_Strict):
     auto_model: str = "auto"
     order: list[str] = Field(default_factory=list, description="Spill/fallback order.")
@@ -266,14 +329,24 @@ class RouterSettings(_Strict):
     spill: SpillSettings = Field(default_factory=SpillSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
-    affinity: bool = True
-    affinity_prefix_chars: int = Field(512, gt=0)
+    affinity: bool = Field(
+        True,
+        description="Prefer the replica that holds the prompt's prefix or the session "
+        "(router.prefix); false: by load alone.",
+    )
+    prefix: PrefixSettings = Field(default_factory=PrefixSettings)
     scrape_interval: float = Field(1.0, gt=0)
     wait_ready_s: float = Field(
-        0.0,
+        60.0,
         ge=0,
         description="Hold a request up to this long for a replica of its tier to become "
-        "ready (an engine restarting) instead of an instant 503; 0: answer at once.",
+        "ready (an engine restarting: ~30-45 s for the CPU default) instead of an instant "
+        "503; 0: answer at once.",
+    )
+    wait_ready_max: int = Field(
+        256,
+        ge=0,
+        description="Requests held at once by wait_ready_s; past it, 503 at once.",
     )
 
 

@@ -160,6 +160,42 @@ class GatewayMetrics:
             registry=r,
         )
 
+        # The prefix index (serving/router/prefix.py) and the KV events that feed it.
+        self.prefix_tokens = Counter(
+            "tiergate_prefix_prompt_tokens",
+            "Prompt tokens in full blocks looked up in the prefix index, by tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.prefix_matched = Counter(
+            "tiergate_prefix_matched_tokens",
+            "Of those, tokens the chosen replica held (or had just been sent), by tier.",
+            ["tier"],
+            registry=r,
+        )
+        self.prefix_blocks = Gauge(
+            "tiergate_prefix_index_blocks",
+            "Blocks in each replica's prefix index (bounded: approx_blocks, or the engine's "
+            "own cache when fed by its events).",
+            ["engine", "source"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.kv_events = Counter(
+            "tiergate_kv_events",
+            "KV-event batches from each engine: received, dropped (a gap or a restart "
+            "emptied the index) or replayed.",
+            ["engine", "outcome"],
+            registry=r,
+        )
+        self.kv_last_event = Gauge(
+            "tiergate_kv_events_last_timestamp_seconds",
+            "When the last KV-event batch came from each engine (staleness: time() - it).",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+
         self.admission = Counter(
             "tiergate_admission_refused",
             "Requests refused by the gateway's own admission (429), by reason.",
@@ -240,10 +276,24 @@ class GatewayMetrics:
 
     def forget_engine(self, engine: str) -> None:
         """An engine discovery dropped: its series go (a scrape may have set none)."""
-        for metric in (self.engine_ready, self.engine_waiting, self.engine_running, self.engine_kv):
+        for metric in (
+            self.engine_ready,
+            self.engine_waiting,
+            self.engine_running,
+            self.engine_kv,
+            self.kv_last_event,
+        ):
             self._children.pop((id(metric), engine), None)
             with contextlib.suppress(KeyError):
                 metric.remove(engine)
+        for source in ("events", "approximate"):
+            with contextlib.suppress(KeyError):
+                self.prefix_blocks.remove(engine, source)
+
+    def prefix_lookup(self, tier: str, tokens: int, matched: int) -> None:
+        self._child(self.prefix_tokens, tier).inc(tokens)
+        if matched:
+            self._child(self.prefix_matched, tier).inc(matched)
 
     def admission_refused(self, reason: str, n: int = 1) -> None:
         self._child(self.admission, reason).inc(n)

@@ -53,8 +53,12 @@ from serving.config import Settings
 log = logging.getLogger("tiergate.workers")
 
 
-def worker_settings(settings: Settings, urls: dict[str, str], workers: int) -> Settings:
-    """One worker's settings: every engine by URL, admission limits divided by N."""
+def worker_settings(
+    settings: Settings, urls: dict[str, str], workers: int, kv_events: dict[str, str] | None = None
+) -> Settings:
+    """One worker's settings: every engine by URL (and its KV events, where the parent's
+    engines publish them), admission limits divided by N."""
+    kv_events = kv_events or {}
 
     def share(limit: int) -> int:
         return math.ceil(limit / workers) if limit else 0
@@ -72,7 +76,11 @@ def worker_settings(settings: Settings, urls: dict[str, str], workers: int) -> S
     return settings.model_copy(
         update={
             "engines": [
-                e.model_copy(update={"url": urls[e.name]}) if e.name in urls else e
+                e.model_copy(
+                    update={"url": urls[e.name], "kv_events": kv_events.get(e.name, e.kv_events)}
+                )
+                if e.name in urls
+                else e
                 for e in settings.engines
             ],
             "server": server,
@@ -126,7 +134,8 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
         urls |= {e.name: e.url for e in settings.engines if e.url is not None}
         port = settings.server.port or process.free_port(host)
         job = work / "worker.pickle"
-        one = worker_settings(settings, urls, n)
+        kv = {ep.name: ep.kv_events for ep in registry.endpoints if ep.kv_events}
+        one = worker_settings(settings, urls, n, kv)
         (work / "metrics").mkdir()
         control = ParentControl(settings, supervisor, work)
         await control.start()

@@ -16,6 +16,9 @@ from dnslib.server import BaseResolver, DNSLogger, DNSServer
 from serving.app import build_registry
 from serving.config import Settings
 from serving.metrics import GatewayMetrics
+from serving.router.balancer import Limits
+from serving.router.planner import Placement, plan
+from serving.router.prefix import block_keys
 from serving.upstream.discovery import (
     Discovery,
     DnsSource,
@@ -110,6 +113,7 @@ def _settings(nameserver: str, port: int = 8000, interval: float = 5.0) -> Setti
                     "port": port,
                     "interval_s": interval,
                     "nameserver": nameserver,
+                    "kv_events_port": 5557,
                 },
             },
         ],
@@ -125,7 +129,7 @@ def _text(metrics: GatewayMetrics) -> str:
     return metrics.exposition().decode()
 
 
-def test_apply_scales_one_three_two_and_moves_only_the_removed_keys() -> None:
+def test_apply_scales_one_three_two_and_moves_only_the_removed_sessions() -> None:
     settings = _settings("127.0.0.1:1")
     registry = build_registry(settings)
     tier = registry.tier("small")
@@ -140,9 +144,13 @@ def test_apply_scales_one_three_two_and_moves_only_the_removed_keys() -> None:
     found.apply({"10.0.0.1", "10.0.0.2", "10.0.0.3"})
     names = [ep.name for ep in tier.endpoints]
     assert names == [endpoint_name("small", f"10.0.0.{i}") for i in (1, 2, 3)]
-    homes = {f"session-{i}": tier.ring.lookup(f"session-{i}") for i in range(300)}
-    assert len(set(homes.values())) == 3
+    assert [ep.kv_events for ep in tier.endpoints] == [f"tcp://10.0.0.{i}:5557" for i in (1, 2, 3)]
+    homes = {f"session-{i}": names[i % 3] for i in range(300)}
+    for key, home in homes.items():  # where each session's last request went
+        tier.remember(key, home)
     leaving = next(ep for ep in tier.endpoints if ep.name.endswith("10.0.0.2"))
+    leaving.prefix.sent(block_keys(list(range(256)), 128), now=0)
+    assert len(leaving.prefix) == 2
     leaving.in_flight = 1  # a stream still on it
     metrics.engine_ready.labels(leaving.name).set(1)
     metrics.engine_load(leaving.name, 2.0, 3.0, 0.5)  # as a scrape sets it
@@ -154,12 +162,14 @@ def test_apply_scales_one_three_two_and_moves_only_the_removed_keys() -> None:
     assert leaving.name not in [ep.name for ep in registry.endpoints]
     assert (leaving.state, leaving.ready, leaving.in_flight) == ("removed", False, 1)
     assert f'engine="{leaving.name}"' not in _text(metrics)  # its series went with it
-    # Sessions whose home stayed keep it; only the removed pod's sessions move.
-    for key, home in homes.items():
-        if home != leaving.name:
-            assert tier.ring.lookup(key) == home
-        else:
-            assert tier.ring.lookup(key) in (names[0], names[2])
+    assert len(leaving.prefix) == 0  # and its prefix index
+    # Sessions whose replica stayed keep it; only the removed pod's sessions move.
+    for ep in tier.endpoints:
+        ep.ready = True
+    limits = Limits(8, 0.95, 100)
+    for key, home in list(homes.items())[:30]:
+        first = plan(tier, [], [], limits, 0, Placement(session=key), 3, 1)[0].endpoint.name
+        assert first == home if home != leaving.name else first in (names[0], names[2])
     # The fixed engine is untouched.
     assert registry.get("fixed").url == "http://127.0.0.1:1"
 

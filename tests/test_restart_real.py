@@ -1,4 +1,5 @@
-"""A killed engine: /ready and requests turn 503, the supervisor restarts it, service resumes.
+"""A killed engine: /ready turns 503 and a request is held (router.wait_ready_s) until the
+supervisor has restarted it, then answered.
 
 Runs on the shared session gateway, after the other real-engine tests (file order).
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import httpx
 import psutil
@@ -24,14 +26,19 @@ def test_killed_engine_is_restarted(gateway: GatewayProcess, model: str) -> None
     os.kill(old_pid, signal.SIGKILL)  # the vLLM API server dies without warning
 
     gateway.wait_for(lambda: gateway.get("/ready").status_code == 503, 15, "/ready 503")
-    r = httpx.post(
+    killed = time.monotonic()
+    held = httpx.post(  # held while the engine restarts (router.wait_ready_s: 60 s)
         gateway.url + "/v1/chat/completions",
-        timeout=30,
-        json={"model": model, "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=300,
+        json={"model": model, "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]},
     )
-    assert r.status_code == 503
-    assert r.json()["error"]["code"] == "no_engine_ready"
-    assert r.json()["error"]["type"] == "service_unavailable_error"
+    took = time.monotonic() - killed
+    if held.status_code == 503:  # this host restarts the engine in more than 60 s
+        assert took >= 59 and held.json()["error"]["code"] == "no_engine_ready", held.text
+    else:
+        assert held.status_code == 200, held.text
+        assert held.json()["usage"]["completion_tokens"] > 0
+    print(f"a request during the restart: {held.status_code} after {took:.1f} s")
 
     gateway.wait_ready(timeout=300)
     after = gateway.engines()[0]

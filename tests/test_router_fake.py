@@ -171,32 +171,53 @@ async def test_the_scrape_asks_for_the_load_alone_and_falls_back_to_the_whole_te
         await http.close()
 
 
-async def test_a_request_waits_for_a_restarting_engine_when_asked() -> None:
-    # The FAKE engine's port is known, but nothing listens there until 1 s in.
-    late = FakeEngine(force="ok")
-    base = {"engines": [{"name": "late", "model": "m", "url": late.url}]}
+async def _while_down(settings: Settings, port: int, back_after: float | None) -> tuple[int, float]:
+    """A gateway whose one FAKE engine answers, then stops; `back_after` s later another
+    starts on the same port (None: never). The status of a request sent while it is
+    down, and how long its answer took."""
+    engines = [FakeEngine(force="ok", port=port).__enter__()]
+    try:
+        async with in_process_gateway(settings) as client:
+            assert (await client.post("/v1/chat/completions", json=_chat())).status_code == 200
+            ep = client.app.state.registry.endpoints[0]
+            engines.pop().__exit__()
+            while ep.ready:  # noqa: ASYNC110 (the health loop sees it go)
+                await asyncio.sleep(0.05)
+            loop = asyncio.get_running_loop()
+            if back_after is not None:
+                loop.call_later(
+                    back_after,
+                    lambda: engines.append(FakeEngine(force="ok", port=port).__enter__()),
+                )
+            started = loop.time()
+            r = await client.post("/v1/chat/completions", json=_chat(), timeout=30)
+            return r.status_code, loop.time() - started
+    finally:
+        for engine in engines:
+            engine.__exit__()
+
+
+async def test_a_request_waits_for_a_restarting_engine() -> None:
+    """router.wait_ready_s (60 s by default) holds a request while a replica that was up
+    is down, until it is back; one never seen up, or wait_ready_s 0, is 503 at once."""
+    never = FakeEngine(force="ok")  # its port: nothing listens there
+    base = {"engines": [{"name": "late", "model": "m", "url": never.url}]}
     base["timeouts"] = {"health_interval": 0.1}
-    async with in_process_gateway(Settings(**base)) as client:  # default: answer at once
+    async with in_process_gateway(Settings(**base)) as client:
         r = await client.post("/v1/chat/completions", json=_chat())
-        assert r.status_code == 503 and r.json()["error"]["code"] == "no_engine_ready"
-        assert r.headers["retry-after"] == "1"
-    waiting = Settings(**base, router={"wait_ready_s": 10})
-    async with in_process_gateway(waiting) as client:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        loop.call_later(1.0, late.__enter__)  # the engine comes back
-        try:
-            r = await client.post("/v1/chat/completions", json=_chat(), timeout=20)
-        finally:
-            late.__exit__()
-        assert r.status_code == 200, r.text
-        assert 0.9 < loop.time() - started < 5
-    short = Settings(**base, router={"wait_ready_s": 0.3})
-    async with in_process_gateway(short) as client:  # it never comes back: 503 in time
-        started = asyncio.get_running_loop().time()
-        r = await client.post("/v1/chat/completions", json=_chat())
-        assert r.status_code == 503
-        assert asyncio.get_running_loop().time() - started < 2
+        assert r.status_code == 503  # never seen up: nothing to wait for
+        assert r.json()["error"]["code"] == "no_engine_ready" and r.headers["retry-after"] == "1"
+    status, took = await _while_down(Settings(**base), never.port, back_after=1.0)
+    assert status == 200 and 0.9 < took < 5  # held by the default, answered once back
+    status, took = await _while_down(
+        Settings(**base, router={"wait_ready_s": 0.3}), never.port, None
+    )
+    assert status == 503 and 0.25 < took < 2  # it never comes back: 503 in time
+    status, took = await _while_down(Settings(**base, router={"wait_ready_s": 0}), never.port, 1.0)
+    assert status == 503 and took < 0.5  # 0: at once
+    full = Settings(**base, router={"wait_ready_max": 0})
+    status, took = await _while_down(full, never.port, 1.0)
+    assert status == 503 and took < 0.5  # no room to hold it: at once
 
 
 async def test_every_replica_ejected_is_tried_anyway_panic() -> None:
@@ -220,5 +241,5 @@ async def test_every_replica_ejected_is_tried_anyway_panic() -> None:
         assert [r.status_code for r in results] == [200] * 4
         assert results[0].headers["x-tiergate-reason"] == "explicit+panic"
         # its success closed that replica's breaker: the rest route normally to it
-        assert {r.headers["x-tiergate-reason"] for r in results[1:]} == {"explicit"}
+        assert {r.headers["x-tiergate-reason"] for r in results[1:]} == {"explicit+load"}
         assert len(a.app.state.seen) + len(b.app.state.seen) == 2 + 4

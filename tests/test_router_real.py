@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import yaml
 
 from tests.utils import REPO, GatewayProcess
 
@@ -25,8 +26,16 @@ SHORT = [{"role": "user", "content": "Say hello."}]
 
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("tiers") / "serve.log"
-    with GatewayProcess(CONFIG, log) as gw:
+    folder = tmp_path_factory.mktemp("tiers")
+    log = folder / "serve.log"
+    # The shipped layout, with vLLM's dev endpoints on (loopback only) so that a test can
+    # empty an engine's prefix cache (POST /reset_prefix_cache: AllBlocksCleared).
+    data = yaml.safe_load(CONFIG.read_text())
+    for engine in data["engines"]:
+        engine["env"]["VLLM_SERVER_DEV_MODE"] = "1"
+    config = folder / "tiers.yaml"
+    config.write_text(yaml.safe_dump(data))
+    with GatewayProcess(config, log) as gw:
         gw.wait_ready()
         gw.wait_for(lambda: all(e["ready"] for e in gw.engines()), 300, "both engines")
         yield gw
@@ -81,7 +90,8 @@ def test_auto_picks_the_tier_the_rules_say(
     r = _chat(tiers, body, headers)
     assert r.status_code == 200, r.text
     assert r.headers["x-tiergate-tier"] == tier
-    assert r.headers["x-tiergate-reason"] == reason
+    tier_reason, replica_reason = r.headers["x-tiergate-reason"].split("+")
+    assert tier_reason == reason and replica_reason in ("prefix", "session", "load")
     assert r.headers["x-tiergate-replica"] in ("smollm2-a", "smollm2-b")
     assert r.json()["choices"][0]["message"]["content"] is not None
     metrics = tiers.get("/metrics").text
@@ -164,10 +174,71 @@ def test_affinity_keeps_a_session_on_one_replica_and_hits_its_prefix_cache(
     assert homes == {"smollm2-a", "smollm2-b"}  # sessions spread over both
 
 
+def _engine(gw: GatewayProcess, name: str) -> dict:
+    return next(e for e in gw.engines() if e["name"] == name)
+
+
+SYSTEM = {
+    "role": "system",
+    "content": "Reference notes. "
+    + " ".join(f"Item {i} is filed under shelf {i % 7}." for i in range(90)),
+}
+
+
+def test_prefix_routing_follows_the_engines_kv_events(tiers: GatewayProcess) -> None:
+    """A long system prompt lands on one engine; its KV events fill that replica's index
+    with keys the router computes from token ids, so later prompts with the same
+    system prompt go there, though the other engine is idle (no session id)."""
+    first = _chat(
+        tiers, {"model": "smollm2-large", "messages": [SYSTEM, {"role": "user", "content": "Hi."}]}
+    )
+    assert first.status_code == 200, first.text
+    prompt = first.json()["usage"]["prompt_tokens"]
+    assert prompt >= 5 * 128
+    home = first.headers["x-tiergate-replica"]
+    blocks = prompt // 128
+    tiers.wait_for(
+        lambda: _engine(tiers, home)["prefix_index"]["blocks"] >= blocks, 10, "the events"
+    )
+    index = _engine(tiers, home)["prefix_index"]
+    assert index["source"] == "events" and index["events"] >= 1 and index["staleness_s"] >= 0
+    time.sleep(5.5)  # past router.prefix.pending_s: only the engine's events vouch now
+    engines = {e["name"]: e["url"] for e in tiers.engines()}
+    hits_before = _prefix_hits(engines[home])
+    for q in range(3):
+        messages = [SYSTEM, {"role": "user", "content": f"Which shelf holds item {q}?"}]
+        r = _chat(tiers, {"model": "smollm2-large", "messages": messages})
+        assert r.status_code == 200
+        assert (r.headers["x-tiergate-replica"], r.headers["x-tiergate-reason"]) == (
+            home,
+            "explicit+prefix",
+        )
+    assert _prefix_hits(engines[home]) - hits_before >= 3 * (blocks - 1) * 128
+    metrics = tiers.get("/metrics").text
+    received = re.search(
+        rf'tiergate_kv_events_total{{engine="{home}",outcome="received"}} ([0-9.]+)', metrics
+    )
+    assert received and float(received[1]) >= 1
+    matched = re.search(r'tiergate_prefix_matched_tokens_total{tier="large"} ([0-9.]+)', metrics)
+    assert matched and float(matched[1]) >= 3 * (blocks - 1) * 128
+    assert re.search(
+        rf'tiergate_prefix_index_blocks{{engine="{home}",source="events"}} [1-9]', metrics
+    )
+
+    # AllBlocksCleared: the engine empties its cache, and the index follows within 1 s of
+    # the event. vLLM publishes events at its next step, so one short request (no full
+    # block of its own) is sent to that engine directly.
+    assert httpx.post(engines[home] + "/reset_prefix_cache", timeout=10).status_code == 200
+    model = _engine(tiers, home)["model"]
+    body = {"model": model, "prompt": "Hi", "max_tokens": 1}
+    assert httpx.post(engines[home] + "/v1/completions", json=body, timeout=60).status_code == 200
+    tiers.wait_for(lambda: _engine(tiers, home)["prefix_index"]["blocks"] == 0, 1.0, "cleared")
+
+
 def _one(url: str, i: int, counts: dict, lock: threading.Lock) -> None:
     stream = i % 2 == 1
     body = {
-        "model": "smollm2-small",
+        "model": "auto" if i % 4 < 2 else "smollm2-small",
         "max_tokens": 24,
         "ignore_eos": True,
         "stream": stream,
@@ -207,29 +278,40 @@ def _in_flight_on(gw: GatewayProcess, name: str) -> bool:
 
 
 def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -> None:
+    """Auto and explicit requests, streamed and not, while one engine is SIGKILLed: no
+    refusal while the other is ready, and the dead one's prefix index is gone at once."""
     n, concurrency = 120, 8  # ~80 of them after the kill: the suite's budget
     url = tiers.url + "/v1/chat/completions"
-    victim = next(e for e in tiers.engines() if e["name"] == "smollm2-a")
+    # give the victim something in its index: a long prompt, routed where it likes
+    seed = [SYSTEM, {"role": "user", "content": "Seed the cache."}]
+    seeded = _chat(tiers, {"model": "smollm2-large", "messages": seed})
+    name = seeded.headers["x-tiergate-replica"]
+    other = next(e["name"] for e in tiers.engines() if e["name"] != name)
+    tiers.wait_for(lambda: _engine(tiers, name)["prefix_index"]["blocks"] > 0, 10, "events")
+    victim = _engine(tiers, name)
     counts: dict = {}
     lock = threading.Lock()
     done = 0
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(_one, url, i, counts, lock) for i in range(n)]
         # kill it with requests on it, so that there is something to fail over
-        while done < 40 or not _in_flight_on(tiers, "smollm2-a"):
+        while done < 40 or not _in_flight_on(tiers, name):
             done = sum(f.done() for f in futures)
             time.sleep(0.02)
         os.kill(victim["pid"], signal.SIGKILL)
-        killed_at = done
+        killed_at, killed = done, time.monotonic()
+        tiers.wait_for(lambda: _engine(tiers, name)["prefix_index"]["blocks"] == 0, 1.0, "forget")
+        forgotten = time.monotonic() - killed
         for f in futures:
             f.result()
     print(f"failover: {n} requests, engine killed after {killed_at} finished: {counts}")
+    print(f"the killed engine's index was empty {forgotten:.2f} s after the kill")
     assert sum(sum(v.values()) for v in counts.values()) == n
     assert counts["unary"] == {"ok": n // 2}, counts  # every non-streamed request succeeded
     assert set(counts["stream"]) <= {"ok", "error_event_then_done"}, counts
     metrics = tiers.get("/metrics").text
     assert re.search(
-        r'tiergate_retries_total\{reason="[a-z_]+",replica="smollm2-b",'
-        r'tier="small"\} [1-9]',
+        rf'tiergate_retries_total\{{reason="[a-z_]+",replica="{other}",'
+        r'tier="(small|large)"\} [1-9]',
         metrics,
     ), "failover went through retries"

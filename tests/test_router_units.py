@@ -1,9 +1,8 @@
-"""The router's pure parts: tier rules, affinity ring, load, breaker, budget, plans."""
+"""The router's pure parts: tier rules, load, the replica score, breaker, budget, plans."""
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -12,10 +11,9 @@ from serving.errors import InvalidRequest, NoEngineReady, Saturated
 from serving.router.balancer import Limits, ReplicaView, rank
 from serving.router.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, RetryBudget
 from serving.router.load import EngineLoad, load_score, parse_vllm_metrics
-from serving.router.planner import plan
+from serving.router.planner import Placement, plan
 from serving.router.policy import Features, TierView, choose_tier
 from serving.router.registry import Endpoint, Tier
-from serving.router.ring import HashRing
 
 TIERS = [
     TierView("small", 2048, 256),
@@ -61,22 +59,6 @@ def test_unknown_hint_is_invalid() -> None:
         choose_tier(_f(10, hint="huge"), TIERS, RULES)
 
 
-def test_ring_keeps_most_keys_when_a_replica_joins_or_leaves() -> None:
-    keys = [f"session-{i}" for i in range(2000)]
-    three = HashRing(["a", "b", "c"])
-    four = HashRing(["a", "b", "c", "d"])
-    two = HashRing(["a", "b"])
-    before = {k: three.lookup(k) for k in keys}
-    moved_on_add = sum(before[k] != four.lookup(k) for k in keys) / len(keys)
-    assert moved_on_add < 0.35  # ideal 1/4; modulo hashing would move ~3/4
-    assert all(four.lookup(k) == "d" for k in keys if before[k] != four.lookup(k))
-    stayed = [k for k in keys if before[k] != "c"]
-    assert all(two.lookup(k) == before[k] for k in stayed)  # only c's keys move
-    counts = {n: list(before.values()).count(n) for n in "abc"}
-    assert min(counts.values()) > 0.2 * len(keys)  # roughly balanced
-    assert three.order("x")[0] == three.lookup("x") and sorted(three.order("x")) == ["a", "b", "c"]
-
-
 def test_parse_vllm_metrics() -> None:
     text = """# HELP vllm:num_requests_running Number of requests
 vllm:num_requests_running{engine="0",model_name="m"} 3.0
@@ -101,9 +83,7 @@ def test_load_score_and_rank() -> None:
     down = ReplicaView("d", EngineLoad(), 0, False)
     assert load_score(idle.load, 0) < load_score(busy.load, 2)
     assert load_score(EngineLoad(), 7) > load_score(EngineLoad(running=2), 0)  # scrape lag
-    assert rank([busy, idle, full, down], limits) == (["a", "b"], "least_loaded")
-    assert rank([busy, idle], limits, ["b", "a"]) == (["b", "a"], "affinity")
-    assert rank([full, idle], limits, ["c", "a"]) == (["a"], "affinity_yielded")
+    assert rank([busy, idle, full, down], limits) == (["a", "b"], "load")
 
 
 def test_breaker_states() -> None:
@@ -147,8 +127,8 @@ def test_plan_orders_replicas_then_fallback_tiers() -> None:
     a.in_flight = 3
     attempts = plan(small, [small, large], ["small", "large"], limits, 0, None, 5, 1)
     assert [(x.endpoint.name, x.why) for x in attempts] == [
-        ("b", "least_loaded"),
-        ("a", "least_loaded"),
+        ("b", "load"),
+        ("a", "load"),
         ("c", "fallback"),
     ]
     no_order = plan(small, [small, large], [], limits, 0, None, 5, 1)
@@ -194,7 +174,7 @@ def test_panic_when_every_ready_replica_is_ejected() -> None:
     assert {x.why for x in attempts} == {"panic"}
     b.breaker.success()  # one replica trusted again: no panic, only it
     attempts = plan(_tier("s", a, b, down), [], [], limits, 3, None, 3, 1)
-    assert [(x.endpoint.name, x.why) for x in attempts] == [("b", "least_loaded")]
+    assert [(x.endpoint.name, x.why) for x in attempts] == [("b", "load")]
 
 
 def test_half_open_lets_a_share_through() -> None:
@@ -210,14 +190,18 @@ def test_half_open_lets_a_share_through() -> None:
     assert b.state == CLOSED and all(b.allows(7) for _ in range(10))
 
 
-def test_affinity_is_stable_per_session() -> None:
+def test_a_session_prefers_where_it_went_last_but_yields_to_load() -> None:
     limits = Limits(8, 0.95, 100)
     eps = [_ep(n) for n in "abc"]
     tier = _tier("t", *eps)
-    rng = random.Random(1)
-    for key in (f"s:{rng.random()}" for _ in range(20)):
-        homes = {plan(tier, [], [], limits, 0, key, 3, 1)[0].endpoint.name for _ in range(5)}
-        assert len(homes) == 1
+    tier.remember("s1", "c")
+    first = plan(tier, [], [], limits, 0, Placement(session="s1"), 3, 1)
+    assert (first[0].endpoint.name, first[0].why) == ("c", "session")
+    eps[2].in_flight = 5  # 5 x 256 > 1024: the session's credit is outweighed
+    moved = plan(tier, [], [], limits, 0, Placement(session="s1"), 3, 1)
+    assert moved[0].endpoint.name != "c" and moved[0].why == "load"
+    # a session never seen goes by load, and is then remembered where it went
+    assert plan(tier, [], [], limits, 0, Placement(session="new"), 3, 1)[0].why == "load"
 
 
 def test_token_counter_uses_the_real_tokenizer() -> None:
@@ -237,20 +221,15 @@ def test_token_counter_uses_the_real_tokenizer() -> None:
     assert counter.count("small", {"prompt": ["Hello world", "Hi"]}) == 2
 
 
-def test_affinity_key_prefers_session_then_user_then_prefix() -> None:
-    from serving.api.serving import affinity_key
-
-    def req(headers: dict[str, str]) -> dict[str, str]:
-        return headers  # the hot path hands over the headers it read, lower-cased
+def test_char_keys_share_a_prefix_block_by_block() -> None:
+    from serving.api.serving import char_keys
 
     base = {"messages": [{"role": "system", "content": "x" * 600}]}
-    assert affinity_key(req({"x-session-id": "a"}), {**base, "user": "u"}, 512) == "s:a"
-    assert affinity_key(req({}), {**base, "user": "u"}, 512) == "s:u"
-    longer = {"messages": [*base["messages"], {"role": "user", "content": "different"}]}
-    assert affinity_key(req({}), base, 512) == affinity_key(req({}), longer, 512)
-    assert affinity_key(req({}), {"prompt": "abc"}, 512) != affinity_key(
-        req({}), {"prompt": "abd"}, 512
-    )
+    longer = {"messages": [*base["messages"], {"role": "user", "content": "y" * 600}]}
+    short, long = char_keys(base, 256, 100), char_keys(longer, 256, 100)
+    assert len(short) == 2 and long[:2] == short and len(long) == 4
+    assert char_keys(longer, 256, 3) == long[:3]  # bounded
+    assert char_keys({"prompt": "abc"}, 256, 10) == []
 
 
 def test_token_counts_match_transformers_without_importing_it() -> None:

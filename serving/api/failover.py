@@ -2,7 +2,10 @@
 
 Until the first body byte has been received nothing has reached the client, so a
 replica that cannot be reached, times out or answers 5xx is marked on its breaker and
-the next attempt is tried, as long as the retry budget allows. A 4xx is the request's
+the next attempt is tried, as long as the retry budget allows. The budget guards engines
+against retry storms, so only a retry after an attempt that reached an engine spends it:
+one after a refused connection, or after a replica its breaker skipped, does not (a
+ready replica must not refuse for want of budget that others spent). A 4xx is the request's
 fault, not the replica's: it goes back to the client at once. The in-flight count of
 the replica that answered stays taken until the caller's reply is done (`leave`).
 """
@@ -49,16 +52,20 @@ class Failover:
         (the whole body when not streaming) and the retries it took. The endpoint stays
         entered on success."""
         last: GatewayError | None = None
-        for i, attempt in enumerate(attempts):
+        reached = False  # the last failed attempt reached its engine
+        retries = 0
+        for attempt in attempts:
             ep, now = attempt.endpoint, self.clock()
-            if i > 0:
-                if not self.budget.try_spend(now):
-                    self.metrics.retry_budget_exhausted.inc()
-                    break
-                reason = (last.code if last else None) or "unknown"
-                self.metrics.retries.labels(attempt.tier.name, ep.name, reason).inc()
             if attempt.why != "panic" and not ep.breaker.allows(now):
                 continue
+            if last is not None:
+                if reached and not self.budget.try_spend(now):
+                    self.metrics.retry_budget_exhausted.inc()
+                    ep.breaker.abandon()
+                    break
+                reason = last.code or "unknown"
+                self.metrics.retries.labels(attempt.tier.name, ep.name, reason).inc()
+                retries += 1
             self.enter(ep)
             entered = True
             try:
@@ -73,10 +80,11 @@ class Failover:
                 if exc.status < 500:
                     ep.breaker.success()  # the engine is fine; the request is not
                     raise
-                last = self._failed(attempt, exc, now)
+                last, reached = self._failed(attempt, exc, now), True
                 continue
             except (NoEngineReady, UpstreamError) as exc:
                 last = self._failed(attempt, exc, now)
+                reached = not isinstance(exc, NoEngineReady)
                 continue
             finally:
                 if entered:  # any way out but success, cancellation included
@@ -88,7 +96,7 @@ class Failover:
             if attempt.why in ("spill", "fallback"):
                 counter = self.metrics.spills if attempt.why == "spill" else self.metrics.fallbacks
                 counter.labels(chosen, attempt.tier.name).inc()
-            return attempt, response, first, i
+            return attempt, response, first, retries
         raise last or NoEngineReady("No replica could take the request; retry shortly.")
 
     def _failed(self, attempt: Attempt, exc: GatewayError, now: float) -> GatewayError:

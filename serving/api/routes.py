@@ -116,7 +116,7 @@ async def metrics(request: Request) -> Response:
 
 @operator.get("/tiergate/engines")
 async def engines(request: Request) -> dict:
-    """Operator view of every engine: state, URL, pid, restarts, load."""
+    """Operator view of every engine: state, URL, pid, restarts, load, prefix index."""
     fields = (
         "name",
         "model",
@@ -129,13 +129,16 @@ async def engines(request: Request) -> dict:
         "max_model_len",
         "last_error",
         "scrape_path",
+        "kv_events",
     )
+    now = time.time()
     return {
         "engines": [
-            {f: getattr(ep, f) for f in fields} | {"load": dataclasses.asdict(ep.load)}
+            {f: getattr(ep, f) for f in fields}
+            | {"load": dataclasses.asdict(ep.load), "prefix_index": ep.prefix.view(now)}
             for ep in request.app.state.registry.endpoints
         ],
-        "time": time.time(),
+        "time": now,
     }
 
 

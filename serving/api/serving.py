@@ -10,7 +10,6 @@ framework: serving/api/hotpath.py turns its replies into ASGI messages.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import time
@@ -30,12 +29,13 @@ from serving.errors import (
     NoEngineReady,
 )
 from serving.metrics import GatewayMetrics
-from serving.router.balancer import Limits
+from serving.router.balancer import Limits, Weights
 from serving.router.breaker import RetryBudget
-from serving.router.planner import Attempt, plan
+from serving.router.planner import Attempt, Placement, plan
 from serving.router.policy import Decision, Features, TierView, choose_tier
+from serving.router.prefix import ROOT, block_keys
 from serving.router.registry import EngineRegistry, Tier
-from serving.router.tokens import TokenCounter
+from serving.router.tokens import Count, TokenCounter
 from serving.tenants.auth import OPEN
 from serving.tenants.limits import Admission, RateLimited, TenantLimiter
 from serving.tenants.redis_limits import RedisAdmission, RedisLimiter
@@ -102,20 +102,16 @@ def features_of(headers: Mapping[str, str], payload: dict[str, Any], counts: dic
     )
 
 
-def affinity_key(headers: Mapping[str, str], payload: dict[str, Any], prefix_chars: int) -> str:
-    """Session header, else `user`, else the prompt's prefix (so its KV cache is reused)."""
-    session = headers.get("x-session-id") or payload.get("user")
-    if session:
-        return f"s:{session}"
+def char_keys(payload: dict[str, Any], block_chars: int, limit: int) -> list[int]:
+    """Block keys of the prompt's text cut in fixed character blocks, for a tier with no
+    tokenizer: only its approximate index can match them (events carry token ids)."""
     head = payload.get("messages") or payload.get("prompt") or ""
-    parts, size = [], 0
-    for item in head if isinstance(head, list) else [head]:
-        parts.append(json.dumps(item, separators=(",", ":")))  # only what the prefix needs
-        size += len(parts[-1])
-        if size >= prefix_chars:
-            break
-    text = "".join(parts)[:prefix_chars]
-    return "p:" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    text = json.dumps(head, separators=(",", ":"))[: block_chars * limit]
+    keys, parent = [], ROOT
+    for start in range(0, len(text) - block_chars + 1, block_chars):
+        parent = hash((parent, text[start : start + block_chars]))
+        keys.append(parent)
+    return keys
 
 
 def _not_allowed(principal: Principal, model: str) -> ModelNotAllowed:
@@ -156,6 +152,9 @@ class ProxyService:
             clock,
         )
         self.turns = itertools.count()  # rotates ties between equally loaded replicas
+        prefix = router.prefix
+        self.weights = Weights(prefix.load_tokens, prefix.max_credit_tokens, prefix.session_tokens)
+        self.waiting_ready = 0  # requests held by router.wait_ready_s now
         self.views = [TierView(t.name, t.max_context, t.max_output_tokens) for t in registry.tiers]
 
     async def handle(
@@ -183,8 +182,11 @@ class ProxyService:
             tier = self.registry.tier_for_model(checked.model)
             model = checked.model  # a label only once known: clients cannot add series
             counts: dict[str, int] | None = None
+            measured: dict[str, Count] | None = None
             if tier is None:
-                counts, estimated = await self._count(view)
+                measured = await self._count(view, self._prefix_below())
+                counts = {t: c.tokens for t, c in measured.items()}
+                estimated = any(c.estimated for c in measured.values())
                 features = features_of(headers, view, counts)
                 views = self.views
                 if principal.tiers is not None:
@@ -203,12 +205,7 @@ class ProxyService:
             tier = self.registry.tier(decision.tier)
             await self._check_limits(tier, view, counts, kind)
             self.metrics.decision(tier.name, decision.reason)
-            # affinity matters only where there is a choice of replica
-            key = (
-                affinity_key(headers, view, self.router.affinity_prefix_chars)
-                if self.router.affinity and (len(tier.endpoints) > 1 or self.router.order)
-                else None
-            )
+            placement = await self._placement(tier, headers, view, measured)
             if principal.budget is not None and principal.budget.hard:  # soft: serve on
                 await self._check_budget(principal)
             max_out = view.get("max_completion_tokens") or view.get("max_tokens")
@@ -216,7 +213,9 @@ class ProxyService:
             if principal.scopes or principal.budget:  # others pay nothing here
                 admission = await self.limiter.admit(principal, max_out, self.clock())
             try:
-                attempts = await self._plan(tier, key)
+                attempts = await self._plan(tier, placement)
+                if placement is not None:
+                    self._placed(attempts[0], placement)
                 self.failover.budget.record_request(self.clock())
                 stream = bool(checked.stream)
                 call = Call(
@@ -266,41 +265,114 @@ class ProxyService:
                 f"the next {budget.period} (UTC)."
             )
 
-    async def _plan(self, tier: Tier, key: str | None) -> list[Attempt]:
-        """The attempts for this request; with router.wait_ready_s, wait that long for a
-        replica to become ready rather than answer 503 at once (a full tier is still 429)."""
-        deadline = self.clock() + self.router.wait_ready_s
-        while True:
-            try:
-                return plan(
-                    tier,
-                    self.registry.tiers,
-                    self.router.order,
-                    self.limits,
-                    self.clock(),
-                    key,
-                    self.router.retry.max_attempts,
-                    self.router.spill.retry_after_s,
-                    turn=next(self.turns),
-                )
-            except NoEngineReady:
-                if self.clock() >= deadline:
-                    raise
-            await asyncio.sleep(min(0.1, max(0.0, deadline - self.clock())))
+    def _plan_now(self, tier: Tier, placement: Placement | None) -> list[Attempt]:
+        return plan(
+            tier,
+            self.registry.tiers,
+            self.router.order,
+            self.limits,
+            self.clock(),
+            placement,
+            self.router.retry.max_attempts,
+            self.router.spill.retry_after_s,
+            turn=next(self.turns),
+            weights=self.weights,
+        )
 
-    async def _count(self, payload: dict[str, Any]) -> tuple[dict[str, int], bool]:
-        """Prompt tokens per tier (and whether estimated); long prompts off the loop."""
+    async def _plan(self, tier: Tier, placement: Placement | None) -> list[Attempt]:
+        """The attempts for this request; with router.wait_ready_s, wait that long for a
+        replica to become ready rather than answer 503 at once (a full tier is still 429),
+        at most router.wait_ready_max requests at a time, and only while one of its
+        replicas is expected back (one never seen up is not waited for)."""
+        try:
+            return self._plan_now(tier, placement)
+        except NoEngineReady:
+            if (
+                not self.router.wait_ready_s
+                or self.waiting_ready >= self.router.wait_ready_max
+                or not tier.coming_back()
+            ):
+                raise
+        deadline = self.clock() + self.router.wait_ready_s
+        self.waiting_ready += 1
+        try:
+            while True:
+                await asyncio.sleep(min(0.1, max(0.0, deadline - self.clock())))
+                try:
+                    return self._plan_now(tier, placement)
+                except NoEngineReady:
+                    if self.clock() >= deadline:
+                        raise
+        finally:
+            self.waiting_ready -= 1
+
+    def _prefix_below(self) -> int:
+        """Prompts under this many tokens have no full block to match: no ids needed."""
+        if not self.router.affinity:
+            return 0
+        return min((t.block_size for t in self.registry.tiers if len(t.endpoints) > 1), default=0)
+
+    async def _placement(
+        self,
+        tier: Tier,
+        headers: Mapping[str, str],
+        view: dict[str, Any],
+        measured: dict[str, Count] | None,
+    ) -> Placement | None:
+        """The prompt's block keys and the session, where there is a replica to choose."""
+        if not self.router.affinity or (len(tier.endpoints) < 2 and not self.router.order):
+            return None
+        session = headers.get("x-session-id") or view.get("user")
+        session = str(session) if session else None
+        limit = self.router.prefix.max_prompt_tokens // tier.block_size
+        tokens = self.tokens
+        if tokens is None or tier.name not in tokens.paths:
+            keys = char_keys(view, 4 * tier.block_size, limit)
+            return Placement({tier.name: keys}, session) if keys or session else None
+        count = measured.get(tier.name) if measured else None
+        if count is None and not tokens.below(tier.name, view, tier.block_size):
+            count = (await self._count(view, tier.block_size, tier.name))[tier.name]
+        if count is None or not count.ids:
+            return Placement({}, session) if session else None
+        keys = block_keys(count.ids, tier.block_size, limit)
+        if count.estimated and keys:  # the tokenized head may end mid-token
+            keys.pop()
+        return Placement({tier.name: keys}, session)
+
+    def _placed(self, attempt: Attempt, placement: Placement) -> None:
+        """The router's own record of where a prompt goes (its approximate index, the
+        pending blocks until the engine's events confirm them) and of the session."""
+        tier, ep = attempt.tier, attempt.endpoint
+        keys = placement.keys.get(tier.name)
+        if keys:
+            now = self.clock()
+            matched = ep.prefix.match(keys, now)
+            size = tier.block_size
+            self.metrics.prefix_lookup(tier.name, len(keys) * size, matched * size)
+            ep.prefix.sent(keys, now)
+        if placement.session:
+            tier.remember(placement.session, ep.name)
+
+    async def _count(
+        self, payload: dict[str, Any], below: int = 0, tier: str | None = None
+    ) -> dict[str, Count]:
+        """Prompt tokens per tier (or for one `tier`); long prompts off the loop. Counts
+        under `below` tokens are upper bounds (serving/router/tokens.py)."""
         if self.tokens is None:
             raise InvalidRequest(
                 "Routing by prompt length needs a tokenizer for every tier; set "
                 "tiers[].tokenizer for tiers whose engines are external.",
                 param="model",
             )
-        below = self._decisive(payload)
+        if tier is None:
+            below = min(self._decisive(payload), below) if below else self._decisive(payload)
+            work, args = self.tokens.measure_all, (payload, below)
+        else:
+            work, args = (lambda p, b: {tier: self.tokens.measure(tier, p, b)}), (payload, below)
         try:
             if self.tokens.is_cheap(payload):
-                return self.tokens.count_all(payload, below)
-            return await asyncio.to_thread(self.tokens.count_all, payload, below)
+                return work(*args)
+            return await asyncio.to_thread(work, *args)
         except Exception as exc:  # the chat template refused these messages
             raise InvalidRequest(
                 f"Could not apply the model's chat template to 'messages': {exc}",
@@ -338,7 +410,7 @@ class ProxyService:
         if not tier.max_context or (engine_limit and engine_limit <= tier.max_context):
             return  # the engine checks it, and says so in the same words
         if counts is None:
-            counts, _ = await self._count(payload)
+            counts = {t: c.tokens for t, c in (await self._count(payload)).items()}
         prompt = counts[tier.name]
         if prompt + (max_out or 0) > tier.max_context:
             raise InvalidRequest(
@@ -369,10 +441,9 @@ class ProxyService:
 
     @staticmethod
     def _reason(attempt: Attempt, decision: Decision) -> str:
-        why = attempt.why
-        if why in ("spill", "fallback", "panic"):
-            return f"{decision.reason}+{why}"
-        return decision.reason
+        """The tier's reason, then the replica's: prefix, session or load (or spill,
+        fallback, panic when the tier's own replicas could not take it)."""
+        return f"{decision.reason}+{attempt.why}"
 
     def _headers(self, attempt: Attempt, call: Call) -> dict[str, str]:
         headers = {

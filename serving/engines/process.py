@@ -75,6 +75,47 @@ def vllm_command(model_dir: Path, served_name: str, port: int, args: dict[str, A
     ]
 
 
+def with_kv_events(args: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The engine's args with prefix caching and KV events on, and where to subscribe.
+    Args that configure kv_events_config already keep it (its endpoint is read back);
+    else it publishes on a free loopback port and answers replays on the next one."""
+    config = args.get("kv_events_config")
+    if isinstance(config, str):
+        config = json.loads(config)
+    if isinstance(config, dict):
+        if not config.get("enable_kv_cache_events"):
+            return args, None
+        endpoint = str(config.get("endpoint", "tcp://*:5557")).replace("*", "127.0.0.1")
+        return args, endpoint if endpoint.startswith("tcp://") else None
+    if args.get("enable_prefix_caching") is False:
+        return args, None  # no cache, nothing to route by
+    port = free_port_pair()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": endpoint,
+        "replay_endpoint": f"tcp://127.0.0.1:{port + 1}",
+        "topic": "kv",
+    }
+    return {**args, "enable_prefix_caching": True, "kv_events_config": config}, endpoint
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A free port whose next port is free too (for the publisher and its replay)."""
+    for _ in range(50):
+        port = free_port(host)
+        if port >= 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port + 1))
+            except OSError:
+                continue
+        return port
+    raise OSError("no two consecutive free ports")
+
+
 @contextlib.contextmanager
 def socket_dir(name: str) -> Iterator[dict[str, str]]:
     """A folder for one engine run's ZeroMQ sockets (vLLM's VLLM_RPC_BASE_PATH), as

@@ -61,6 +61,8 @@ class EngineRunner:
             self.args, self.env = cpu.apply_cpu_defaults(
                 self.args, self.env, cpu.cpu_flags(), choice=choice
             )
+        if settings.router.prefix.kv_events:
+            self.args, endpoint.kv_events = process.with_kv_events(self.args)
         self.proc: asyncio.subprocess.Process | None = None
         self.started = asyncio.get_running_loop().create_future()
         self.stopping = False
@@ -76,10 +78,12 @@ class EngineRunner:
                 return
             if self.replacing:  # asked for: start again at once, no backoff, no failure
                 self.replacing = False
+                self.endpoint.prefix.forget()
                 self.endpoint.restarts += 1
                 self.metrics.engine_restarts.labels(self.engine.name).inc()
                 continue
             self.endpoint.ready, self.endpoint.url, self.endpoint.state = False, None, "down"
+            self.endpoint.prefix.forget()  # a new process starts with an empty cache
             self.endpoint.last_error = error
             log.error("engine %s: %s", self.engine.name, error)
             if not self.started.done():
@@ -131,6 +135,10 @@ class EngineRunner:
             if not self.started.done():
                 self.started.set_result(None)
             code = await self.proc.wait()
+            # At once, before the sweep of its group: no request may be sent to it, and
+            # what its cache held is gone with it.
+            self.endpoint.ready = False
+            self.endpoint.prefix.forget()
             return f"exited with code {code}", True
         finally:
             await process.terminate(self.proc, self.settings.timeouts.engine_stop)

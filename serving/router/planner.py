@@ -1,6 +1,7 @@
 """The list of (tier, replica) attempts for one request: pick, spill, fall back. Pure.
 
-- The chosen tier's usable replicas come first (affinity, then least loaded).
+- The chosen tier's usable replicas come first, in the order of one score that blends
+  the prompt's cached prefix with load (serving/router/balancer.py).
 - Spill: if every available replica of the chosen tier is saturated, start at
   the next tier in `order` that has room.
 - Fallback: the next tiers' replicas follow, for retries after an error.
@@ -12,10 +13,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from serving.errors import NoEngineReady, Saturated
-from serving.router.balancer import Limits, ReplicaView, is_saturated, rank
+from serving.router.balancer import Limits, ReplicaView, Weights, is_saturated, rank
 from serving.router.registry import Endpoint, Tier
 
 
@@ -23,29 +25,41 @@ from serving.router.registry import Endpoint, Tier
 class Attempt:
     tier: Tier
     endpoint: Endpoint
-    why: str  # affinity | affinity_yielded | least_loaded | spill | fallback | panic
+    why: str  # prefix | session | load | spill | fallback | panic
 
 
-def _views(tier: Tier, now: float, panic: bool = False) -> list[ReplicaView]:
+@dataclass(frozen=True)
+class Placement:
+    """What a request brings to the replica choice: its prompt's block keys per tier
+    (serving/router/prefix.py; tiers may differ in tokenizer and block size) and its
+    session, if it named one."""
+
+    keys: dict[str, Sequence[int]] = field(default_factory=dict)
+    session: str | None = None
+
+
+def _views(
+    tier: Tier, now: float, placement: Placement | None, panic: bool = False
+) -> list[ReplicaView]:
+    keys = placement.keys.get(tier.name) if placement else None
+    home = tier.sessions.get(placement.session) if placement and placement.session else None
     return [
         ReplicaView(
             ep.name,
             ep.load,
             ep.in_flight,
             available=bool(ep.ready and ep.url and (panic or ep.breaker.peek(now))),
+            matched=ep.prefix.match(keys, now) * tier.block_size if keys else 0,
+            home=ep.name == home,
         )
         for ep in tier.endpoints
     ]
 
 
 def _ranked(
-    tier: Tier,
-    views: list[ReplicaView],
-    limits: Limits,
-    key: str | None,
-    turn: int,
+    tier: Tier, views: list[ReplicaView], limits: Limits, turn: int, weights: Weights
 ) -> tuple[list[Endpoint], str]:
-    names, why = rank(views, limits, tier.ring.order(key) if key else None, turn)
+    names, why = rank(views, limits, turn, weights)
     by_name = {ep.name: ep for ep in tier.endpoints}
     return [by_name[n] for n in names], why
 
@@ -68,21 +82,22 @@ def plan(
     order: list[str],
     limits: Limits,
     now: float,
-    affinity_key: str | None,
+    placement: Placement | None,
     max_attempts: int,
     retry_after_s: int,
     turn: int = 0,
+    weights: Weights = Weights(),  # noqa: B008 (frozen)
 ) -> list[Attempt]:
     sequence = tier_sequence(chosen, tiers, order)
     attempts: list[Attempt] = []
     full = 0  # available but saturated replicas seen
     chosen_full = False
     for i, tier in enumerate(sequence):
-        views = _views(tier, now)
+        views = _views(tier, now, placement)
         panic = not any(v.available for v in views) and any(ep.ready for ep in tier.endpoints)
         if panic:
-            views = _views(tier, now, panic=True)
-        ranked, why = _ranked(tier, views, limits, affinity_key, turn)
+            views = _views(tier, now, placement, panic=True)
+        ranked, why = _ranked(tier, views, limits, turn, weights)
         if panic:
             why = "panic"
         full += sum(v.available and is_saturated(v, limits) for v in views)

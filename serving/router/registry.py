@@ -6,12 +6,15 @@ proxy reads it through `plan` in serving/router/planner.py.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from serving.errors import ModelNotFound
 from serving.router.breaker import CircuitBreaker
 from serving.router.load import FILTERED_PATH, EngineLoad
-from serving.router.ring import HashRing
+from serving.router.prefix import ReplicaIndex
+
+MAX_SESSIONS = 100_000  # per tier, least recently used first out (~10 MB at most)
 
 
 @dataclass
@@ -20,6 +23,7 @@ class Endpoint:
     model: str  # the name the engine itself serves
     url: str | None = None  # None until a supervised engine has a port
     ready: bool = False
+    seen_ready: bool = False  # it has been ready once: when down, it is expected back
     supervised: bool = False
     pid: int | None = None
     restarts: int = 0
@@ -30,6 +34,8 @@ class Endpoint:
     load: EngineLoad = field(default_factory=EngineLoad)
     scrape_path: str = FILTERED_PATH  # FULL_PATH once the filtered answer had no load
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    prefix: ReplicaIndex = field(default_factory=ReplicaIndex)
+    kv_events: str | None = None  # the engine's KV-event publisher (tcp://host:port)
 
 
 @dataclass
@@ -42,16 +48,30 @@ class Tier:
     max_context: int | None = None
     max_output_tokens: int | None = None
     sources: list[str] = field(default_factory=list)  # configured engine names
-    ring: HashRing = field(init=False)
+    block_size: int = 128  # the engines' KV block, in tokens (prefix keys are cut by it)
+    sessions: OrderedDict[str, str] = field(default_factory=OrderedDict)  # -> replica
 
-    def __post_init__(self) -> None:
-        self.ring = HashRing([ep.name for ep in self.endpoints])
+    def coming_back(self) -> bool:
+        """Whether a replica is down but expected back (restarting, draining for a
+        restart, starting): worth holding a request for (router.wait_ready_s)."""
+        return any(
+            not ep.ready
+            and ep.state in ("starting", "down", "draining")
+            and (ep.supervised or ep.seen_ready)
+            for ep in self.endpoints
+        )
 
     def set_endpoints(self, endpoints: list[Endpoint]) -> None:
-        """Replace the replicas (a new list: a request already planning keeps its own);
-        the ring moves only the keys of replicas that came or went."""
+        """Replace the replicas (a new list: a request already planning keeps its own)."""
         self.endpoints = endpoints
-        self.ring = HashRing([ep.name for ep in endpoints])
+
+    def remember(self, session: str, replica: str) -> None:
+        """Where a session's request went: its next turn prefers it (balancer.py)."""
+        sessions = self.sessions
+        sessions[session] = replica
+        sessions.move_to_end(session)
+        if len(sessions) > MAX_SESSIONS:
+            sessions.popitem(last=False)
 
     def cost(self, usage: dict | None) -> float:
         if not usage:

@@ -39,6 +39,7 @@ class Count:
     tokens: int
     estimated: bool = False  # a huge prompt's tail was estimated
     bounded: bool = False  # an upper bound, below every threshold that matters
+    ids: list[int] | None = None  # the prompt's token ids (the head's, when estimated)
 
 
 def _special(config: dict[str, Any], name: str) -> str:
@@ -67,6 +68,7 @@ class _Tokenizer:
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
         self.template = None
+        self.overhead: tuple[int, int] | None = None  # chat_bound's, measured on first use
         if source:
 
             def raise_exception(message: str) -> None:
@@ -88,9 +90,42 @@ class _Tokenizer:
             if bound < below:
                 return Count(bound, bounded=True)
         if len(text) <= EXACT_CHARS:
-            return Count(len(self.tokenizer.encode(text, add_special_tokens=special).ids))
-        head = len(self.tokenizer.encode(text[:EXACT_CHARS], add_special_tokens=special).ids)
-        return Count(round(head * len(text) / EXACT_CHARS), estimated=True)
+            ids = self.tokenizer.encode(text, add_special_tokens=special).ids
+            return Count(len(ids), ids=ids)
+        ids = self.tokenizer.encode(text[:EXACT_CHARS], add_special_tokens=special).ids
+        return Count(round(len(ids) * len(text) / EXACT_CHARS), estimated=True, ids=ids)
+
+    def chat_bound(self, payload: dict[str, Any]) -> int | None:
+        """An upper bound on the chat's tokens without rendering it (~1 us), or None where
+        one cannot be had cheaply (tools, content parts): the messages' UTF-8 bytes plus
+        what the template adds, measured once on empty messages, with a margin."""
+        if payload.get("tools") or self.template is None:
+            return None
+        if self.overhead is None:
+            self.overhead = self._overhead()
+        base, per_message = self.overhead
+        size = base + BOUND_MARGIN
+        for m in payload["messages"]:
+            content = m.get("content") if isinstance(m, dict) else None
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                return None
+            size += per_message + len(content.encode())
+        return size
+
+    def _overhead(self) -> tuple[int, int]:
+        def size(roles: list[str]) -> int:
+            text = self.template.render(
+                messages=[{"role": r, "content": ""} for r in roles],
+                add_generation_prompt=True,
+                **self.specials,
+            )
+            return len(text.encode())
+
+        base = size(["user"])
+        per = max(size(["user", "assistant", "user"]) - base, size(["system", "user"]) - base)
+        return base, max(per, 0) // 2 + 32  # a margin for roles and names not tried
 
     def chat(self, payload: dict[str, Any], below: int = 0) -> Count:
         if self.template is None:
@@ -160,16 +195,35 @@ class TokenCounter:
         longest = max(counts, key=lambda c: c.tokens, default=Count(0))
         return longest
 
+    def below(self, tier: str, payload: dict[str, Any], tokens: int) -> bool:
+        """Whether the prompt has surely fewer than `tokens` tokens, told without
+        rendering or tokenizing it (False: it may have more)."""
+        if "messages" in payload:
+            bound = self._tokenizer(self.paths[tier]).chat_bound(payload)
+            return bound is not None and bound < tokens
+        prompt = payload.get("prompt")
+        if isinstance(prompt, str):
+            return len(prompt) * 4 + BOUND_MARGIN < tokens or (
+                len(prompt.encode()) + BOUND_MARGIN < tokens
+            )
+        return False
+
     def count(self, tier: str, payload: dict[str, Any]) -> int:
         return self.measure(tier, payload).tokens
 
-    def count_all(self, payload: dict[str, Any], below: int = 0) -> tuple[dict[str, int], bool]:
-        """Tokens per tier (upper bounds where under `below`), and whether any count is
-        an estimate (a prompt past EXACT_CHARS). Tiers sharing a tokenizer share the work."""
+    def measure_all(self, payload: dict[str, Any], below: int = 0) -> dict[str, Count]:
+        """Each tier's count (upper bounds where under `below`). Tiers sharing a
+        tokenizer share the work."""
         by_path: dict[str, Count] = {}
-        counts: dict[str, int] = {}
+        counts: dict[str, Count] = {}
         for tier, path in self.paths.items():
             if path not in by_path:
                 by_path[path] = self.measure(tier, payload, below)
-            counts[tier] = by_path[path].tokens
-        return counts, any(c.estimated for c in by_path.values())
+            counts[tier] = by_path[path]
+        return counts
+
+    def count_all(self, payload: dict[str, Any], below: int = 0) -> tuple[dict[str, int], bool]:
+        """Tokens per tier (upper bounds where under `below`), and whether any count is
+        an estimate (a prompt past EXACT_CHARS)."""
+        counts = self.measure_all(payload, below)
+        return {t: c.tokens for t, c in counts.items()}, any(c.estimated for c in counts.values())

@@ -57,6 +57,12 @@ def engine_url(address: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def kv_events_url(address: str, port: int | None) -> str | None:
+    if port is None:
+        return None
+    return f"tcp://[{address}]:{port}" if ":" in address else f"tcp://{address}:{port}"
+
+
 def parse_nameserver(value: str) -> tuple[str, int]:
     """'10.0.0.10', '127.0.0.1:5353' or '[::1]:53' -> (host, port)."""
     if value.startswith("["):
@@ -129,6 +135,7 @@ class Discovery:
                     name=endpoint_name(self.engine.name, address),
                     model=self.engine.model_name,
                     url=engine_url(address, self.settings.port),
+                    kv_events=kv_events_url(address, self.settings.kv_events_port),
                     state="external",
                     max_model_len=self.engine.args.get("max_model_len"),
                     breaker=CircuitBreaker(
@@ -140,6 +147,7 @@ class Discovery:
         for name in gone:
             ep = self.registry.remove(name)
             ep.ready, ep.state = False, "removed"
+            ep.prefix.forget()  # its subscription stops at the next Feeds.sync
             self.metrics.forget_engine(name)
         self.addresses = set(found)
         mine = {endpoint_name(self.engine.name, a) for a in self.addresses}

@@ -65,7 +65,9 @@ async def check_once(
                     await fetch_max_model_len(http, ep, timeout)
             elif ep.ready and not ready:
                 log.warning("engine %s stopped answering /health", ep.name)
+                ep.prefix.forget()  # back or not, what it cached is not to be counted on
             ep.ready = ready
+            ep.seen_ready = ep.seen_ready or ready
             if not ep.supervised:
                 ep.state = "ready" if healthy else "down"
         metrics.engine_ready.labels(ep.name).set(1 if ep.ready else 0)

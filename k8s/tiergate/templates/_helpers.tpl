@@ -193,3 +193,13 @@ volumes: {{- include "tiergate.engineVolumes" . | nindent 2 }}
 {{- end -}}
 {{- toYaml $r -}}
 {{- end -}}
+
+{{/* The engine's KV-event port when tiergate configures its publisher, else nothing:
+     off, or the tier's engineArgs configure kv_events_config themselves. */}}
+{{- define "tiergate.kvEvents" -}}
+{{- $kv := default dict .engine.kvEvents -}}
+{{- $cacheOff := and (hasKey .args "enable_prefix_caching") (not .args.enable_prefix_caching) -}}
+{{- if and $kv.enabled (not (hasKey .args "kv_events_config")) (not $cacheOff) }}
+port: {{ int (default 5557 $kv.port) }}
+{{- end }}
+{{- end -}}
