@@ -52,6 +52,7 @@ def build_registry(settings: Settings) -> EngineRegistry:
                 model=engine.model_name,
                 url=engine.url,
                 kv_events=engine.kv_events,
+                kv_replay=engine.kv_replay,
                 supervised=supervised,
                 state="starting" if supervised else "external",
                 max_model_len=engine.args.get("max_model_len"),

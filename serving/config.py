@@ -161,8 +161,9 @@ class DiscoverSettings(_Strict):
         gt=0,
         le=65535,
         description="Each pod's vLLM KV-event publisher (ZMQ PUB, --kv-events-config "
-        "endpoint tcp://*:PORT): the router subscribes to every discovered pod on it and "
-        "routes by what each has cached; unset: an approximate index of what it sent.",
+        "endpoint tcp://*:PORT, replay_endpoint tcp://*:PORT+1): the router subscribes to "
+        "every discovered pod on it and routes by what each has cached; unset: an "
+        "approximate index of what it sent.",
     )
 
 
@@ -176,9 +177,15 @@ class EngineSettings(_Strict):
     url: str | None = Field(None, description="External engine; nothing is started.")
     kv_events: str | None = Field(
         None,
-        pattern=r"^tcp://",
-        description="An external engine's KV-event publisher, e.g. tcp://10.0.0.5:5557. "
-        "Supervised engines publish on a free loopback port when router.prefix.kv_events.",
+        pattern=r"^(tcp|ipc)://",
+        description="An external engine's KV-event publisher (its --kv-events-config "
+        "endpoint, bound: tcp://*:5557 there is tcp://HOST:5557 here). Supervised engines "
+        "publish on private ipc sockets when router.prefix.kv_events.",
+    )
+    kv_replay: str | None = Field(
+        None,
+        pattern=r"^(tcp|ipc)://",
+        description="That engine's replay socket (its replay_endpoint), for lost batches.",
     )
     discover: DiscoverSettings | None = Field(
         None, description="External engines found in DNS (one per record); nothing is started."

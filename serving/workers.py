@@ -54,7 +54,10 @@ log = logging.getLogger("tiergate.workers")
 
 
 def worker_settings(
-    settings: Settings, urls: dict[str, str], workers: int, kv_events: dict[str, str] | None = None
+    settings: Settings,
+    urls: dict[str, str],
+    workers: int,
+    kv_events: dict[str, tuple[str | None, str | None]] | None = None,
 ) -> Settings:
     """One worker's settings: every engine by URL (and its KV events, where the parent's
     engines publish them), admission limits divided by N."""
@@ -77,7 +80,11 @@ def worker_settings(
         update={
             "engines": [
                 e.model_copy(
-                    update={"url": urls[e.name], "kv_events": kv_events.get(e.name, e.kv_events)}
+                    update={
+                        "url": urls[e.name],
+                        "kv_events": kv_events.get(e.name, (e.kv_events, e.kv_replay))[0],
+                        "kv_replay": kv_events.get(e.name, (e.kv_events, e.kv_replay))[1],
+                    }
                 )
                 if e.name in urls
                 else e
@@ -134,7 +141,7 @@ async def run_workers(settings: Settings, model_dirs: dict[str, Path]) -> int:
         urls |= {e.name: e.url for e in settings.engines if e.url is not None}
         port = settings.server.port or process.free_port(host)
         job = work / "worker.pickle"
-        kv = {ep.name: ep.kv_events for ep in registry.endpoints if ep.kv_events}
+        kv = {ep.name: (ep.kv_events, ep.kv_replay) for ep in registry.endpoints if ep.kv_events}
         one = worker_settings(settings, urls, n, kv)
         (work / "metrics").mkdir()
         control = ParentControl(settings, supervisor, work)

@@ -124,3 +124,45 @@ def test_real_length_pairs_are_drawn_together(text: SyntheticText, tokenizer) ->
         assert (spec.input_tokens, spec.output_tokens) in table  # a real pair, kept whole
         assert count(tokenizer, spec.text) == spec.input_tokens
     assert len({s[0].output_tokens for s in sessions}) > 10  # not the fixed 128
+
+
+def test_prefix_groups_interleave_and_share_their_system_prompt(text: SyntheticText, tokenizer):
+    chat = ChatTemplate(tokenizer)
+    out = LengthDist.parse("8")
+    specs = [
+        s[0]
+        for s in synthetic(
+            text,
+            12,
+            LengthDist.parse("20"),
+            out,
+            seed=3,
+            chat=chat,
+            shared_prefix=64,
+            groups=4,
+            group_prefix=200,
+            session_ids="none",
+        )
+    ]
+    systems = [s.history[0]["content"] for s in specs]
+    assert systems[:4] == systems[4:8] == systems[8:]  # groups 0-3, then again: interleaved
+    assert len(set(systems[:4])) == 4
+    preamble = systems[0][: len(text.make(64, random.Random(3)))]
+    assert all(s.startswith(preamble) for s in systems)  # one preamble, every group
+    assert all(count(tokenizer, s) == 264 for s in systems[:4])
+    assert len({s.text for s in specs}) == 12 and all(count(tokenizer, s.text) == 20 for s in specs)
+    assert all(s.session is None for s in specs)
+    assert all(s.input_tokens == chat.prompt_tokens(s.messages()) for s in specs)
+    grouped = synthetic(
+        text, 8, LengthDist.parse("20"), out, seed=3, groups=4, group_prefix=50, session_ids="group"
+    )
+    assert [s[0].session for s in grouped] == ["g0", "g1", "g2", "g3"] * 2
+
+
+def test_multi_turn_sessions_can_go_without_ids(text: SyntheticText) -> None:
+    length = LengthDist.parse("40")
+    with_ids = list(synthetic(text, 2, length, length, turns=2))
+    without = list(synthetic(text, 2, length, length, turns=2, session_ids="none"))
+    assert {s.session for sess in with_ids for s in sess} == {"s0", "s1"}
+    assert {s.session for sess in without for s in sess} == {None}
+    assert [s.text for sess in without for s in sess] == [s.text for sess in with_ids for s in sess]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import helm_python
@@ -359,3 +360,55 @@ def test_drain_is_wired_for_router_and_engines(tmp_path) -> None:
     assert args[args.index("--shutdown-timeout") + 1] == "60"  # vLLM drains on SIGTERM
     assert spec["terminationGracePeriodSeconds"] > 60 + 5
     assert spec["containers"][0]["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+
+
+def _router_settings(docs: list[dict], tmp_path: Path):
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("router")]
+    config = tmp_path / "config.yaml"
+    config.write_text(cm["data"]["config.yaml"])
+    return load_settings(config)
+
+
+def _kv_flags(container: dict) -> dict | None:
+    args = container["args"]
+    if "--kv-events-config" not in args:
+        return None
+    return json.loads(args[args.index("--kv-events-config") + 1])
+
+
+def test_engines_publish_kv_events_and_the_router_subscribes(tmp_path: Path) -> None:
+    docs = render(None)
+    ((_, engine),) = engine_containers(docs)
+    assert _kv_flags(engine) == {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": "tcp://*:5557",
+        "replay_endpoint": "tcp://*:5558",
+        "topic": "kv",
+    }
+    assert engine["args"].count("--enable-prefix-caching") == 1  # engineArgs asks too
+    ports = {p["name"]: p["containerPort"] for p in engine["ports"]}
+    assert (ports["kv-events"], ports["kv-replay"]) == (5557, 5558)
+    (tier,) = [e for e in _router_settings(docs, tmp_path).engines]
+    assert tier.discover is not None and tier.discover.kv_events_port == 5557
+
+    # off: no publisher, no subscription (the router's approximate index instead)
+    off = render({"engineDefaults": {"kvEvents": {"enabled": False}}})
+    ((_, engine),) = engine_containers(off)
+    assert _kv_flags(engine) is None and "kv-events" not in str(engine["ports"])
+    assert _router_settings(off, tmp_path).engines[0].discover.kv_events_port is None
+    # a tier that configures its own publisher keeps it; one that turns caching off gets none
+    base = values_of(CHART / "values.yaml")["tiers"][0]
+    own = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:6000"}
+    for args, want in (({"kv_events_config": own}, own), ({"enable_prefix_caching": False}, None)):
+        tier = base | {"engineArgs": base["engineArgs"] | args}
+        ((_, engine),) = engine_containers(render({"tiers": [tier]}))
+        assert _kv_flags(engine) == want
+    # service mode: one ClusterIP hides the pods, so there is nothing to subscribe to
+    service = render({"router": {"engineDiscovery": {"mode": "service"}}})
+    assert _router_settings(service, tmp_path).engines[0].kv_events is None
+
+
+def test_kv_event_values_are_checked_by_the_schema() -> None:
+    with pytest.raises(Exception, match=r"kvEvents|port"):
+        render({"engineDefaults": {"kvEvents": {"enabled": True, "port": 70000}}})

@@ -145,6 +145,7 @@ def test_apply_scales_one_three_two_and_moves_only_the_removed_sessions() -> Non
     names = [ep.name for ep in tier.endpoints]
     assert names == [endpoint_name("small", f"10.0.0.{i}") for i in (1, 2, 3)]
     assert [ep.kv_events for ep in tier.endpoints] == [f"tcp://10.0.0.{i}:5557" for i in (1, 2, 3)]
+    assert tier.endpoints[0].kv_replay == "tcp://10.0.0.1:5558"
     homes = {f"session-{i}": names[i % 3] for i in range(300)}
     for key, home in homes.items():  # where each session's last request went
         tier.remember(key, home)

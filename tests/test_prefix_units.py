@@ -7,12 +7,13 @@ import random
 import msgspec
 import pytest
 
+from serving.engines.process import with_kv_events
 from serving.router.balancer import Limits, ReplicaView, Weights, rank
 from serving.router.load import EngineLoad
 from serving.router.planner import Placement, plan
 from serving.router.prefix import ReplicaIndex, block_keys
 from serving.router.registry import Endpoint, Tier
-from serving.upstream.kv_events import decode_batch, replay_endpoint
+from serving.upstream.kv_events import decode_batch
 
 LIMITS = Limits(8, 0.95, 100)
 
@@ -116,9 +117,22 @@ def test_decode_batch_reads_vllms_own_encoding() -> None:
         decode_batch(msgspec.msgpack.encode({"not": "a batch"}))
 
 
-def test_replay_endpoint_is_the_next_port() -> None:
-    assert replay_endpoint("tcp://10.0.0.5:5557") == "tcp://10.0.0.5:5558"
-    assert replay_endpoint(None) is None
+def test_supervised_engines_publish_on_private_ipc_sockets() -> None:
+    args, events, replay = with_kv_events({"max_model_len": 2048}, "/tmp/tg-kv")
+    assert (events, replay) == ("ipc:///tmp/tg-kv/events", "ipc:///tmp/tg-kv/replay")
+    assert args["enable_prefix_caching"] is True
+    assert args["kv_events_config"]["endpoint"] == events  # vLLM binds an ipc:// endpoint
+    # a config's own publisher is kept; a bound tcp://*:P is reached on loopback
+    own = {"enable_kv_cache_events": True, "endpoint": "tcp://*:5557"}
+    assert with_kv_events({"kv_events_config": own}, "/x")[1:] == ("tcp://127.0.0.1:5557", None)
+    # one told to connect out cannot be subscribed to; no prefix cache, no events
+    out = {"enable_kv_cache_events": True, "endpoint": "tcp://10.0.0.9:5557"}
+    assert with_kv_events({"kv_events_config": out}, "/x")[1] is None
+    assert with_kv_events({"enable_prefix_caching": False}, "/x") == (
+        {"enable_prefix_caching": False},
+        None,
+        None,
+    )
 
 
 def _view(name: str, matched: int = 0, in_flight: int = 0, **kw) -> ReplicaView:

@@ -35,7 +35,7 @@ from serving.router.planner import Attempt, Placement, plan
 from serving.router.policy import Decision, Features, TierView, choose_tier
 from serving.router.prefix import ROOT, block_keys
 from serving.router.registry import EngineRegistry, Tier
-from serving.router.tokens import Count, TokenCounter
+from serving.router.tokens import Count, TokenCounter, prompt_chars
 from serving.tenants.auth import OPEN
 from serving.tenants.limits import Admission, RateLimited, TenantLimiter
 from serving.tenants.redis_limits import RedisAdmission, RedisLimiter
@@ -327,7 +327,8 @@ class ProxyService:
         limit = self.router.prefix.max_prompt_tokens // tier.block_size
         tokens = self.tokens
         if tokens is None or tier.name not in tokens.paths:
-            keys = char_keys(view, 4 * tier.block_size, limit)
+            short = prompt_chars(view) < 4 * tier.block_size  # no full block: nothing to key
+            keys = [] if short else char_keys(view, 4 * tier.block_size, limit)
             return Placement({tier.name: keys}, session) if keys or session else None
         count = measured.get(tier.name) if measured else None
         if count is None and not tokens.below(tier.name, view, tier.block_size):

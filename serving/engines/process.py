@@ -52,13 +52,12 @@ def engine_args_to_cli(args: dict[str, Any]) -> list[str]:
     return out
 
 
-# The gateway polls these every few seconds; one access-log line each would bury the
-# engine's own lines. Errors still log; `args` can set the flag to something else.
-POLLED_PATHS = "/health,/metrics"
-
-
 def vllm_command(model_dir: Path, served_name: str, port: int, args: dict[str, Any]) -> list[str]:
-    args = {"disable_access_log_for_endpoints": POLLED_PATHS, **args}
+    # No engine access log: the gateway polls /health and scrapes /metrics/?name[]=...
+    # (which --disable-access-log-for-endpoints does not match) every second or two, and
+    # logs each request itself (server.access_log). The engine's warnings and errors stay.
+    # `args` can turn it back on (disable_uvicorn_access_log: false).
+    args = {"disable_uvicorn_access_log": True, **args}
     return [
         sys.executable,
         "-m",
@@ -75,45 +74,48 @@ def vllm_command(model_dir: Path, served_name: str, port: int, args: dict[str, A
     ]
 
 
-def with_kv_events(args: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """The engine's args with prefix caching and KV events on, and where to subscribe.
-    Args that configure kv_events_config already keep it (its endpoint is read back);
-    else it publishes on a free loopback port and answers replays on the next one."""
+def with_kv_events(
+    args: dict[str, Any], folder: str
+) -> tuple[dict[str, Any], str | None, str | None]:
+    """The engine's args with prefix caching and KV events on, and where to subscribe
+    and ask for replays. vLLM binds an endpoint with a wildcard or an ipc:// path and
+    connects out to any other, so tiergate's own engines publish on ipc sockets in
+    `folder` (a private temp folder: local subscribers only, however many workers).
+    Args that configure kv_events_config keep it, and a bound tcp://*:PORT is read
+    back as loopback; an engine told to connect out cannot be subscribed to."""
     config = args.get("kv_events_config")
     if isinstance(config, str):
         config = json.loads(config)
     if isinstance(config, dict):
         if not config.get("enable_kv_cache_events"):
-            return args, None
-        endpoint = str(config.get("endpoint", "tcp://*:5557")).replace("*", "127.0.0.1")
-        return args, endpoint if endpoint.startswith("tcp://") else None
+            return args, None, None
+        return (
+            args,
+            _local(config.get("endpoint", "tcp://*:5557")),
+            _local(config.get("replay_endpoint")),
+        )
     if args.get("enable_prefix_caching") is False:
-        return args, None  # no cache, nothing to route by
-    port = free_port_pair()
-    endpoint = f"tcp://127.0.0.1:{port}"
+        return args, None, None  # no cache, nothing to route by
+    endpoint, replay = f"ipc://{folder}/events", f"ipc://{folder}/replay"
     config = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
         "endpoint": endpoint,
-        "replay_endpoint": f"tcp://127.0.0.1:{port + 1}",
+        "replay_endpoint": replay,
         "topic": "kv",
     }
-    return {**args, "enable_prefix_caching": True, "kv_events_config": config}, endpoint
+    return {**args, "enable_prefix_caching": True, "kv_events_config": config}, endpoint, replay
 
 
-def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A free port whose next port is free too (for the publisher and its replay)."""
-    for _ in range(50):
-        port = free_port(host)
-        if port >= 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((host, port + 1))
-            except OSError:
-                continue
-        return port
-    raise OSError("no two consecutive free ports")
+def _local(endpoint: str | None) -> str | None:
+    """Where a subscriber on this host reaches an endpoint the engine binds."""
+    if not endpoint:
+        return None
+    if endpoint.startswith("ipc://"):
+        return endpoint
+    if endpoint.startswith("tcp://*:"):
+        return endpoint.replace("*", "127.0.0.1", 1)
+    return None  # the engine connects out to it: nothing here to subscribe to
 
 
 @contextlib.contextmanager

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,8 +63,13 @@ class EngineRunner:
             self.args, self.env = cpu.apply_cpu_defaults(
                 self.args, self.env, cpu.cpu_flags(), choice=choice
             )
+        # The KV-event sockets live as long as the runner (its restarts reuse them).
+        self.kv_folder: str | None = None
         if settings.router.prefix.kv_events:
-            self.args, endpoint.kv_events = process.with_kv_events(self.args)
+            self.kv_folder = tempfile.mkdtemp(prefix=f"tiergate-kv-{engine.name[:12]}-")
+            self.args, endpoint.kv_events, endpoint.kv_replay = process.with_kv_events(
+                self.args, self.kv_folder
+            )
         self.proc: asyncio.subprocess.Process | None = None
         self.started = asyncio.get_running_loop().create_future()
         self.stopping = False
@@ -200,6 +207,8 @@ class EngineRunner:
             # waiting for its EngineCore ignored SIGTERM until the SIGKILL 20 s later.
             grace = self.settings.timeouts.engine_stop
             await process.terminate(self.proc, min(grace, STARTING_GRACE) if starting else grace)
+        if self.kv_folder is not None:
+            shutil.rmtree(self.kv_folder, ignore_errors=True)
 
 
 class Supervisor:
@@ -254,3 +263,5 @@ class Supervisor:
         for r in self.runners:  # nothing may survive, even a task cancelled mid-spawn
             if r.proc is not None:
                 await process.terminate(r.proc, 0.1)
+            if r.kv_folder is not None:
+                shutil.rmtree(r.kv_folder, ignore_errors=True)

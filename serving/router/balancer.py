@@ -68,8 +68,8 @@ def rank(
     "prefix" (it holds more of the prompt), "session" (the session's last replica),
     or "load"."""
     usable = [r for r in replicas if r.available and not is_saturated(r, limits)]
-    if not usable:
-        return [], "load"
+    if len(usable) < 2:  # no choice to make
+        return [r.name for r in usable], "load"
     n = len(replicas)
     position = {r.name: (i - turn) % n for i, r in enumerate(replicas)}
     loads = {r.name: load_score(r.load, r.in_flight) for r in usable}

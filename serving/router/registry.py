@@ -35,7 +35,8 @@ class Endpoint:
     scrape_path: str = FILTERED_PATH  # FULL_PATH once the filtered answer had no load
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     prefix: ReplicaIndex = field(default_factory=ReplicaIndex)
-    kv_events: str | None = None  # the engine's KV-event publisher (tcp://host:port)
+    kv_events: str | None = None  # the engine's KV-event publisher (tcp:// or ipc://)
+    kv_replay: str | None = None  # and its replay socket, if it has one
 
 
 @dataclass

@@ -58,7 +58,8 @@ def engine_url(address: str, port: int) -> str:
 
 
 def kv_events_url(address: str, port: int | None) -> str | None:
-    if port is None:
+    """A pod's KV-event socket (the chart binds the publisher on PORT, replays on PORT+1)."""
+    if not port or port == 1:
         return None
     return f"tcp://[{address}]:{port}" if ":" in address else f"tcp://{address}:{port}"
 
@@ -136,6 +137,7 @@ class Discovery:
                     model=self.engine.model_name,
                     url=engine_url(address, self.settings.port),
                     kv_events=kv_events_url(address, self.settings.kv_events_port),
+                    kv_replay=kv_events_url(address, (self.settings.kv_events_port or 0) + 1),
                     state="external",
                     max_model_len=self.engine.args.get("max_model_len"),
                     breaker=CircuitBreaker(

@@ -5,9 +5,10 @@ batch is `[ts, [event, ...], dp_rank]` and each event a map tagged by `type`
 (`BlockStored`, `BlockRemoved`, `AllBlocksCleared`). `decode_batch` turns that into
 plain tuples for serving/router/prefix.py, which owns what they mean.
 
-Lost batches: where the engine has a replay socket (its publisher's ROUTER, configured
-as `replay_endpoint`), the missing ones are asked for again; otherwise, or when the
-replay cannot fill the gap, the index is emptied and fills again from the next events.
+Lost batches: where the engine has a replay socket (its publisher's ROUTER, its
+`replay_endpoint`; `Endpoint.kv_replay` here), the missing ones are asked for again;
+otherwise, or when the replay cannot fill the gap, the index is emptied and fills again
+from the next events.
 A subscriber per engine runs while the engine is in the registry; `Feeds.sync` starts
 and stops them as discovery adds and removes pods.
 """
@@ -169,6 +170,7 @@ class Feeds:
         self.registry = registry
         self.metrics = metrics
         self.ctx = zmq.asyncio.Context()
+        self.sources: dict[str, str] = {}  # engine -> the index source its gauge was set for
         self.tasks: dict[str, tuple[str, asyncio.Task]] = {}
 
     def sync(self) -> None:
@@ -180,27 +182,28 @@ class Feeds:
                 del self.tasks[name]
         for name, ep in wanted.items():
             if name not in self.tasks:
-                feed = Feed(self.ctx, ep, self.metrics, replay_endpoint(ep.kv_events))
+                feed = Feed(self.ctx, ep, self.metrics, ep.kv_replay)
                 task = asyncio.create_task(feed.run(), name=f"kv-events-{name}")
                 self.tasks[name] = (ep.kv_events or "", task)
+
+    def gauge(self, ep: Endpoint) -> None:
+        blocks = self.metrics.prefix_blocks
+        old = self.sources.get(ep.name)
+        if old is not None and old != ep.prefix.source:
+            with contextlib.suppress(KeyError):
+                blocks.remove(ep.name, old)
+        self.sources[ep.name] = ep.prefix.source
+        blocks.labels(ep.name, ep.prefix.source).set(len(ep.prefix))
 
     async def run(self, interval: float = 1.0) -> None:
         try:
             while True:
                 self.sync()
                 for ep in self.registry.endpoints:
-                    self.metrics.prefix_blocks.labels(ep.name, ep.prefix.source).set(len(ep.prefix))
+                    self.gauge(ep)
                 await asyncio.sleep(interval)
         finally:
             await cancel_and_wait([task for _, task in self.tasks.values()])
             self.tasks.clear()
             with contextlib.suppress(Exception):
                 self.ctx.term()
-
-
-def replay_endpoint(url: str | None) -> str | None:
-    """tiergate's engines publish on PORT and answer replays on PORT + 1."""
-    if not url:
-        return None
-    head, _, port = url.rpartition(":")
-    return f"{head}:{int(port) + 1}" if port.isdigit() else None
