@@ -12,7 +12,7 @@ Workloads (chat, streamed, `--output` tokens, `--concurrency` clients, no sessio
   each, interleaved across groups;
 - preamble: the same, but every system prompt opens with one ~250-token preamble;
 - multiturn: conversations of `--turns` turns whose history grows, no session ids;
-- random: prompts of ~900 tokens that share nothing.
+- random: prompts of `--random-len` tokens that share nothing.
 "ideal" is tiergate with the group sent as x-session-id: a partition by hand.
 
     python -m benchmarks.studies.prefix_routing --out benchmarks/out/prefix_routing \
@@ -31,6 +31,7 @@ import contextlib
 import json
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,15 @@ def counters(url: str) -> dict[str, float]:
     return out
 
 
+def free_port_pair() -> int:
+    """A free port whose next port is free too (a publisher and its replay socket)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port + 1))
+            return port
+
+
 def config(blocks: int) -> dict:
     engine = {
         "model": "smollm2-135m-instruct",
@@ -68,9 +78,20 @@ def config(blocks: int) -> dict:
             "num_gpu_blocks_override": blocks,
         },
     }
+
+    def events(port: int) -> dict:  # tcp, for vllm-router, which takes no ipc:// source
+        return {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{port}",
+            "replay_endpoint": f"tcp://*:{port + 1}",
+            "topic": "kv",
+        }
+
     engines = [
         {
             **engine,
+            "args": {**engine["args"], "kv_events_config": events(free_port_pair())},
             "name": f"engine-{i}",
             "env": {
                 "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -98,7 +119,9 @@ class Peer:
         cmd = [binary, "--host", "127.0.0.1", "--port", str(self.port), "--policy", policy]
         cmd += ["--worker-urls", *(e["url"] for e in engines)]
         if policy == "kv_aware":
-            cmd += ["--kv-event-source", *(f"{e['url']}={e['kv_events']}" for e in engines)]
+            for e in engines:  # the flags repeat per worker
+                cmd += ["--kv-event-source", f"{e['url']}={e['kv_events']}"]
+                cmd += ["--kv-event-replay-source", f"{e['url']}={e['kv_replay']}"]
             cmd += ["--kv-event-block-size", "128", "--kv-event-model", engines[0]["model"]]
         cmd += ["--prometheus-port", str(free_port())]
         self.log = log.open("wb")
@@ -152,7 +175,7 @@ def sessions(text: SyntheticText, tokenizer, workload: str, a, seed: int, ids: s
             turns=a.turns, session_ids="none",
         )  # fmt: skip
     return synthetic(
-        text, a.groups * a.per_group, LengthDist.parse("900"), out, seed=seed, chat=chat
+        text, a.groups * a.per_group, LengthDist.parse(str(a.random_len)), out, seed=seed, chat=chat
     )
 
 
@@ -201,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-group", type=int, default=6)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--output", type=int, default=16)
+    p.add_argument("--random-len", type=int, default=900, help="random workload's prompt")
     p.add_argument("--concurrency", type=int, default=12)
     a = p.parse_args(argv)
     routers = [r for r in a.routers if r in ("tiergate", "ideal") or a.vllm_router]

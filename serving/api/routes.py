@@ -130,6 +130,7 @@ async def engines(request: Request) -> dict:
         "last_error",
         "scrape_path",
         "kv_events",
+        "kv_replay",
     )
     now = time.time()
     return {
