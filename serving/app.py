@@ -79,7 +79,7 @@ def build_registry(settings: Settings) -> EngineRegistry:
         )
     prefix = settings.router.prefix
     for ep in registry.endpoints:
-        ep.prefix = ReplicaIndex(prefix.approx_blocks, prefix.pending_s)
+        ep.prefix = ReplicaIndex(prefix.approx_blocks, prefix.pending_s, prefix.max_blocks)
     return registry
 
 
@@ -206,7 +206,13 @@ def create_app(
             *([asyncio.create_task(flush_loop(ledger))] if ledger is not None else []),
             *(
                 asyncio.create_task(
-                    Discovery(engine, registry, settings.router.breaker, metrics).run()
+                    Discovery(
+                        engine,
+                        registry,
+                        settings.router.breaker,
+                        metrics,
+                        prefix=settings.router.prefix,
+                    ).run()
                 )
                 for engine in settings.engines
                 if engine.discover is not None

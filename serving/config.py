@@ -321,6 +321,12 @@ class PrefixSettings(_Strict):
     approx_blocks: int = Field(
         4096, gt=0, description="Blocks the approximate index keeps per replica (LRU)."
     )
+    max_blocks: int = Field(
+        262_144,
+        gt=0,
+        description="Past this many blocks from one engine's events (~250 bytes each: "
+        "64 MB), its index is emptied and refilled: a bound on memory whatever it sends.",
+    )
     pending_s: float = Field(
         5.0,
         ge=0,

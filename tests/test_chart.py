@@ -391,6 +391,9 @@ def test_engines_publish_kv_events_and_the_router_subscribes(tmp_path: Path) -> 
     assert (ports["kv-events"], ports["kv-replay"]) == (5557, 5558)
     (tier,) = [e for e in _router_settings(docs, tmp_path).engines]
     assert tier.discover is not None and tier.discover.kv_events_port == 5557
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    router_rule = policy["spec"]["ingress"][0]["ports"]
+    assert {"port": "kv-events"} in router_rule and {"port": "kv-replay"} in router_rule
 
     # off: no publisher, no subscription (the router's approximate index instead)
     off = render({"engineDefaults": {"kvEvents": {"enabled": False}}})

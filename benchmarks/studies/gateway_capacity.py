@@ -221,15 +221,17 @@ def gateway_config(
     max_in_flight: int = 0,
     tenancy: Path | None = None,
     server: dict | None = None,
+    replicas: int = 1,
 ) -> Path:
-    tier = {"name": "fake", "model": "fake", "engines": ["fake"]}
+    names = ["fake"] if replicas == 1 else [f"fake-{i}" for i in range(replicas)]
+    tier = {"name": "fake", "model": "fake", "engines": names}
     if tokenizer:
         tier["tokenizer"] = str(tokenizer)
     config = {
         "server": {"api_keys": [KEY], "log_level": "warning"}
         | ({"max_in_flight": max_in_flight} if max_in_flight else {})
         | (server or {}),
-        "engines": [{"name": "fake", "model": "fake", "url": upstream}],
+        "engines": [{"name": n, "model": "fake", "url": upstream} for n in names],
         "tiers": [tier],
         # the fake holds any number of streams; the default 128 per replica is for vLLM
         "router": {"rules": {"default_tier": "fake"}, "spill": {"max_in_flight": 1024}},
@@ -368,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before-repo", type=Path, help="another checkout (e.g. a git worktree)")
     p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
     p.add_argument("--tokenizer", type=Path, help="for --model auto (a prepared model folder)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="the tier's replicas, all the one FAKE upstream: with 2+ the replica choice "
+        "(prefix keys, the score) runs on every request",
+    )
     p.add_argument("--overload", action="store_true", help="also tiergate at 4x its best point")
     p.add_argument(
         "--overload-before",
@@ -451,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     fake += ["--events", str(EVENTS), "--gap-ms", "5"]
     yard = [py, "-m", "benchmarks.studies.yardstick", "--port", str(ports["yardstick"])]
     yard += ["--upstream", urls["upstream"]]
-    config = gateway_config(work, urls["upstream"], a.tokenizer, a.max_in_flight)
+    config = gateway_config(
+        work, urls["upstream"], a.tokenizer, a.max_in_flight, replicas=a.replicas
+    )
     gate = [py, "-m", "serving.cli", "serve", "--config", str(config)]
     gate += ["--port", str(ports["tiergate"])]
     scripts = dict.fromkeys(names, script)

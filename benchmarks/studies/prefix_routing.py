@@ -8,10 +8,11 @@ engines are tiergate's own (supervised, publishing KV events); the peers are poi
 their URLs and event sockets. Before every run both prefix caches are emptied.
 
 Workloads (chat, streamed, `--output` tokens, `--concurrency` clients, no session ids):
-- groups: `--groups` system prompts of ~900 tokens each, `--per-group` short questions
-  each, interleaved across groups;
-- preamble: the same, but every system prompt opens with one ~250-token preamble;
-- multiturn: conversations of `--turns` turns whose history grows, no session ids;
+- groups: `--groups` system prompts of `--group-len` tokens each, `--per-group` short
+  questions each, interleaved across groups;
+- preamble: the same, but every system prompt opens with one `--preamble`-token preamble;
+- multiturn: conversations of `--turns` turns whose history grows to about
+  `--group-len` tokens, no session ids;
 - random: prompts of `--random-len` tokens that share nothing.
 "ideal" is tiergate with the group sent as x-session-id: a partition by hand.
 
@@ -163,16 +164,18 @@ def sessions(text: SyntheticText, tokenizer, workload: str, a, seed: int, ids: s
     chat = ChatTemplate(tokenizer)
     out = LengthDist.parse(str(a.output))
     if workload in ("groups", "preamble"):
-        preamble = 250 if workload == "preamble" else 0
+        preamble = a.preamble if workload == "preamble" else 0
         return synthetic(
             text, a.groups * a.per_group, LengthDist.parse("20"), out, seed=seed, chat=chat,
-            shared_prefix=preamble, groups=a.groups, group_prefix=900 - preamble, session_ids=ids,
+            shared_prefix=preamble, groups=a.groups, group_prefix=a.group_len - preamble,
+            session_ids=ids,
         )  # fmt: skip
     if workload == "multiturn":
         n = a.groups * a.per_group // a.turns
+        turn = a.group_len // a.turns
         return synthetic(
-            text, n, LengthDist.parse("uniform:300:500"), out, seed=seed, chat=chat,
-            turns=a.turns, session_ids="none",
+            text, n, LengthDist.parse(f"uniform:{turn // 2}:{turn * 3 // 2}"), out, seed=seed,
+            chat=chat, turns=a.turns, session_ids="none",
         )  # fmt: skip
     return synthetic(
         text, a.groups * a.per_group, LengthDist.parse(str(a.random_len)), out, seed=seed, chat=chat
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--output", type=int, default=16)
     p.add_argument("--random-len", type=int, default=900, help="random workload's prompt")
+    p.add_argument("--group-len", type=int, default=900, help="a group's system prompt")
+    p.add_argument("--preamble", type=int, default=250, help="of it, common to all groups")
     p.add_argument("--concurrency", type=int, default=12)
     a = p.parse_args(argv)
     routers = [r for r in a.routers if r in ("tiergate", "ideal") or a.vllm_router]
@@ -241,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
             argparse.Namespace(base_url=gw.url, model="smollm2", tokenizer=None, api_key=None)
         )
         text = SyntheticText(tokenizer)
+        # First requests to a fresh engine pay one-off costs (kernels, allocations):
+        # one unmeasured pass, so that no router's first run carries them.
+        warm = sessions(text, tokenizer, "random", a, 999, "none")
+        asyncio.run(one_run(gw.url, "smollm2", warm, a.concurrency))
         for workload in a.workloads:
             for i in range(a.runs):
                 order = routers[i % len(routers) :] + routers[: i % len(routers)]

@@ -332,7 +332,10 @@ class ProxyService:
             return Placement({tier.name: keys}, session) if keys or session else None
         count = measured.get(tier.name) if measured else None
         if count is None and not tokens.below(tier.name, view, tier.block_size):
-            count = (await self._count(view, tier.block_size, tier.name))[tier.name]
+            try:
+                count = (await self._count(view, tier.block_size, tier.name))[tier.name]
+            except InvalidRequest:  # the template refused it: the engine will say so
+                count = None
         if count is None or not count.ids:
             return Placement({}, session) if session else None
         keys = block_keys(count.ids, tier.block_size, limit)

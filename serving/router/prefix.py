@@ -51,7 +51,7 @@ class ReplicaIndex:
     """One replica's cached prefixes. `source`: "events" once an event feed is attached,
     else "approximate"."""
 
-    def __init__(self, capacity: int = 4096, pending_s: float = 5.0, max_blocks: int = 1 << 20):
+    def __init__(self, capacity: int = 4096, pending_s: float = 5.0, max_blocks: int = 262_144):
         self.capacity = capacity  # approximate mode: blocks the engine is taken to hold
         self.pending_s = pending_s
         self.max_blocks = max_blocks  # events mode: a bound on memory, whatever is sent

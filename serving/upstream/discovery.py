@@ -28,9 +28,10 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-from serving.config import BreakerSettings, EngineSettings
+from serving.config import BreakerSettings, EngineSettings, PrefixSettings
 from serving.metrics import GatewayMetrics
 from serving.router.breaker import CircuitBreaker
+from serving.router.prefix import ReplicaIndex
 from serving.router.registry import Endpoint, EngineRegistry, Tier
 
 log = logging.getLogger("tiergate.discovery")
@@ -115,6 +116,7 @@ class Discovery:
         breaker: BreakerSettings,
         metrics: GatewayMetrics,
         source: DnsSource | None = None,
+        prefix: PrefixSettings | None = None,
     ) -> None:
         assert engine.discover is not None
         self.engine, self.registry, self.breaker, self.metrics = engine, registry, breaker, metrics
@@ -122,6 +124,7 @@ class Discovery:
         self.source = source or DnsSource(engine.discover.dns, engine.discover.nameserver)
         self.tiers: list[Tier] = [t for t in registry.tiers if engine.name in t.sources]
         self.addresses: set[str] = set()
+        self.prefix = prefix or PrefixSettings()
 
     def apply(self, found: set[str]) -> Change:
         """Make the replicas match `found`. New ones start not ready (the health loop
@@ -142,6 +145,9 @@ class Discovery:
                     max_model_len=self.engine.args.get("max_model_len"),
                     breaker=CircuitBreaker(
                         self.breaker.failures, self.breaker.cooldown, self.breaker.half_open_share
+                    ),
+                    prefix=ReplicaIndex(
+                        self.prefix.approx_blocks, self.prefix.pending_s, self.prefix.max_blocks
                     ),
                 )
             )
