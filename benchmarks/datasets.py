@@ -157,8 +157,9 @@ def synthetic(
     count the whole templated conversation, as the server's `usage` does. With
     `pairs`, each turn's input and output lengths are drawn together from real requests.
 
-    With `groups` (chat), session s belongs to group s % groups, so groups interleave:
-    each group has a system prompt of `group_prefix` tokens of its own, after the
+    With `groups` (chat), requests come in rounds, each group once a round in a random
+    order (a fixed order would let round robin partition the groups by luck): each
+    group has a system prompt of `group_prefix` tokens of its own, after the
     `shared_prefix` preamble common to all groups (SGLang's generated-shared-prefix,
     inference-perf's shared_prefix); `input_len` is then the user turn's own length.
     `session_ids`: what x-session-id carries: "session" (each multi-turn session),
@@ -169,18 +170,14 @@ def synthetic(
     systems = [text.make(shared_prefix + group_prefix, rng, prefix=common) for _ in range(groups)]
     overhead = chat.overhead() if chat else 0
     seen: set[str] = set()
+    order: list[int] = []
     for s in itertools.count() if n is None else range(n):
         if groups:
+            if not order:  # each round every group once, in a new random order
+                order = rng.sample(range(groups), groups)
+            g = order.pop()
             yield _group_turn(
-                text,
-                rng,
-                s % groups,
-                systems[s % groups],
-                input_len,
-                output_len,
-                chat,
-                session_ids,
-                seen,
+                text, rng, g, systems[g], input_len, output_len, chat, session_ids, seen
             )
             continue
         history: list[dict[str, str]] = []

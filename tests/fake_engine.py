@@ -249,6 +249,7 @@ async def in_process_gateway(settings: Settings) -> AsyncIterator[httpx.AsyncCli
             client.app = app
             yield client
         assert all(ep.in_flight == 0 for ep in registry.endpoints)
+        assert all(ep.prefill_queued == 0 for ep in registry.endpoints)
 
 
 @contextlib.asynccontextmanager

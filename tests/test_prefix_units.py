@@ -152,6 +152,16 @@ def test_score_prefers_reuse_until_load_outweighs_it() -> None:
     assert {rank([_view("a"), _view("b")], LIMITS, t, w)[0][0] for t in (0, 1)} == {"a", "b"}
 
 
+def test_prefill_queued_ahead_counts_against_a_replica() -> None:
+    w = Weights(load_tokens=256, max_credit=2048)
+    cached = ReplicaView("a", EngineLoad(), 0, True, matched=384, queued=1000)
+    # a holds 384 tokens of the prompt but has 1,000 tokens of others' prompts to compute
+    # first: the request waits less on b, where nothing is queued
+    assert rank([cached, _view("b")], LIMITS, 0, w) == (["b", "a"], "load")
+    lighter = ReplicaView("a", EngineLoad(), 0, True, matched=384, queued=300)
+    assert rank([lighter, _view("b")], LIMITS, 0, w)[0][0] == "a"
+
+
 def test_a_hot_prefix_cannot_pile_everything_on_one_replica() -> None:
     w = Weights(load_tokens=256, max_credit=2048)
     # 8,000 tokens cached on a, none on b: the credit is capped at 2,048 = 8 requests

@@ -10,7 +10,7 @@ from serving.config import RulesSettings
 from serving.errors import InvalidRequest, NoEngineReady, Saturated
 from serving.router.balancer import Limits, ReplicaView, rank
 from serving.router.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, RetryBudget
-from serving.router.load import EngineLoad, load_score, parse_vllm_metrics
+from serving.router.load import EngineLoad, load_score, others_of, parse_vllm_metrics
 from serving.router.planner import Placement, plan
 from serving.router.policy import Features, TierView, choose_tier
 from serving.router.registry import Endpoint, Tier
@@ -81,8 +81,10 @@ def test_load_score_and_rank() -> None:
     busy = ReplicaView("b", EngineLoad(running=5, waiting=1), 2, True)
     full = ReplicaView("c", EngineLoad(waiting=5), 0, True)
     down = ReplicaView("d", EngineLoad(), 0, False)
-    assert load_score(idle.load, 0) < load_score(busy.load, 2)
-    assert load_score(EngineLoad(), 7) > load_score(EngineLoad(running=2), 0)  # scrape lag
+    assert load_score(0, 0) < load_score(2, 0) == load_score(0, 2)
+    # at a scrape: the engine's requests that are not this process's own
+    assert others_of(EngineLoad(running=5, waiting=1), 2) == 4
+    assert others_of(EngineLoad(running=1), 3) == 0  # ours not yet seen by the engine
     assert rank([busy, idle, full, down], limits) == (["a", "b"], "load")
 
 

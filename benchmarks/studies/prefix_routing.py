@@ -69,7 +69,7 @@ def free_port_pair() -> int:
             return port
 
 
-def config(blocks: int) -> dict:
+def config(blocks: int, prefix: dict) -> dict:
     engine = {
         "model": "smollm2-135m-instruct",
         "args": {
@@ -107,7 +107,7 @@ def config(blocks: int) -> dict:
         "server": {"host": "127.0.0.1", "port": 8000},
         "engines": engines,
         "tiers": [{"name": "small", "model": "smollm2", "engines": ["engine-0", "engine-1"]}],
-        "router": {"spill": {"max_waiting": 64, "max_in_flight": 256}},
+        "router": {"spill": {"max_waiting": 64, "max_in_flight": 256}, "prefix": prefix},
     }
 
 
@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--output", type=int, default=16)
     p.add_argument("--random-len", type=int, default=900, help="random workload's prompt")
+    p.add_argument("--prefix", help='router.prefix settings as JSON, e.g. {"load_tokens": 128}')
     p.add_argument("--group-len", type=int, default=900, help="a group's system prompt")
     p.add_argument("--preamble", type=int, default=250, help="of it, common to all groups")
     p.add_argument("--concurrency", type=int, default=12)
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = a.out / "config.yaml"
-    cfg.write_text(yaml.safe_dump(config(a.blocks)))
+    prefix = json.loads(a.prefix) if a.prefix else {}
+    cfg.write_text(yaml.safe_dump(config(a.blocks, prefix)))
     rows: list[dict] = []
     with GatewayProcess(cfg, a.out / "serve.log") as gw:
         gw.wait_ready(600)

@@ -126,6 +126,7 @@ async def engines(request: Request) -> dict:
         "pid",
         "restarts",
         "in_flight",
+        "prefill_queued",
         "max_model_len",
         "last_error",
         "scrape_path",

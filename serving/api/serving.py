@@ -214,8 +214,7 @@ class ProxyService:
                 admission = await self.limiter.admit(principal, max_out, self.clock())
             try:
                 attempts = await self._plan(tier, placement)
-                if placement is not None:
-                    self._placed(attempts[0], placement)
+                charged = self._placed(attempts[0], placement) if placement is not None else 0
                 self.failover.budget.record_request(self.clock())
                 stream = bool(checked.stream)
                 call = Call(
@@ -231,9 +230,12 @@ class ProxyService:
                     principal,
                     admission,
                 )
-                if stream:
-                    return await self._stream(attempts, call)
-                return await self._unary(attempts, call)
+                try:
+                    if stream:  # returns once the first chunk is back
+                        return await self._stream(attempts, call)
+                    return await self._unary(attempts, call)
+                finally:  # its prefill is done (or will never be): no longer queued there
+                    attempts[0].endpoint.prefill_queued -= charged
             except BaseException:  # nothing reached the client: the slot and tokens go back
                 if admission is not None:
                     admission.release(self.clock(), {"total_tokens": 0})
@@ -343,19 +345,25 @@ class ProxyService:
             keys.pop()
         return Placement({tier.name: keys}, session)
 
-    def _placed(self, attempt: Attempt, placement: Placement) -> None:
+    def _placed(self, attempt: Attempt, placement: Placement) -> int:
         """The router's own record of where a prompt goes (its approximate index, the
-        pending blocks until the engine's events confirm them) and of the session."""
+        pending blocks until the engine's events confirm them, the session), and the
+        prompt tokens in full blocks it is to compute there: charged to that replica's
+        queue until its first token is back (balancer.py's queued)."""
         tier, ep = attempt.tier, attempt.endpoint
         keys = placement.keys.get(tier.name)
+        charged = 0
         if keys:
             now = self.clock()
             matched = ep.prefix.match(keys, now)
             size = tier.block_size
             self.metrics.prefix_lookup(tier.name, len(keys) * size, matched * size)
             ep.prefix.sent(keys, now)
+            charged = (len(keys) - matched) * size
+            ep.prefill_queued += charged
         if placement.session:
             tier.remember(placement.session, ep.name)
+        return charged
 
     async def _count(
         self, payload: dict[str, Any], below: int = 0, tier: str | None = None

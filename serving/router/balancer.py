@@ -1,19 +1,25 @@
-"""Replica order within a tier: one score that blends cache reuse with load. Pure.
+"""Replica order within a tier: one cost, in prompt tokens, that blends cache reuse with
+load. Pure.
 
-    score(r) = min(matched(r) + session(r), max_credit) - load_tokens * load(r)
+    cost(r) = queued(r) - min(matched(r) + session(r), max_credit) + load_tokens * load(r)
 
-- matched(r): prompt tokens replica r holds in its prefix cache (serving/router/prefix.py),
-  counted in absolute tokens: a 900-token hit saves 900 tokens of prefill, a share would not say.
+- queued(r): prompt tokens sent to r that it has yet to compute (requests routed there
+  whose first token has not come back, less what they found cached): the prefill work
+  ahead of this request, which is what its time to first token waits on.
+- matched(r): prompt tokens r holds in its prefix cache (serving/router/prefix.py), in
+  absolute tokens: a 900-token hit saves 900 tokens of prefill, a share would not say.
+  (The prompt's own uncached rest, prompt - matched, is the same sum on every replica
+  once matched is subtracted, so it is left out.)
 - session(r): `session_tokens` when r is where this session (x-session-id or `user`)
   went last, else 0: a strong preference, not a fixed home.
-- load(r): serving/router/load.py's load_score: requests running, waiting (twice) and the
-  gateway's own in flight, plus KV use.
-- load_tokens (W): how many prompt tokens of reuse one more request of load is worth.
+- load(r): serving/router/load.py's load_score: the requests this gateway has on r now,
+  plus the others r reported at its last scrape: the decoding every step also carries.
+- load_tokens (W): prompt tokens of prefill that one more request of load is worth.
 - max_credit: the most reuse can buy. A hot prefix cached on one replica moves on once
-  that replica holds max_credit / W more requests than another, so one prompt shared by
-  all traffic cannot pile everything on one engine while another idles.
+  that replica holds max_credit / W more requests (or max_credit more queued tokens)
+  than another, so one prompt shared by all traffic cannot pile on one engine.
 
-The highest score goes first; ties go to the less loaded, then round the replicas by
+The lowest cost goes first; ties go to the less loaded, then round the replicas by
 `turn`. Saturated and unavailable replicas are left out (serving/router/planner.py spills).
 """
 
@@ -32,6 +38,8 @@ class ReplicaView:
     available: bool  # ready and its breaker lets a request through
     matched: int = 0  # prompt tokens it has cached
     home: bool = False  # where this request's session went last
+    queued: int = 0  # prompt tokens sent there and not computed yet
+    others: float = 0.0  # requests on it from elsewhere, as last scraped
 
 
 @dataclass(frozen=True)
@@ -66,17 +74,17 @@ def rank(
 ) -> tuple[list[str], str]:
     """Available, unsaturated replicas in the order to try them, and why the first won:
     "prefix" (it holds more of the prompt), "session" (the session's last replica),
-    or "load"."""
+    or "load" (the least work ahead)."""
     usable = [r for r in replicas if r.available and not is_saturated(r, limits)]
     if len(usable) < 2:  # no choice to make
         return [r.name for r in usable], "load"
     n = len(replicas)
     position = {r.name: (i - turn) % n for i, r in enumerate(replicas)}
-    loads = {r.name: load_score(r.load, r.in_flight) for r in usable}
+    loads = {r.name: load_score(r.in_flight, r.others) for r in usable}
     credits = {r.name: credit(r, weights) for r in usable}
     usable.sort(
         key=lambda r: (
-            weights.load_tokens * loads[r.name] - credits[r.name],
+            r.queued - credits[r.name] + weights.load_tokens * loads[r.name],
             loads[r.name],
             position[r.name],
         )

@@ -67,10 +67,17 @@ def parse_vllm_metrics(text: str) -> EngineLoad:
     )
 
 
-def load_score(load: EngineLoad, in_flight: int) -> float:
-    """Lower is better. The gateway's own in-flight count covers the lag between scrapes."""
-    busy = max(load.running + load.waiting, float(in_flight))
-    return busy + 2.0 * load.waiting + 4.0 * load.kv_usage
+def load_score(in_flight: int, others: float) -> float:
+    """Lower is better: the requests this gateway process has on the engine now, plus the
+    others it had when last scraped (`others_of`: other workers' and routers'). Live
+    counts, not the scraped queue: between two scrapes every request would otherwise go
+    to whichever engine looked idlest at the last one (a herd)."""
+    return in_flight + others
+
+
+def others_of(load: EngineLoad, in_flight: int) -> float:
+    """At a scrape: the engine's requests that are not this process's own."""
+    return max(0.0, load.running + load.waiting - in_flight)
 
 
 def saturated(

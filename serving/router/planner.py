@@ -51,6 +51,8 @@ def _views(
             available=bool(ep.ready and ep.url and (panic or ep.breaker.peek(now))),
             matched=ep.prefix.match(keys, now) * tier.block_size if keys else 0,
             home=ep.name == home,
+            queued=ep.prefill_queued,
+            others=ep.others,
         )
         for ep in tier.endpoints
     ]

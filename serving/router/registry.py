@@ -28,6 +28,8 @@ class Endpoint:
     pid: int | None = None
     restarts: int = 0
     in_flight: int = 0
+    prefill_queued: int = 0  # prompt tokens routed here whose first token is not back yet
+    others: float = 0.0  # the engine's requests from elsewhere, at the last scrape
     state: str = "starting"  # starting | ready | down | failed | stopped | external
     max_model_len: int | None = None
     last_error: str | None = None

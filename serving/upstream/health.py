@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 
 from serving.metrics import GatewayMetrics
-from serving.router.load import FULL_PATH, EngineLoad, has_load, parse_vllm_metrics
+from serving.router.load import FULL_PATH, EngineLoad, has_load, others_of, parse_vllm_metrics
 from serving.router.registry import Endpoint, EngineRegistry
 from serving.upstream.client import UpstreamClient
 
@@ -97,7 +97,7 @@ async def scrape(
     one (serving/router/load.py), else the whole text from then on. A failed request
     changes nothing: readiness is the health loop's job, and the last load is kept."""
     if not (ep.ready and ep.url):
-        ep.load = EngineLoad()
+        ep.load, ep.others = EngineLoad(), 0.0
     else:
         answer = await http.get(ep.url + ep.scrape_path, timeout)
         # A 5xx is the engine's trouble, not the path's: only an answer that says the
@@ -109,6 +109,7 @@ async def scrape(
                 answer = await http.get(ep.url + FULL_PATH, timeout)
         if answer is not None and answer[0] == 200:
             ep.load = parse_vllm_metrics(answer[1].decode(errors="replace"))
+            ep.others = others_of(ep.load, ep.in_flight)
     load = ep.load
     metrics.engine_load(ep.name, load.waiting, load.running, load.kv_usage)
 
