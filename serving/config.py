@@ -282,13 +282,15 @@ class BreakerSettings(_Strict):
 
 class PrefixSettings(_Strict):
     """Routing by what each replica has cached (serving/router/balancer.py has the
-    formula): score = min(matched + session, max_credit_tokens) - load_tokens x load."""
+    formula): cost = queued prefill - min(matched + session, max_credit_tokens)
+    + load_tokens x load, in prompt tokens; the lowest cost wins."""
 
     load_tokens: float = Field(
         256.0,
         ge=0,
-        description="Prompt tokens of cache reuse that one more request of load on a "
-        "replica is worth (one running or in-flight request counts 1, a waiting one 3).",
+        description="Prompt tokens of prefill that one more request of load on a replica "
+        "is worth (a request this gateway has in flight there, or one the engine reported "
+        "from elsewhere at its last scrape).",
     )
     max_credit_tokens: int = Field(
         2048,

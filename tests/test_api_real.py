@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import openai
@@ -236,6 +237,9 @@ def test_engine_log_is_not_buried_in_polls(
     gateway: GatewayProcess, client: OpenAI, model: str
 ) -> None:
     client.chat.completions.create(model=model, messages=QUESTION, max_tokens=2)
-    log = gateway.log_path.read_text(errors="replace")
-    assert '"POST /v1/chat/completions HTTP/1.1" 200' in log  # the engine's access log is on
-    assert '"GET /health HTTP/1.1"' not in log and '"GET /metrics HTTP/1.1"' not in log
+    time.sleep(3)  # a few health polls and load scrapes
+    engine = [ln for ln in gateway.log_path.read_text(errors="replace").splitlines()
+              if ln.startswith("[smollm2-cpu]")]  # fmt: skip
+    assert any("Starting vLLM" in ln or "non-default args" in ln for ln in engine)  # its lines
+    # no access-log line at all: polls, scrapes (/metrics/?name[]=...) and requests alike
+    assert not [ln for ln in engine if 'HTTP/1.1"' in ln]
