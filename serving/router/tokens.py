@@ -203,9 +203,7 @@ class TokenCounter:
             return bound is not None and bound < tokens
         prompt = payload.get("prompt")
         if isinstance(prompt, str):
-            return len(prompt) * 4 + BOUND_MARGIN < tokens or (
-                len(prompt.encode()) + BOUND_MARGIN < tokens
-            )
+            return len(prompt.encode()) + BOUND_MARGIN < tokens
         return False
 
     def count(self, tier: str, payload: dict[str, Any]) -> int:
