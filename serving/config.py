@@ -36,11 +36,21 @@ class _Strict(BaseModel):
 
 
 class ServerSettings(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    """The gateway process: its port, limits, logs and keys."""
+
+    host: str = Field(
+        "127.0.0.1", description="Address the gateway listens on; 0.0.0.0 in a container."
+    )
+    port: int = Field(8000, ge=0, le=65535, description="The OpenAI-compatible endpoint's port.")
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0, description="Larger bodies get 413.")
-    max_upstream_connections: int = Field(1024, gt=0)
-    log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    max_upstream_connections: int = Field(
+        1024, gt=0, description="Keep-alive connections from the gateway to all engines."
+    )
+    log_level: str = Field(
+        "info",
+        description="Gateway and supervisor log level.",
+        pattern="^(critical|error|warning|info|debug)$",
+    )
     access_log: str = Field(
         "off", pattern="^(off|json)$", description="json: one JSON line per request on stdout."
     )
@@ -116,21 +126,23 @@ class ServerSettings(_Strict):
 class TimeoutSettings(_Strict):
     """Seconds. `read` bounds the wait for the first byte and between stream chunks."""
 
-    connect: float = Field(5.0, gt=0)
-    read: float = Field(300.0, gt=0)
-    pool: float = Field(5.0, gt=0)
+    connect: float = Field(5.0, gt=0, description="Connecting to an engine.")
+    read: float = Field(
+        300.0, gt=0, description="Waiting for an engine's first byte, and between chunks."
+    )
+    pool: float = Field(5.0, gt=0, description="Waiting for a free upstream connection.")
     engine_start: float = Field(600.0, gt=0, description="Wait for an engine's /health.")
     engine_stop: float = Field(
         20.0, gt=0, description="Grace after SIGTERM before SIGKILL (3 s while it starts)."
     )
-    health_interval: float = Field(2.0, gt=0)
+    health_interval: float = Field(2.0, gt=0, description="Between health checks of each engine.")
 
 
 class RestartSettings(_Strict):
     """Exponential backoff for crashed engines."""
 
-    initial_backoff: float = Field(1.0, gt=0)
-    max_backoff: float = Field(60.0, gt=0)
+    initial_backoff: float = Field(1.0, gt=0, description="Seconds before the first restart.")
+    max_backoff: float = Field(60.0, gt=0, description="Longest wait between restarts.")
     max_restarts: int = Field(10, ge=0, description="Give up after this many in a row.")
 
 
@@ -151,8 +163,8 @@ class DiscoverSettings(_Strict):
     Kubernetes, a headless Service per tier). Re-resolved every `interval_s`."""
 
     dns: str = Field(min_length=1, description="e.g. tier-small-engines.ns.svc.cluster.local")
-    port: int = Field(8000, gt=0, le=65535)
-    interval_s: float = Field(5.0, gt=0)
+    port: int = Field(8000, gt=0, le=65535, description="Each pod's vLLM HTTP port.")
+    interval_s: float = Field(5.0, gt=0, description="Seconds between DNS lookups.")
     nameserver: str | None = Field(
         None, description="'host' or 'host:port'; default: the system's resolver."
     )
@@ -171,9 +183,13 @@ class EngineSettings(_Strict):
     """One vLLM OpenAI server: started by the supervisor, reached at `url`, or a set of
     them found through `discover`."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Unique; tiers list engines by it."
+    )
     model: str = Field(description="Manifest name under models/manifests, or a served name.")
-    served_model_name: str | None = None
+    served_model_name: str | None = Field(
+        None, description="The name the engine serves under; default: `model`."
+    )
     url: str | None = Field(None, description="External engine; nothing is started.")
     kv_events: str | None = Field(
         None,
@@ -191,7 +207,9 @@ class EngineSettings(_Strict):
         None, description="External engines found in DNS (one per record); nothing is started."
     )
     args: dict[str, Any] = Field(default_factory=dict, description="vLLM engine args.")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment of a supervised engine."
+    )
     host_variant: bool = Field(
         True,
         description="On the CPU build, when args set neither dtype nor quantization, serve "
@@ -226,19 +244,27 @@ class EngineSettings(_Strict):
 class TierCost(_Strict):
     """Relative cost, used for the estimated-cost metric and the planner."""
 
-    input_per_1k: float = Field(0.0, ge=0)
-    output_per_1k: float = Field(0.0, ge=0)
+    input_per_1k: float = Field(0.0, ge=0, description="Cost of 1,000 prompt tokens.")
+    output_per_1k: float = Field(0.0, ge=0, description="Cost of 1,000 output tokens.")
 
 
 class TierLimits(_Strict):
-    max_context: int | None = Field(None, gt=0)
-    max_output_tokens: int | None = Field(None, gt=0)
+    """Checked at the gateway, before any engine is asked."""
+
+    max_context: int | None = Field(
+        None, gt=0, description="Longer prompts get 400 at the gateway; unset: the engine's."
+    )
+    max_output_tokens: int | None = Field(
+        None, gt=0, description="Larger max_tokens gets 400 at the gateway."
+    )
 
 
 class TierSettings(_Strict):
     """A tier: a public model name served by one or more engines (its replicas)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Unique; rules and order use it."
+    )
     model: str = Field(description="The name clients send as `model` for this tier.")
     engines: list[str] = Field(min_length=1, description="Names from `engines`.")
     cost: TierCost = Field(default_factory=TierCost)
@@ -249,32 +275,42 @@ class TierSettings(_Strict):
 class RulesSettings(_Strict):
     """How `model: auto` picks a tier. Tier names must exist; unset rules are skipped."""
 
-    default_tier: str | None = None
-    tools_tier: str | None = None
-    long_prompt_tokens: int = Field(1024, gt=0)
-    long_prompt_tier: str | None = None
-    long_output_tokens: int = Field(512, gt=0)
-    long_output_tier: str | None = None
+    default_tier: str | None = Field(None, description="Where `auto` goes when no rule matches.")
+    tools_tier: str | None = Field(None, description="Requests that carry `tools`.")
+    long_prompt_tokens: int = Field(
+        1024, gt=0, description="Prompt tokens (chat template applied) that make it long."
+    )
+    long_prompt_tier: str | None = Field(None, description="Requests with a long prompt.")
+    long_output_tokens: int = Field(
+        512, gt=0, description="max_tokens (or max_completion_tokens) that make it long."
+    )
+    long_output_tier: str | None = Field(None, description="Requests asking a long answer.")
 
 
 class SpillSettings(_Strict):
     """A replica past any of these is saturated; a tier whose replicas all are spills."""
 
-    max_waiting: float = Field(8, ge=0)
-    max_kv_usage: float = Field(0.95, gt=0, le=1)
-    max_in_flight: int = Field(128, gt=0)
+    max_waiting: float = Field(8, ge=0, description="Requests the engine has waiting.")
+    max_kv_usage: float = Field(0.95, gt=0, le=1, description="Share of KV cache in use.")
+    max_in_flight: int = Field(128, gt=0, description="Requests this gateway has there.")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of the 429 when all are full.")
 
 
 class RetrySettings(_Strict):
+    """Failover to another replica after an error before the first byte."""
+
     max_attempts: int = Field(3, ge=1, description="Per request, first try included.")
     budget_ratio: float = Field(0.2, ge=0, description="Retries allowed per request, fleet-wide.")
-    min_retries: float = Field(10, ge=0)
+    min_retries: float = Field(
+        10, ge=0, description="Retries allowed whatever the ratio (a floor for low traffic)."
+    )
 
 
 class BreakerSettings(_Strict):
-    failures: int = Field(3, ge=1)
-    cooldown: float = Field(10.0, gt=0)
+    """A replica that keeps failing is skipped for a while (its breaker opens)."""
+
+    failures: int = Field(3, ge=1, description="Failures in a row that open a replica's breaker.")
+    cooldown: float = Field(10.0, gt=0, description="Seconds open before half-open.")
     half_open_share: float = Field(
         0.25, gt=0, le=1, description="Share of requests a half-open replica takes."
     )
@@ -338,7 +374,9 @@ class PrefixSettings(_Strict):
 
 
 class RouterSettings(_Strict):
-    auto_model: str = "auto"
+    """How a request finds a tier and a replica."""
+
+    auto_model: str = Field("auto", description="The `model` name that lets the router pick.")
     order: list[str] = Field(default_factory=list, description="Spill/fallback order.")
     rules: RulesSettings = Field(default_factory=RulesSettings)
     spill: SpillSettings = Field(default_factory=SpillSettings)
@@ -350,7 +388,9 @@ class RouterSettings(_Strict):
         "(router.prefix); false: by load alone.",
     )
     prefix: PrefixSettings = Field(default_factory=PrefixSettings)
-    scrape_interval: float = Field(1.0, gt=0)
+    scrape_interval: float = Field(
+        1.0, gt=0, description="Seconds between scrapes of each engine's load (/metrics)."
+    )
     wait_ready_s: float = Field(
         60.0,
         ge=0,
@@ -369,7 +409,7 @@ class TenancySettings(_Strict):
     """Named keys per tenant (team), stored hashed in SQLite; `tiergate keys` manages them.
     `server.api_keys` keep working beside them, with access to every tier."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="Require a tenant key (or server.api_keys).")
     db: Path | None = Field(None, description="Default: tenants.sqlite3 in model_cache.")
     redis_url: str | None = Field(
         None,
@@ -397,7 +437,9 @@ class Settings(BaseSettings):
     model_cache: Path = Field(
         default_factory=lambda: (
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiergate" / "models"
-        )
+        ),
+        description="Prepared weights, compiled kernels and the tenants' SQLite file.",
+        json_schema_extra={"default_doc": "`$XDG_CACHE_HOME/tiergate/models` (`~/.cache/...`)"},
     )
     validate_engine_args: bool = Field(
         True, description="Check supervised engines' args with vLLM's EngineArgs at start."

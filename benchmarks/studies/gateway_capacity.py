@@ -256,7 +256,7 @@ async def probe_statuses(url: str, model: str, seconds: float) -> dict[int, list
     response's status line and headers, by status. Raw keep-alive sockets, so that the
     probe's own cost is tens of microseconds, not an HTTP library's milliseconds. They
     ignore Retry-After (PROBE_GAP_S apart), to sample the 429s; a 200 is read to its end.
-    (5 ms apart, as before session 10, 8 clients added ~1,500 refusals/s of their own
+    (5 ms apart, as in earlier runs, 8 clients added ~1,500 refusals/s of their own
     where 429s take 0.1 ms: as much as wrk's whole overload.)"""
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(
@@ -419,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=["raw", "asgi"],
         default="raw",
         help="the FAKE upstream: raw (fake_stream.py, one clock for every stream, so the "
-        "load core has room) or asgi (fake_server.py, a timer per event: RESULTS before "
-        "session 7)",
+        "load core has room) or asgi (fake_server.py, a timer per event, which "
+        "costs its core more)",
     )
     p.add_argument("--gateway-cpu", default="0")
     p.add_argument("--load-cpu", default="1")

@@ -69,7 +69,7 @@ def chunk_writer(send: Any) -> Callable[[bytes], bool] | None:
     """A writer of a streamed response's middle chunks straight to uvicorn's transport,
     framed as uvicorn frames them, or None under another server. Per token event this
     skips a message dict, a coroutine and uvicorn's checks (benchmarks/RESULTS.md,
-    session 13). It says no (False) when `send` must do the work: the client's socket
+    "CPU per streamed token"). It says no (False) when `send` must do the work: the client's socket
     is full (send waits for it) or the response is not a started chunked one. A chunk
     for a client that left is dropped, as `send` drops it."""
     cycle = getattr(send, "__self__", None)

@@ -33,7 +33,7 @@ class RetryScale:
     Clients waiting ~ refusals a second x the mean retry-after they were given (Little's
     law); past `max_in_flight` slots, the retry-after grows with the clients per slot, so
     that a sustained overload's refusals stay near `max_in_flight` per retry-after instead
-    of one per waiting client (benchmarks/RESULTS.md, session 14). Looked at once a second
+    of one per waiting client (benchmarks/RESULTS.md, "Overload"). Looked at once a second
     at most; one step a second, as clients told the old wait still come back at it; after
     10 s without a refusal, nobody is, and the scale follows at once.
     """

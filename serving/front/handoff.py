@@ -35,7 +35,7 @@ log = logging.getLogger("tiergate.front")
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_RESTARTS = 5  # of the front within a minute
-DONE_BATCH = 8  # DONE records sent at once at the most (benchmarks/RESULTS.md, session 18)
+DONE_BATCH = 8  # DONE records sent at once at the most (RESULTS.md, "A front process")
 _PATHS = tuple(ROUTES)  # the hot paths the front may refuse, in the STATS message's order
 
 
