@@ -8,7 +8,7 @@ to check them, and what they are.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -84,6 +84,20 @@ class Manifest(_Strict):
         0.8, ge=0, le=1, description="`tiergate eval` golden-set threshold for this model."
     )
     cpu_variants: list[CpuVariant] = Field(default_factory=list)
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM args this model needs to serve what clients ask of it (its "
+        "tool-call parser, sampling defaults); an engine's own `args` win, key by key.",
+    )
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="Environment the same way; `env` wins."
+    )
+
+    def with_engine_defaults(
+        self, args: dict[str, Any], env: dict[str, str]
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """An engine's args and env over this model's defaults."""
+        return {**self.engine_args, **args}, {**self.engine_env, **env}
 
 
 def manifest_names(directory: Path = MANIFEST_DIR) -> list[str]:

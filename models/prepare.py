@@ -101,7 +101,18 @@ def is_prepared(folder: Path, manifest: Manifest) -> bool:
         recorded = json.loads(marker.read_text())
     except ValueError:
         return False
-    return recorded.get("manifest") == manifest.model_dump(mode="json")
+    return recorded.get("manifest") == _folder_facts(manifest)
+
+
+def _folder_facts(manifest: Manifest) -> dict:
+    """What the prepared folder depends on (a derived model's base too): not how an
+    engine is started, nor the gate."""
+    facts = manifest.model_dump(
+        mode="json", exclude={"engine_args", "engine_env", "gate_min_score", "cpu_variants"}
+    )
+    if isinstance(manifest.source, DerivedSource):
+        facts["base"] = _folder_facts(load_manifest(manifest.source.base))
+    return facts
 
 
 def _convert_gguf(manifest: Manifest, source: Path, out: Path) -> None:
@@ -161,7 +172,7 @@ def prepare(manifest: Manifest, cache_dir: Path, force: bool = False) -> Path:
             _convert_gguf(manifest, source, work)
         else:
             shutil.copytree(source, work, dirs_exist_ok=True)
-        marker = {"manifest": manifest.model_dump(mode="json"), "source_sha256": checksum}
+        marker = {"manifest": _folder_facts(manifest), "source_sha256": checksum}
         (work / MARKER).write_text(json.dumps(marker, indent=2))
         work.chmod(0o755)  # mkdtemp makes it private; engines may run as another user
         if target.exists():

@@ -44,20 +44,19 @@ def check_engines(settings: Settings, model_dirs: dict[str, Path]) -> None:
     """Before anything starts: every engine's args pass vLLM's own checks, and every
     model the planner can judge fits its memory. Raises ConfigError naming the keys."""
     from serving.engines import cpu
+    from serving.engines.defaults import engine_args_env, tools_tier_problems
     from serving.engines.memory_check import check_settings
     from serving.engines.validate import validate_engines
 
     cpu_build = cpu.is_cpu_build()
     problems = check_settings(settings, model_dirs, cpu_build=cpu_build)
+    problems += tools_tier_problems(settings)
     if settings.validate_engine_args:
         jobs = []
         for i, engine in enumerate(settings.engines):
             if not engine.supervised:
                 continue
-            args = engine.args
-            if cpu_build:
-                choice = cpu.engine_choice(engine.model, args, engine.host_variant)
-                args, _ = cpu.apply_cpu_defaults(args, engine.env, cpu.cpu_flags(), choice=choice)
+            args, _ = engine_args_env(engine)
             jobs.append(
                 {"where": f"engines.{i}", "model_dir": str(model_dirs[engine.name]), "args": args}
             )

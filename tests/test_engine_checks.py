@@ -116,3 +116,31 @@ def test_engines_start_on_their_bound_cores() -> None:
     for spec in ("auto", "all", "nobind", "0-1|2-3", ""):
         assert bound_cpus({"VLLM_CPU_OMP_THREADS_BIND": spec}) is None
     assert bound_cpus({}) is None
+
+
+def test_a_tools_tier_that_cannot_serve_tools_fails_at_start(tmp_path) -> None:
+    engines = [
+        default_engine(
+            name="plain", args={"max_model_len": 2048, "enable_auto_tool_choice": False}
+        ),
+    ]
+    tiers = [{"name": "chat", "model": "chat", "engines": ["plain"]}]
+    router = {"rules": {"default_tier": "chat", "tools_tier": "chat"}}
+    config = write_config(tmp_path / "no-tools.yaml", engines=engines, tiers=tiers, router=router)
+    done = serve(config, tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "router.rules.tools_tier: tier 'chat' cannot serve tools: engines.0 (plain)" in (
+        done.stderr
+    )
+    assert "starting on port" not in done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_tools_tier_serves_tools(name: str) -> None:
+    from serving.config import load_settings
+    from serving.engines.defaults import tools_tier_problems
+
+    path = REPO / "configs" / name
+    if "engines" not in yaml.safe_load(path.read_text()):
+        pytest.skip("not a serving config (planner data)")
+    assert tools_tier_problems(load_settings(path)) == []

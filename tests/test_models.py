@@ -150,3 +150,83 @@ def test_cli_prepare_unknown_model_exits_2() -> None:
     )
     assert done.returncode == 2
     assert "unknown model 'nope'" in done.stderr
+
+
+# SmolLM2's own template, as its source ships it: without tools the manifest's must
+# render every chat exactly as this does (the golden gate and the token counts hold).
+SOURCE_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _render(template: str, **kwargs) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = lambda v: __import__("json").dumps(v, ensure_ascii=False)
+    return env.from_string(template).render(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Again"},
+        ],
+    ],
+)
+@pytest.mark.parametrize("prompt", [True, False])
+def test_the_tool_template_renders_plain_chats_as_the_source(messages, prompt) -> None:
+    template = load_manifest("smollm2-135m-instruct").chat_template
+    assert _render(template, messages=messages, add_generation_prompt=prompt) == _render(
+        SOURCE_TEMPLATE, messages=messages, add_generation_prompt=prompt
+    )
+
+
+def test_the_tool_template_renders_tools_calls_and_results() -> None:
+    template = load_manifest("smollm2-135m-instruct").chat_template
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "18 C"},
+    ]
+    text = _render(template, messages=messages, tools=tools, add_generation_prompt=True)
+    assert '<tools>\n{"name": "get_weather", "parameters": {}}\n</tools>' in text
+    assert (
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    )
+    assert "<tool_response>\n18 C\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_engine_args_from_the_manifest_under_the_config() -> None:
+    m = load_manifest("smollm2-135m-instruct")
+    args, env = m.with_engine_defaults({"tool_call_parser": "pythonic"}, {"A": "1"})
+    assert args["tool_call_parser"] == "pythonic"  # the config wins
+    assert args["enable_auto_tool_choice"] is True
+    assert args["override_generation_config"] == {"temperature": 0.2, "top_p": 0.9}
+    assert env == {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0", "A": "1"}
+
+
+def test_engine_args_do_not_invalidate_a_prepared_folder(tmp_path: Path, monkeypatch) -> None:
+    sha = _fake_gguf(tmp_path)
+    _manifest(tmp_path, sha256=sha)
+    monkeypatch.setattr(
+        prep, "_convert_gguf", lambda m, s, out: (out / "model.safetensors").write_bytes(b"w")
+    )
+    folder = prep.prepare(load_manifest("tiny", tmp_path), tmp_path / "cache")
+    _manifest(tmp_path, sha256=sha, engine_args={"tool_call_parser": "hermes"})
+    assert prep.is_prepared(folder, load_manifest("tiny", tmp_path))

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serving.config import EngineSettings, Settings
-from serving.engines import cpu, process
+from serving.engines import process
+from serving.engines.defaults import engine_args_env
 from serving.metrics import GatewayMetrics
 from serving.router.registry import Endpoint, EngineRegistry
 from serving.tasks import cancel_and_wait
@@ -57,12 +58,7 @@ class EngineRunner:
         self.settings = settings
         self.metrics = metrics
         self.write_log = write_log
-        self.args, self.env = engine.args, engine.env
-        if cpu.is_cpu_build():
-            choice = cpu.engine_choice(engine.model, engine.args, engine.host_variant)
-            self.args, self.env = cpu.apply_cpu_defaults(
-                self.args, self.env, cpu.cpu_flags(), choice=choice
-            )
+        self.args, self.env = engine_args_env(engine)
         # The KV-event sockets live as long as the runner (its restarts reuse them).
         self.kv_folder: str | None = None
         if settings.router.prefix.kv_events:

@@ -1,0 +1,51 @@
+"""What a supervised engine runs with: its config's args and env over its model's
+defaults (the manifest's `engine_args`: tool-call parser, sampling defaults), then the
+CPU build's per-host choices where the config is silent (serving/engines/cpu.py).
+The supervisor and the check at start use this one function, so what is checked is
+what runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from models.manifest import ModelError, load_manifest
+from serving.config import EngineSettings, Settings
+from serving.engines import cpu
+
+
+def engine_args_env(engine: EngineSettings) -> tuple[dict[str, Any], dict[str, str]]:
+    args, env = dict(engine.args), dict(engine.env)
+    try:
+        args, env = load_manifest(engine.model).with_engine_defaults(args, env)
+    except ModelError:
+        pass  # not a manifest: weights named by path; nothing to add
+    if cpu.is_cpu_build():
+        choice = cpu.engine_choice(engine.model, args, engine.host_variant)
+        args, env = cpu.apply_cpu_defaults(args, env, cpu.cpu_flags(), choice=choice)
+    return args, env
+
+
+def serves_tools(args: dict[str, Any]) -> bool:
+    """vLLM answers tool_choice other than "none" only with both of these."""
+    return bool(args.get("enable_auto_tool_choice")) and bool(args.get("tool_call_parser"))
+
+
+def tools_tier_problems(settings: Settings) -> list[str]:
+    """`router.rules.tools_tier` must be able to serve tools: every supervised engine of
+    it runs a tool-call parser. (External engines' flags are their own server's.)"""
+    name = settings.router.rules.tools_tier
+    if name is None:
+        return []
+    tier = next(t for t in settings.effective_tiers() if t.name == name)
+    where = {e.name: (i, e) for i, e in enumerate(settings.engines)}
+    problems = []
+    for engine_name in tier.engines:
+        i, engine = where[engine_name]
+        if engine.supervised and not serves_tools(engine_args_env(engine)[0]):
+            problems.append(
+                f"router.rules.tools_tier: tier {name!r} cannot serve tools: engines.{i} "
+                f"({engine_name}) runs no tool-call parser; set its args "
+                "enable_auto_tool_choice: true and tool_call_parser (e.g. hermes), or "
+                "serve a model whose manifest sets them"
+            )
+    return problems
