@@ -170,6 +170,7 @@ def create_app(
         )
         # 20 wake-ups a second only when lag sheds load; otherwise the gauge alone needs 2
         lag = LoopLag(0.05 if server.max_loop_lag_ms else 0.5, report=metrics.loop_lag.set)
+        app.state.proxy = proxy  # stored Responses (routes.py); the rest is the hot path
         app.state.hot = HotPath(
             proxy,
             metrics,

@@ -153,12 +153,21 @@ def test_body_over_limit_is_413(gateway: GatewayProcess, model: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/nothing"), ("POST", "/v1/embeddings"), ("GET", "/v1/responses/resp_1")],
+    [("POST", "/v1/nothing"), ("POST", "/v1/embeddings")],
 )
 def test_unknown_route_is_404_naming_the_url(gateway: GatewayProcess, method, path) -> None:
     r = httpx.request(method, gateway.url + path, json={}, timeout=60)
     message = _assert_envelope(r, 404, "invalid_request_error")
     assert message == f"Invalid URL ({method} {path})."
+
+
+def test_an_unknown_stored_response_is_404(gateway: GatewayProcess) -> None:
+    r = httpx.get(gateway.url + "/v1/responses/resp_1", timeout=60)
+    message = _assert_envelope(r, 404, "invalid_request_error", "not_found", "response_id")
+    assert message == "Response with id 'resp_1' not found."
+    # vLLM deletes none: the method is refused, not lost
+    r = httpx.delete(gateway.url + "/v1/responses/resp_1", timeout=60)
+    assert _assert_envelope(r, 405, "invalid_request_error").startswith("Invalid method")
 
 
 def test_a_wrong_method_is_405_naming_the_url(gateway: GatewayProcess) -> None:

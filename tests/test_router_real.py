@@ -235,6 +235,53 @@ def test_prefix_routing_follows_the_engines_kv_events(tiers: GatewayProcess) -> 
     tiers.wait_for(lambda: _engine(tiers, home)["prefix_index"]["blocks"] == 0, 1.0, "cleared")
 
 
+def test_stored_responses_continue_on_the_replica_that_stores_them(
+    tiers: GatewayProcess,
+) -> None:
+    """store, previous_response_id, GET and cancel with two replicas, through the SDK:
+    the id names the replica, so every turn and every read finds the stored response."""
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=tiers.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    first = client.responses.create(
+        model="smollm2-small", input="My name is Ada.", store=True, max_output_tokens=8
+    )
+    assert first.id.startswith("resp_") and "~" in first.id
+    ids, homes = [first.id], set()
+    for turn in range(4):  # placement alone would spread these over both replicas
+        reply = client.responses.with_raw_response.create(
+            model="smollm2-small",
+            input=f"Turn {turn}: what is my name?",
+            previous_response_id=ids[-1],
+            store=True,
+            max_output_tokens=8,
+        )
+        homes.add(reply.headers["x-tiergate-replica"])
+        assert reply.headers["x-tiergate-reason"].endswith("+stored")
+        parsed = reply.parse()
+        assert parsed.previous_response_id == ids[-1]  # the public id, echoed
+        ids.append(parsed.id)
+    previous = parsed
+    assert len(homes) == 1
+    # a stream continues it too, and its events carry the public ids
+    with client.responses.stream(
+        model="smollm2-small",
+        input="Once more.",
+        previous_response_id=previous.id,
+        max_output_tokens=8,
+    ) as stream:
+        final = stream.get_final_response()
+    assert "~" in final.id and final.previous_response_id == previous.id
+    got = client.responses.retrieve(previous.id)
+    assert got.id == previous.id and got.output_text == previous.output_text
+    # a finished response cannot be cancelled: the engine's 400, in our envelope
+    r = httpx.post(f"{tiers.url}/v1/responses/{previous.id}/cancel", timeout=30)
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    for unknown in ("resp_nothing", "resp_mfxgc4q~0123", previous.id[:-4] + "0000"):
+        with pytest.raises(NotFoundError):
+            client.responses.retrieve(unknown)
+
+
 def _one(url: str, i: int, counts: dict, lock: threading.Lock) -> None:
     stream = i % 2 == 1
     body = {

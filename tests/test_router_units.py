@@ -295,3 +295,28 @@ def test_token_counts_match_transformers_without_importing_it() -> None:
     huge = {"prompt": "word " * (EXACT_CHARS // 2)}
     counts, estimated = counter.count_all(huge)
     assert estimated and abs(counts["t"] - EXACT_CHARS // 2) < EXACT_CHARS * 0.02
+
+
+def test_stored_response_ids_name_their_replica() -> None:
+    from serving.router import stored
+
+    public = stored.public_id("resp_0a1b2c", "tg-small/10.0.0.7:8000")
+    assert public.startswith("resp_") and "~" in public
+    assert stored.split_id(public) == ("tg-small/10.0.0.7:8000", "resp_0a1b2c")
+    for other in ("resp_0a1b2c", "msg_1", "resp_~x", "resp_!!~x", "resp_abc~"):
+        assert stored.split_id(other) == (None, other)
+
+
+def test_stored_response_ids_are_retagged_in_bodies_and_events() -> None:
+    from serving.router import stored
+
+    tag = stored.tag_of("a")
+    body = b'{"id": "resp_1", "previous_response_id": "resp_0", "output": []}'
+    assert stored.retag(body, "a") == (
+        b'{"id": "resp_%s~1", "previous_response_id": "resp_%s~0", "output": []}'
+        % (tag.encode(), tag.encode())
+    )
+    event = b'event: response.created\ndata: {"response":{"id":"resp_9"}}\n\n'
+    assert b'"id":"resp_%s~9"' % tag.encode() in stored.retag(event, "a")
+    text = b'{"text":"a \\":\\"resp_x and \\"resp_y"}'  # the model wrote them: untouched
+    assert stored.retag(text, "a") == text

@@ -95,6 +95,20 @@ async def retrieve_model(request: Request, model: str) -> dict:
     )
 
 
+@v1.get("/v1/responses/{response_id}")
+async def retrieve_response(request: Request, response_id: str) -> Response:
+    """A stored response, from the replica that stores it (its id names it)."""
+    answer = await request.app.state.proxy.stored_response("GET", response_id)
+    return Response(answer.body, answer.status, answer.headers, "application/json")
+
+
+@v1.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(request: Request, response_id: str) -> Response:
+    """Cancel a background response, on the replica that runs it."""
+    answer = await request.app.state.proxy.stored_response("POST", response_id, "/cancel")
+    return Response(answer.body, answer.status, answer.headers, "application/json")
+
+
 @router.get("/health")
 async def health() -> dict:
     return {"status": "ok"}

@@ -27,8 +27,11 @@ from serving.errors import (
     InvalidRequest,
     ModelNotAllowed,
     NoEngineReady,
+    NotFound,
+    from_upstream,
 )
 from serving.metrics import GatewayMetrics
+from serving.router import stored
 from serving.router.balancer import Limits, Weights
 from serving.router.breaker import RetryBudget
 from serving.router.planner import Attempt, Placement, plan
@@ -177,6 +180,12 @@ class ProxyService:
         stream = False
         try:
             checked, payload = parse_request(kind, raw)
+            home = None  # the replica that stores the previous response, if any
+            if kind == "response" and isinstance(payload.get("previous_response_id"), str):
+                home, own = stored.split_id(payload["previous_response_id"])
+                if home is not None:  # the engine gets its own id back
+                    payload = {**payload, "previous_response_id": own}
+                    raw = json.dumps(payload).encode()
             # what the router reads; the payload goes on as it came
             view = as_chat(payload) if kind == "response" else payload
             tier = self.registry.tier_for_model(checked.model)
@@ -205,7 +214,7 @@ class ProxyService:
             tier = self.registry.tier(decision.tier)
             await self._check_limits(tier, view, counts, kind)
             self.metrics.decision(tier.name, decision.reason)
-            placement = await self._placement(tier, headers, view, measured)
+            placement = None if home else await self._placement(tier, headers, view, measured)
             if principal.budget is not None and principal.budget.hard:  # soft: serve on
                 await self._check_budget(principal)
             max_out = view.get("max_completion_tokens") or view.get("max_tokens")
@@ -213,7 +222,7 @@ class ProxyService:
             if principal.scopes or principal.budget:  # others pay nothing here
                 admission = await self.limiter.admit(principal, max_out, self.clock())
             try:
-                attempts = await self._plan(tier, placement)
+                attempts = [self._home(tier, home)] if home else await self._plan(tier, placement)
                 charged = self._placed(attempts[0], placement) if placement is not None else 0
                 self.failover.budget.record_request(self.clock())
                 stream = bool(checked.stream)
@@ -256,6 +265,43 @@ class ProxyService:
                 key=principal.key,
             )
             raise
+
+    def _home(self, tier: Tier, replica: str) -> Attempt:
+        """The one replica that can continue a stored response: no other has it."""
+        try:
+            ep = self.registry.get(replica)
+        except KeyError:
+            raise NotFound(
+                f"The replica '{replica}' that stored the previous response is gone.",
+                param="previous_response_id",
+            ) from None
+        if not ep.ready:
+            raise NoEngineReady(
+                f"The replica '{replica}' that stored the previous response is not ready."
+            )
+        home = next((t for t in self.registry.tiers if ep in t.endpoints), tier)
+        return Attempt(tier if ep in tier.endpoints else home, ep, "stored")
+
+    async def stored_response(self, method: str, response_id: str, action: str = "") -> Unary:
+        """GET /v1/responses/{id} (action ""), POST .../cancel (action "/cancel"): sent
+        to the replica the id names, the answer's ids public again."""
+        replica, own = stored.split_id(response_id)
+        if replica is None:
+            raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+        attempt = self._home(self.registry.tiers[0], replica)
+        url, path = attempt.endpoint.url or "", f"/v1/responses/{own}{action}"
+        if method == "GET":
+            got = await self.upstream.get(url + path, self.upstream.timeouts.read)
+            if got is None:
+                raise NoEngineReady(f"The replica '{replica}' did not answer.")
+            status, body = got
+        else:
+            response = await self.upstream.open(url, path, b"{}")
+            body, status = await response.read(), response.status
+            response.release()
+        if status >= 400:
+            raise from_upstream(status, body)
+        return Unary(status, stored.retag(body, replica), {"x-tiergate-replica": replica})
 
     async def _check_budget(self, principal: Principal) -> None:
         budget = principal.budget
@@ -480,7 +526,10 @@ class ProxyService:
         )
         self.failover.leave(attempt.endpoint)
         response.release()
-        usage = response_usage(body) if call.kind == "response" else usage_of(body)
+        if call.kind == "response":
+            usage, body = response_usage(body), stored.retag(body, attempt.endpoint.name)
+        else:
+            usage = usage_of(body)
         self._record(attempt, call, response.status, usage, retries)
         return Unary(response.status, body, self._headers(attempt, call))
 
@@ -497,9 +546,12 @@ class ProxyService:
             trace=call.trace,
         )
         outcome = StreamOutcome(started=call.started, first_byte=time.perf_counter())
-        relay = (ResponsesRelay if call.kind == "response" else Relay)(
-            response, outcome, drop_usage, first
-        )
+        if call.kind == "response":
+            relay = ResponsesRelay(
+                response, outcome, drop_usage, first, replica=attempt.endpoint.name
+            )
+        else:
+            relay = Relay(response, outcome, drop_usage, first)
         finished = False
 
         def finish() -> None:

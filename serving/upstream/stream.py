@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serving.errors import GatewayError, UpstreamError, sse_error_event
+from serving.router.stored import retag
 from serving.upstream.wire import Response
 
 _DONE = b"data: [DONE]"
@@ -270,14 +271,21 @@ class ResponsesRelay(Relay):
     `response.completed`, `.incomplete` or `.failed`, whose response carries the usage,
     or with the engine's own `error` event, which passes as it came."""
 
-    __slots__ = ()
+    __slots__ = ("replica",)
+
+    def __init__(self, *args: Any, replica: str = "") -> None:
+        super().__init__(*args)
+        self.replica = replica  # response ids in the events name it (api/stored.py)
 
     def feed(self, chunk: bytes) -> bytes:
         if not self.buffer and chunk.endswith(b"\n\n"):
             if chunk.startswith(_DELTA) and chunk.find(b"\n\n") == len(chunk) - 2:
                 return chunk  # one token's event, whole: the usual chunk
             if _RESPONSE_END.search(chunk) is None:
-                return chunk  # whole events, none of them the last
+                return retag(chunk, self.replica)  # whole events, none of them the last
+        return retag(self._events(chunk), self.replica)
+
+    def _events(self, chunk: bytes) -> bytes:
         events, self.buffer = split_events(self.buffer, chunk)
         for event in events:
             end = _RESPONSE_END.search(event)
