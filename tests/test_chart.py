@@ -415,3 +415,23 @@ def test_engines_publish_kv_events_and_the_router_subscribes(tmp_path: Path) -> 
 def test_kv_event_values_are_checked_by_the_schema() -> None:
     with pytest.raises(Exception, match=r"kvEvents|port"):
         render({"engineDefaults": {"kvEvents": {"enabled": True, "port": 70000}}})
+
+
+def test_a_tools_tier_that_cannot_serve_tools_is_refused() -> None:
+    tier = {
+        "name": "medium",
+        "model": "m",
+        "weights": "w",
+        "spec": "llama-3.1-8b",
+        "gpu": {"count": 1, "profile": "h100-80gb"},
+        "engineArgs": {"max_model_len": 4096},
+    }
+    router = {"settings": {"router": {"rules": {"tools_tier": "medium"}}}}
+    with pytest.raises(helm_python.HelmError, match="tools_tier: tier medium cannot serve tools"):
+        render({"tiers": [tier], "router": router})
+    with pytest.raises(helm_python.HelmError, match="tools_tier: no tier named nope"):
+        render(
+            {"tiers": [tier], "router": {"settings": {"router": {"rules": {"tools_tier": "nope"}}}}}
+        )
+    tier["engineArgs"] |= {"enable_auto_tool_choice": True, "tool_call_parser": "llama3_json"}
+    assert by_kind(render({"tiers": [tier], "router": router}), "Deployment")

@@ -12,42 +12,15 @@ import openai
 import pytest
 from openai import OpenAI
 
+from benchmarks.studies.tool_calls import SCHEMAS, TOOLS
 from tests.utils import GatewayProcess
 
-WEATHER = {
-    "type": "object",
-    "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
-    "required": ["city"],
-    "additionalProperties": False,
-}
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The current weather in a city.",
-            "parameters": WEATHER,
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "get_time",
-            "description": "The local time in a city.",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    },
-]
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
 def schema_of(name: str) -> dict:
-    return next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == name)
+    return SCHEMAS[name]
 
 
 def check_calls(calls) -> None:
