@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from serving.api.stored import read_or_cancel
 from serving.config import Settings
 from serving.errors import (
     Conflict,
@@ -98,15 +99,17 @@ async def retrieve_model(request: Request, model: str) -> dict:
 @v1.get("/v1/responses/{response_id}")
 async def retrieve_response(request: Request, response_id: str) -> Response:
     """A stored response, from the replica that stores it (its id names it)."""
-    answer = await request.app.state.proxy.stored_response("GET", response_id)
-    return Response(answer.body, answer.status, answer.headers, "application/json")
+    proxy = request.app.state.proxy
+    status, body, replica = await read_or_cancel(proxy.registry, proxy.upstream, response_id, False)
+    return Response(body, status, {"x-tiergate-replica": replica}, "application/json")
 
 
 @v1.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(request: Request, response_id: str) -> Response:
     """Cancel a background response, on the replica that runs it."""
-    answer = await request.app.state.proxy.stored_response("POST", response_id, "/cancel")
-    return Response(answer.body, answer.status, answer.headers, "application/json")
+    proxy = request.app.state.proxy
+    status, body, replica = await read_or_cancel(proxy.registry, proxy.upstream, response_id, True)
+    return Response(body, status, {"x-tiergate-replica": replica}, "application/json")
 
 
 @router.get("/health")

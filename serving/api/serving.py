@@ -20,6 +20,7 @@ from typing import Any
 from serving.api.access_log import AccessLog, valid_traceparent
 from serving.api.failover import Failover
 from serving.api.protocol import Kind, as_chat, parse_request
+from serving.api.stored import home_of
 from serving.config import RouterSettings
 from serving.errors import (
     GatewayError,
@@ -27,8 +28,6 @@ from serving.errors import (
     InvalidRequest,
     ModelNotAllowed,
     NoEngineReady,
-    NotFound,
-    from_upstream,
 )
 from serving.metrics import GatewayMetrics
 from serving.router import stored
@@ -268,40 +267,10 @@ class ProxyService:
 
     def _home(self, tier: Tier, replica: str) -> Attempt:
         """The one replica that can continue a stored response: no other has it."""
-        try:
-            ep = self.registry.get(replica)
-        except KeyError:
-            raise NotFound(
-                f"The replica '{replica}' that stored the previous response is gone.",
-                param="previous_response_id",
-            ) from None
-        if not ep.ready:
-            raise NoEngineReady(
-                f"The replica '{replica}' that stored the previous response is not ready."
-            )
-        home = next((t for t in self.registry.tiers if ep in t.endpoints), tier)
-        return Attempt(tier if ep in tier.endpoints else home, ep, "stored")
-
-    async def stored_response(self, method: str, response_id: str, action: str = "") -> Unary:
-        """GET /v1/responses/{id} (action ""), POST .../cancel (action "/cancel"): sent
-        to the replica the id names, the answer's ids public again."""
-        replica, own = stored.split_id(response_id)
-        if replica is None:
-            raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
-        attempt = self._home(self.registry.tiers[0], replica)
-        url, path = attempt.endpoint.url or "", f"/v1/responses/{own}{action}"
-        if method == "GET":
-            got = await self.upstream.get(url + path, self.upstream.timeouts.read)
-            if got is None:
-                raise NoEngineReady(f"The replica '{replica}' did not answer.")
-            status, body = got
-        else:
-            response = await self.upstream.open(url, path, b"{}")
-            body, status = await response.read(), response.status
-            response.release()
-        if status >= 400:
-            raise from_upstream(status, body)
-        return Unary(status, stored.retag(body, replica), {"x-tiergate-replica": replica})
+        ep = home_of(self.registry, replica, "the previous response", "previous_response_id")
+        if ep not in tier.endpoints:  # another tier over the same engine: count it there
+            tier = next((t for t in self.registry.tiers if ep in t.endpoints), tier)
+        return Attempt(tier, ep, "stored")
 
     async def _check_budget(self, principal: Principal) -> None:
         budget = principal.budget
