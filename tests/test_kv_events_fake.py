@@ -50,16 +50,21 @@ class FakePublisher:
     from what it was told to keep (`replay` False: no replay socket at all)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, replay: bool) -> None:
-        self.port = free_port()
-        while True:  # the replay socket is on port + 1
+        self.router = None
+        while True:  # the replay socket is on port + 1: both must be free
             self.port = free_port()
-            with contextlib.suppress(zmq.ZMQError):
-                self.pub = ctx.socket(zmq.XPUB)  # a PUB that hears subscriptions
+            self.pub = ctx.socket(zmq.XPUB)  # a PUB that hears subscriptions
+            try:
                 self.pub.bind(f"tcp://127.0.0.1:{self.port}")
+                if replay:
+                    self.router = ctx.socket(zmq.ROUTER)
+                    self.router.bind(f"tcp://127.0.0.1:{self.port + 1}")
                 break
-        self.router = ctx.socket(zmq.ROUTER) if replay else None
-        if self.router is not None:
-            self.router.bind(f"tcp://127.0.0.1:{self.port + 1}")
+            except zmq.ZMQError:
+                self.pub.close(0)
+                if self.router is not None:
+                    self.router.close(0)
+                    self.router = None
         self.kept: dict[int, bytes] = {}
         self.task = asyncio.create_task(self._serve()) if replay else None
 
@@ -88,7 +93,7 @@ class FakePublisher:
             self.router.close(0)
 
 
-async def _until(predicate, timeout: float = 3.0) -> None:
+async def _until(predicate, timeout: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():
@@ -96,34 +101,39 @@ async def _until(predicate, timeout: float = 3.0) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
 async def _subscribed(replay: bool):
+    """A subscriber on a FAKE publisher that has taken its first batch; everything is
+    closed on the way out, also when setting up failed (a ZMQ context left with open
+    sockets blocks whoever terminates it: the next test, at garbage collection)."""
     ctx = zmq.asyncio.Context()
-    publisher = FakePublisher(ctx, replay)
-    ep = Endpoint("e", "m", url="http://e", ready=True)
-    ep.kv_events = f"tcp://127.0.0.1:{publisher.port}"
-    ep.kv_replay = f"tcp://127.0.0.1:{publisher.port + 1}" if replay else None
-    registry = EngineRegistry([ep])
-    metrics = GatewayMetrics()
-    feeds = Feeds(registry, metrics)
-    task = asyncio.create_task(feeds.run(interval=0.05))
-    # a PUB drops what it sends before the SUB has joined: wait for its subscription
-    assert (await asyncio.wait_for(publisher.pub.recv(), 5))[:1] == b"\x01"
-    await publisher.send(0, BATCHES[0])
-    await _until(lambda: ep.prefix.stats.events == 1)
-    return ctx, publisher, ep, metrics, feeds, task
-
-
-async def _close(ctx, publisher, task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    publisher.close()
-    ctx.term()
+    publisher = task = None
+    try:
+        publisher = FakePublisher(ctx, replay)
+        ep = Endpoint("e", "m", url="http://e", ready=True)
+        ep.kv_events = f"tcp://127.0.0.1:{publisher.port}"
+        ep.kv_replay = f"tcp://127.0.0.1:{publisher.port + 1}" if replay else None
+        registry = EngineRegistry([ep])
+        metrics = GatewayMetrics()
+        feeds = Feeds(registry, metrics)
+        task = asyncio.create_task(feeds.run(interval=0.05))
+        # a PUB drops what it sends before the SUB has joined: wait for its subscription
+        assert (await asyncio.wait_for(publisher.pub.recv(), 10))[:1] == b"\x01"
+        await publisher.send(0, BATCHES[0])
+        await _until(lambda: ep.prefix.stats.events == 1)
+        yield publisher, ep, metrics, feeds
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if publisher is not None:
+            publisher.close()
+        ctx.destroy(linger=0)
 
 
 async def test_a_lost_batch_is_replayed_and_nothing_is_dropped() -> None:
-    ctx, publisher, ep, metrics, _, task = await _subscribed(replay=True)
-    try:
+    async with _subscribed(replay=True) as (publisher, ep, metrics, _):
         keys = block_keys(IDS, 128)
         assert ep.prefix.source == "events" and ep.prefix.match(keys, 0) == 1
         await publisher.send(1, BATCHES[1], publish=False)  # lost on the way
@@ -138,13 +148,10 @@ async def test_a_lost_batch_is_replayed_and_nothing_is_dropped() -> None:
         await publisher.send(4, BATCHES[3])
         await _until(lambda: ep.prefix.stats.last_seq == 4)
         assert ep.prefix.match(keys, 0) == 4 and ep.prefix.stats.dropped == 0
-    finally:
-        await _close(ctx, publisher, task)
 
 
 async def test_a_gap_without_replay_and_a_restart_empty_the_index() -> None:
-    ctx, publisher, ep, metrics, feeds, task = await _subscribed(replay=False)
-    try:
+    async with _subscribed(replay=False) as (publisher, ep, metrics, feeds):
         keys = block_keys(IDS, 128)
         await publisher.send(1, BATCHES[1])
         await _until(lambda: ep.prefix.match(keys, 0) == 2)
@@ -161,5 +168,3 @@ async def test_a_gap_without_replay_and_a_restart_empty_the_index() -> None:
         # discovery removes the pod: its subscription stops
         feeds.registry.endpoints = []
         await _until(lambda: not feeds.tasks)
-    finally:
-        await _close(ctx, publisher, task)

@@ -3,6 +3,7 @@ files: each engine run's ZeroMQ sockets live in a folder of their own, removed a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import tempfile
@@ -70,6 +71,7 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
 
         def stream(into: list[str], tokens: int) -> None:
             ask = {**body, "max_tokens": tokens, "ignore_eos": True, "stream": True}
+            ask["stream_options"] = {"include_usage": True}
             with httpx.stream("POST", gw.url + "/v1/chat/completions", json=ask, timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):
@@ -88,7 +90,8 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
         assert restart.status_code == 200, restart.text
         assert restart.json()["restarts"] == 1 and restart.json()["state"] == "ready"
         assert drained[-1] == "data: [DONE]" and not any('"error"' in e for e in drained)
-        assert sum('"content"' in e for e in drained) >= 198  # all of it, through the drain
+        usage = json.loads(drained[-2].removeprefix("data: "))["usage"]
+        assert usage["completion_tokens"] == 200  # all of it, through the drain
         gw.wait_for(lambda: gw.engines()[0]["ready"], 60, "the workers to see it back")
         now = {p.pid for p in gw.descendants() if "api_server" in " ".join(p.cmdline())}
         assert now and not now & engine_pids  # a new engine process
