@@ -240,15 +240,20 @@ def test_multi_node_renders_a_ray_cluster() -> None:
     )
 
 
-def test_a_tier_that_cannot_fit_is_refused_with_the_shortfall() -> None:
-    tier = {
-        "name": "big",
+def gpu_tier(name: str, spec: str, max_model_len: int) -> dict:
+    """One tier on one H100, its values as a user would write them."""
+    return {
+        "name": name,
         "model": "m",
         "weights": "w",
-        "spec": "llama-3.1-70b",
+        "spec": spec,
         "gpu": {"count": 1, "profile": "h100-80gb"},
-        "engineArgs": {"max_model_len": 8192},
+        "engineArgs": {"max_model_len": max_model_len},
     }
+
+
+def test_a_tier_that_cannot_fit_is_refused_with_the_shortfall() -> None:
+    tier = gpu_tier("big", "llama-3.1-70b", 8192)
     with pytest.raises(helm_python.HelmError) as err:
         render({"tiers": [tier]})
     plan = plan_memory(
@@ -418,14 +423,7 @@ def test_kv_event_values_are_checked_by_the_schema() -> None:
 
 
 def test_a_tools_tier_that_cannot_serve_tools_is_refused() -> None:
-    tier = {
-        "name": "medium",
-        "model": "m",
-        "weights": "w",
-        "spec": "llama-3.1-8b",
-        "gpu": {"count": 1, "profile": "h100-80gb"},
-        "engineArgs": {"max_model_len": 4096},
-    }
+    tier = gpu_tier("medium", "llama-3.1-8b", 4096)
     router = {"settings": {"router": {"rules": {"tools_tier": "medium"}}}}
     with pytest.raises(helm_python.HelmError, match="tools_tier: tier medium cannot serve tools"):
         render({"tiers": [tier], "router": router})
