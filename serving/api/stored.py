@@ -34,8 +34,10 @@ async def read_or_cancel(
     path = f"/v1/responses/{own}" + ("/cancel" if cancel else "")
     if cancel:
         response = await upstream.open(ep.url or "", path, b"{}")  # raises on 4xx/5xx
-        body, status = await response.read(), response.status
-        response.release()
+        try:
+            body, status = await response.read(), response.status
+        finally:
+            response.release()  # closed instead when not read to its end
     else:
         got = await upstream.get((ep.url or "") + path, upstream.timeouts.read)
         if got is None:

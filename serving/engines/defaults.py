@@ -13,12 +13,16 @@ from serving.config import EngineSettings, Settings
 from serving.engines import cpu
 
 
-def engine_args_env(engine: EngineSettings) -> tuple[dict[str, Any], dict[str, str]]:
-    args, env = dict(engine.args), dict(engine.env)
+def model_args_env(engine: EngineSettings) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config's args and env over the model's manifest defaults (no host choices)."""
     try:
-        args, env = load_manifest(engine.model).with_engine_defaults(args, env)
-    except ModelError:
-        pass  # not a manifest: weights named by path; nothing to add
+        return load_manifest(engine.model).with_engine_defaults(engine.args, engine.env)
+    except ModelError:  # not a manifest: weights named by path; nothing to add
+        return dict(engine.args), dict(engine.env)
+
+
+def engine_args_env(engine: EngineSettings) -> tuple[dict[str, Any], dict[str, str]]:
+    args, env = model_args_env(engine)
     if cpu.is_cpu_build():
         choice = cpu.engine_choice(engine.model, args, engine.host_variant)
         args, env = cpu.apply_cpu_defaults(args, env, cpu.cpu_flags(), choice=choice)
@@ -41,7 +45,7 @@ def tools_tier_problems(settings: Settings) -> list[str]:
     problems = []
     for engine_name in tier.engines:
         i, engine = where[engine_name]
-        if engine.supervised and not serves_tools(engine_args_env(engine)[0]):
+        if engine.supervised and not serves_tools(model_args_env(engine)[0]):
             problems.append(
                 f"router.rules.tools_tier: tier {name!r} cannot serve tools: engines.{i} "
                 f"({engine_name}) runs no tool-call parser; set its args "
