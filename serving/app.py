@@ -20,6 +20,7 @@ from serving.api.routes import operator, router, v1
 from serving.api.serving import ProxyService
 from serving.config import Settings
 from serving.engines.cpu import is_cpu_build
+from serving.engines.defaults import tier_tasks
 from serving.engines.supervisor import Supervisor
 from serving.errors import install_error_handlers
 from serving.metrics import GatewayMetrics
@@ -60,6 +61,7 @@ def build_registry(settings: Settings) -> EngineRegistry:
             )
         )
     discovered = {e.name for e in settings.engines if e.discover is not None}
+    tasks = tier_tasks(settings)
     for tier in settings.effective_tiers():
         endpoints = [registry.get(name) for name in tier.engines if name not in discovered]
         registry.tiers.append(
@@ -75,6 +77,7 @@ def build_registry(settings: Settings) -> EngineRegistry:
                 or None,
                 max_output_tokens=tier.limits.max_output_tokens,
                 block_size=block_size(settings, tier.engines),
+                task=tasks[tier.name],
             )
         )
     prefix = settings.router.prefix
@@ -95,9 +98,13 @@ def block_size(settings: Settings, engine_names: list[str]) -> int:
 
 
 def build_token_counter(settings: Settings, model_dirs: dict[str, Path]) -> TokenCounter | None:
-    """Each tier's tokenizer: its own setting, else its first supervised engine's weights."""
+    """Each generating tier's tokenizer: its own setting, else its first supervised
+    engine's weights. (Embedding tiers have no chat template; `auto` never picks them.)"""
     paths: dict[str, Path] = {}
+    tasks = tier_tasks(settings)
     for tier in settings.effective_tiers():
+        if tasks[tier.name] == "embed":
+            continue
         path = tier.tokenizer or next(
             (model_dirs[name] for name in tier.engines if name in model_dirs), None
         )
@@ -108,8 +115,9 @@ def build_token_counter(settings: Settings, model_dirs: dict[str, Path]) -> Toke
 
 
 class GatewayApp(FastAPI):
-    """FastAPI for the admin and model routes; the two hot routes go straight to the
-    bare-ASGI hot path (serving/api/hotpath.py), before FastAPI's middleware and routing."""
+    """FastAPI for the admin and model routes; the hot routes (hotpath.ROUTES) go straight
+    to the bare-ASGI hot path (serving/api/hotpath.py), before FastAPI's middleware and
+    routing."""
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from models.manifest import ModelError, load_manifest, manifest_names
@@ -44,13 +45,13 @@ def check_engines(settings: Settings, model_dirs: dict[str, Path]) -> None:
     """Before anything starts: every engine's args pass vLLM's own checks, and every
     model the planner can judge fits its memory. Raises ConfigError naming the keys."""
     from serving.engines import cpu
-    from serving.engines.defaults import engine_args_env, tools_tier_problems
+    from serving.engines.defaults import engine_args_env, task_problems, tools_tier_problems
     from serving.engines.memory_check import check_settings
     from serving.engines.validate import validate_engines
 
     cpu_build = cpu.is_cpu_build()
     problems = check_settings(settings, model_dirs, cpu_build=cpu_build)
-    problems += tools_tier_problems(settings)
+    problems += tools_tier_problems(settings) + task_problems(settings)
     if settings.validate_engine_args:
         jobs = []
         for i, engine in enumerate(settings.engines):
@@ -67,10 +68,11 @@ def check_engines(settings: Settings, model_dirs: dict[str, Path]) -> None:
         raise ConfigError("engine config refused:\n  " + "\n  ".join(problems))
 
 
-def banner(host: str, port: int, models: list[str]) -> str:
+def banner(host: str, port: int, models: list[str], embedders: Sequence[str] = ()) -> str:
+    """`models`: every name clients may send; `embedders`: those for /v1/embeddings."""
     base = f"http://{host}:{port}"
-    model = models[0]
-    return f"""
+    model = next(m for m in models if m not in embedders)
+    text = f"""
 tiergate is ready on {base}  (models: {", ".join(models)})
 
   curl {base}/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -80,6 +82,12 @@ tiergate is ready on {base}  (models: {", ".join(models)})
 print(c.chat.completions.create(model='{model}', \\
 messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)"
 """
+    if embedders:
+        text += f"""
+  curl {base}/v1/embeddings -H 'Content-Type: application/json' \\
+    -d '{{"model": "{embedders[0]}", "input": ["Hello!"]}}'
+"""
+    return text
 
 
 async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
@@ -115,7 +123,8 @@ async def run_server(settings: Settings, model_dirs: dict[str, Path]) -> int:
             server.should_exit = True
             return
         port = listener.getsockname()[1]
-        print(banner(settings.server.host, port, registry.models()), flush=True)
+        embedders = [t.model for t in registry.tiers if t.task == "embed"]
+        print(banner(settings.server.host, port, registry.models(), embedders), flush=True)
 
     watcher = asyncio.create_task(announce())
     try:

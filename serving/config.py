@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -270,6 +270,12 @@ class TierSettings(_Strict):
     cost: TierCost = Field(default_factory=TierCost)
     limits: TierLimits = Field(default_factory=TierLimits)
     tokenizer: Path | None = Field(None, description="Default: the first engine's weights.")
+    task: Literal["generate", "embed"] | None = Field(
+        None,
+        description="generate: chat, completions and responses; embed: /v1/embeddings, "
+        "/v1/rerank and /v1/score. "
+        "Default: its engines' models' (a manifest's `task`), else generate.",
+    )
 
 
 class RulesSettings(_Strict):

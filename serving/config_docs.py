@@ -53,6 +53,8 @@ def _type_name(annotation: Any) -> str:
         return f"list[{_type_name(arg)}]"
     if origin is dict:
         return "map"
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in typing.get_args(annotation))
     if annotation is SecretStr:
         return "secret"
     return getattr(annotation, "__name__", str(annotation)).replace("Path", "path")

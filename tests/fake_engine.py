@@ -8,8 +8,10 @@ It runs as a real HTTP server on loopback, so the gateway's real timeouts apply.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import struct
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -160,6 +162,29 @@ async def _responses(request: Request) -> Response:
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def _embeddings(request: Request) -> Response:
+    """A FAKE embedding engine: 4-dimension vectors from each input's length, usage as
+    3 tokens an input; `error-500` fails as an engine would."""
+    body = await request.json()
+    mode = request.app.state.force or body["model"]
+    request.app.state.seen.append(mode)
+    request.app.state.headers.append(dict(request.headers))
+    if mode == "error-500":
+        error = {"message": "engine exploded", "type": "InternalError", "param": None}
+        return JSONResponse({"error": {**error, "code": 500}}, status_code=500)
+    given = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    data = []
+    for i, text in enumerate(given):
+        vector = [float(len(str(text))), 1.0, 0.0, -1.0]
+        if body.get("encoding_format") == "base64":
+            packed = base64.b64encode(struct.pack("<4f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": packed})
+        else:
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+    usage = {"prompt_tokens": 3 * len(given), "total_tokens": 3 * len(given)}
+    return JSONResponse({"object": "list", "model": body["model"], "data": data, "usage": usage})
+
+
 async def _health(_: Request) -> Response:
     return PlainTextResponse("")
 
@@ -198,6 +223,7 @@ class FakeEngine:
                 Route("/metrics/", _filtered_metrics),
                 Route("/v1/chat/completions", _chat, methods=["POST"]),
                 Route("/v1/responses", _responses, methods=["POST"]),
+                Route("/v1/embeddings", _embeddings, methods=["POST"]),
             ]
         )
         app.state.seen = []

@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 
 from serving.config import ConfigError, load_settings
+from serving.engines.defaults import tier_tasks
 from tests.utils import REPO, default_engine, write_config
 
 
 def test_default_config_loads() -> None:
     s = load_settings()
     assert s.server.port == 8000
-    assert [e.name for e in s.engines] == ["smollm2-cpu"]
+    assert [e.name for e in s.engines] == ["smollm2-cpu", "minilm-cpu"]
     assert s.engines[0].model_name == "smollm2-135m-instruct"
     assert s.engines[0].args["max_model_len"] == 2048
+    assert s.engines[1].model_name == "all-minilm-l6-v2"
+    assert tier_tasks(s) == {"smollm2-135m-instruct": "generate", "all-minilm-l6-v2": "embed"}
 
 
 def test_environment_overrides_the_file(monkeypatch: pytest.MonkeyPatch) -> None:

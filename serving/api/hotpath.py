@@ -1,4 +1,5 @@
-"""The hot path: POST /v1/chat/completions, /v1/completions and /v1/responses as bare ASGI.
+"""The hot path: POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings,
+/v1/rerank and /v1/score as bare ASGI.
 
 Every request and every streamed token crosses this code, so it skips what FastAPI
 and starlette add per request (middleware stack, routing, request objects, a task

@@ -1,4 +1,4 @@
-"""The gateway's OpenAPI document: FastAPI's routes, plus the three hot routes, which are
+"""The gateway's OpenAPI document: FastAPI's routes, plus the hot routes, which are
 served before FastAPI sees a request (serving/api/hotpath.py) and so are added here
 from the same pydantic models that check their bodies. Every error is the one OpenAI
 envelope."""
@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.api.protocol import ChatRequest, CompletionRequest, ResponsesRequest
+from serving.api.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ResponsesRequest,
+    ScoreRequest,
+)
 
 ERROR = {
     "type": "object",
@@ -86,6 +93,24 @@ def add_hot_routes(doc: dict[str, Any], models: list[str] | None = None) -> dict
         ResponsesRequest,
         "Response (OpenAI Responses API, as vLLM serves it)",
         "responses",
+        models or [],
+    )
+    doc["paths"]["/v1/embeddings"] = _operation(
+        EmbeddingRequest,
+        "Embeddings (OpenAI-compatible), from a tier whose task is embed",
+        "embeddings",
+        models or [],
+    )
+    doc["paths"]["/v1/rerank"] = _operation(
+        RerankRequest,
+        "Rerank documents by a query (vLLM's, embedding tiers)",
+        "rerank",
+        models or [],
+    )
+    doc["paths"]["/v1/score"] = _operation(
+        ScoreRequest,
+        "Similarity scores of text pairs (vLLM's, embedding tiers)",
+        "score",
         models or [],
     )
     components = doc.setdefault("components", {})

@@ -45,11 +45,38 @@ class ResponsesRequest(_Passthrough):
     max_output_tokens: int | None = Field(None, ge=1)
 
 
-Kind = Literal["chat", "completion", "response"]
+class EmbeddingRequest(_Passthrough):
+    """`embeddings.create`: text or token ids, one or a batch. (The SDK asks for base64
+    unless told otherwise; vLLM serves both encodings.)"""
+
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(None, ge=1)
+
+
+class RerankRequest(_Passthrough):
+    """vLLM's /v1/rerank (Jina and Cohere's shape), served by embedding models as the
+    cosine of the query's and each document's embedding."""
+
+    query: str | dict[str, Any]
+    documents: str | list[Any] = Field(min_length=1)
+    top_n: int | None = Field(None, ge=0)
+
+
+class ScoreRequest(_Passthrough):
+    """vLLM's /v1/score: its several shapes (text_1/text_2, queries/documents, ...) are
+    the engine's to check."""
+
+
+Kind = Literal["chat", "completion", "response", "embedding", "rerank", "score"]
+POOLING: frozenset[str] = frozenset({"embedding", "rerank", "score"})  # embedding tiers'
 _MODELS: dict[str, type[_Passthrough]] = {
     "chat": ChatRequest,
     "completion": CompletionRequest,
     "response": ResponsesRequest,
+    "embedding": EmbeddingRequest,
+    "rerank": RerankRequest,
+    "score": ScoreRequest,
 }
 
 
@@ -67,7 +94,26 @@ def parse_request(kind: Kind, raw: bytes) -> tuple[_Passthrough, dict[str, Any]]
         raise _invalid(_MODELS[kind], exc.errors()) from exc
     if kind == "chat":
         check_messages(payload["messages"])
+    elif kind == "embedding":
+        check_embedding(payload)
+    elif kind in POOLING and payload.get("stream"):
+        raise InvalidRequest("This endpoint does not stream; remove 'stream'.", param="stream")
     return checked, payload
+
+
+def check_embedding(payload: dict[str, Any]) -> None:
+    """What OpenAI refuses and vLLM would take or answer less clearly."""
+    given = payload["input"]
+    if not given or (isinstance(given, list) and ("" in given or [] in given)):
+        raise InvalidRequest(
+            "'input' cannot be an empty string or array, nor hold one.",
+            param="input",
+            code="invalid_value",
+        )
+    if payload.get("stream"):
+        raise InvalidRequest(
+            "Embeddings are not streamed; remove 'stream'.", param="stream", code="invalid_value"
+        )
 
 
 def _invalid(model: type[BaseModel], errors: list[dict[str, Any]]) -> InvalidRequest:

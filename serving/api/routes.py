@@ -1,7 +1,8 @@
 """Thin HTTP handlers: fetch a service from app.state, return its answer.
 
-POST /v1/chat/completions, /v1/completions and /v1/responses are not here: they are the hot path
-(serving/api/hotpath.py), served before FastAPI sees the request."""
+POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, /v1/rerank and
+/v1/score are not here: they are the hot path (serving/api/hotpath.py), served before
+FastAPI sees the request."""
 
 from __future__ import annotations
 

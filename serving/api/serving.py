@@ -1,4 +1,5 @@
-"""The proxy service behind /v1/chat/completions, /v1/completions and /v1/responses.
+"""The proxy service behind the hot routes: /v1/chat/completions, /v1/completions,
+/v1/responses, and for embedding tiers /v1/embeddings, /v1/rerank and /v1/score.
 
 Checks the body, resolves the tier (or lets the auto policy pick one), plans the
 replicas to try, and opens the first that answers (serving/api/failover.py: errors
@@ -19,7 +20,7 @@ from typing import Any
 
 from serving.api.access_log import AccessLog, valid_traceparent
 from serving.api.failover import Failover
-from serving.api.protocol import Kind, as_chat, parse_request
+from serving.api.protocol import POOLING, Kind, as_chat, parse_request
 from serving.api.stored import home_of
 from serving.config import RouterSettings
 from serving.errors import (
@@ -27,6 +28,7 @@ from serving.errors import (
     InsufficientQuota,
     InvalidRequest,
     ModelNotAllowed,
+    ModelNotFound,
     NoEngineReady,
 )
 from serving.metrics import GatewayMetrics
@@ -56,9 +58,19 @@ PATHS: dict[Kind, str] = {
     "chat": "/v1/chat/completions",
     "completion": "/v1/completions",
     "response": "/v1/responses",
+    "embedding": "/v1/embeddings",
+    "rerank": "/v1/rerank",
+    "score": "/v1/score",
 }
 _TENANT_REFUSALS = (RateLimited, InsufficientQuota, ModelNotAllowed)
-_PROMPT_PARAM: dict[Kind, str] = {"chat": "messages", "completion": "prompt", "response": "input"}
+_PROMPT_PARAM: dict[Kind, str] = {
+    "chat": "messages",
+    "completion": "prompt",
+    "response": "input",
+    "embedding": "input",
+    "rerank": "documents",
+    "score": "text_2",
+}
 
 
 @dataclass(slots=True)
@@ -157,7 +169,12 @@ class ProxyService:
         prefix = router.prefix
         self.weights = Weights(prefix.load_tokens, prefix.max_credit_tokens, prefix.session_tokens)
         self.waiting_ready = 0  # requests held by router.wait_ready_s now
-        self.views = [TierView(t.name, t.max_context, t.max_output_tokens) for t in registry.tiers]
+        # what `auto` chooses among for a chat: embedding tiers answer no chat
+        self.views = [
+            TierView(t.name, t.max_context, t.max_output_tokens)
+            for t in registry.tiers
+            if t.task == "generate"
+        ]
 
     async def handle(
         self,
@@ -191,7 +208,17 @@ class ProxyService:
             model = checked.model  # a label only once known: clients cannot add series
             counts: dict[str, int] | None = None
             measured: dict[str, Count] | None = None
-            if tier is None:
+            if kind in POOLING:
+                view = {"prompt": payload.get("input") or payload.get("query")}  # to log
+                tier, decision = self._embedding_tier(tier, checked.model, principal)
+            elif tier is not None and tier.task != "generate":
+                raise InvalidRequest(
+                    f"The model '{checked.model}' serves embeddings only (/v1/embeddings, "
+                    "/v1/rerank, /v1/score).",
+                    param="model",
+                    code="model_not_supported",
+                )
+            elif tier is None:
                 measured = await self._count(view, self._prefix_below())
                 counts = {t: c.tokens for t, c in measured.items()}
                 estimated = any(c.estimated for c in measured.values())
@@ -211,9 +238,12 @@ class ProxyService:
                     raise _not_allowed(principal, checked.model)
                 decision = Decision(tier.name, "explicit")
             tier = self.registry.tier(decision.tier)
-            await self._check_limits(tier, view, counts, kind)
+            placement = None
+            if kind not in POOLING:  # an encoder: no output, no cache to reuse
+                await self._check_limits(tier, view, counts, kind)
+                if not home:
+                    placement = await self._placement(tier, headers, view, measured)
             self.metrics.decision(tier.name, decision.reason)
-            placement = None if home else await self._placement(tier, headers, view, measured)
             if principal.budget is not None and principal.budget.hard:  # soft: serve on
                 await self._check_budget(principal)
             max_out = view.get("max_completion_tokens") or view.get("max_tokens")
@@ -264,6 +294,31 @@ class ProxyService:
                 key=principal.key,
             )
             raise
+
+    def _embedding_tier(
+        self, tier: Tier | None, model: str, principal: Principal
+    ) -> tuple[Tier, Decision]:
+        """The tier for /v1/embeddings, /v1/rerank and /v1/score: the model's, or for
+        `auto` the first embedding tier the caller may use."""
+        if tier is None:  # the auto model (any other unknown name was refused already)
+            tier = next(
+                (t for t in self.registry.tiers if t.task == "embed" and principal.may_use(t.name)),
+                None,
+            )
+            if tier is None:
+                raise ModelNotFound("No model here serves embeddings.", param="model")
+            return tier, Decision(tier.name, "embedding")
+        if tier.task != "embed":
+            served = ", ".join(t.model for t in self.registry.tiers if t.task == "embed")
+            raise InvalidRequest(
+                f"The model '{model}' does not serve embeddings"
+                + (f"; these do: {served}." if served else "; no model here does."),
+                param="model",
+                code="model_not_supported",
+            )
+        if not principal.may_use(tier.name):
+            raise _not_allowed(principal, model)
+        return tier, Decision(tier.name, "explicit")
 
     def _home(self, tier: Tier, replica: str) -> Attempt:
         """The one replica that can continue a stored response: no other has it."""
@@ -410,7 +465,11 @@ class ProxyService:
         """The smallest prompt size any routing rule or tier limit compares with: counts
         below it change no decision, so an upper bound will do (serving/router/tokens.py)."""
         max_out = payload.get("max_completion_tokens") or payload.get("max_tokens") or 1
-        limits = [t.max_context - max_out for t in self.registry.tiers if t.max_context]
+        limits = [
+            t.max_context - max_out
+            for t in self.registry.tiers
+            if t.max_context and t.task == "generate"
+        ]
         if self.router.rules.long_prompt_tier:
             limits.append(self.router.rules.long_prompt_tokens)
         return max(0, min(limits, default=1 << 30))

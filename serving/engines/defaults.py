@@ -53,3 +53,43 @@ def tools_tier_problems(settings: Settings) -> list[str]:
                 "serve a model whose manifest sets them"
             )
     return problems
+
+
+def engine_task(engine: EngineSettings) -> str:
+    """What an engine serves: its manifest's task; an engine not named by a manifest
+    generates."""
+    try:
+        return load_manifest(engine.model).task
+    except ModelError:
+        return "generate"
+
+
+def tier_tasks(settings: Settings) -> dict[str, str]:
+    """Each tier's task: its own `task`, else its first engine's."""
+    engines = {e.name: e for e in settings.engines}
+    return {
+        tier.name: tier.task or engine_task(engines[tier.engines[0]])
+        for tier in settings.effective_tiers()
+    }
+
+
+def task_problems(settings: Settings) -> list[str]:
+    """A tier's supervised engines serve its task, and `auto`'s rules and order name
+    generating tiers only (an embedding model cannot answer a chat)."""
+    tasks = tier_tasks(settings)
+    engines = {e.name: (i, e) for i, e in enumerate(settings.engines)}
+    problems = []
+    for t, tier in enumerate(settings.effective_tiers()):
+        for name in tier.engines:
+            i, engine = engines[name]
+            if engine.supervised and engine_task(engine) != tasks[tier.name]:
+                problems.append(
+                    f"tiers.{t}.task: tier {tier.name!r} serves {tasks[tier.name]}, but "
+                    f"engines.{i} ({name}) serves {engine_task(engine)}"
+                )
+    refs = {f"router.rules.{k}": v for k, v in settings.router.rules if k.endswith("tier")}
+    refs.update({f"router.order.{i}": t for i, t in enumerate(settings.router.order)})
+    for key, name in refs.items():
+        if name is not None and tasks.get(name) == "embed":
+            problems.append(f"{key}: tier {name!r} serves embeddings, not chats")
+    return problems

@@ -83,6 +83,8 @@ def with_kv_events(
     `folder` (a private temp folder: local subscribers only, however many workers).
     Args that configure kv_events_config keep it, and a bound tcp://*:PORT is read
     back as loopback; an engine told to connect out cannot be subscribed to."""
+    if args.get("runner") == "pooling":
+        return args, None, None  # an encoder keeps no KV cache to route by
     config = args.get("kv_events_config")
     if isinstance(config, str):
         config = json.loads(config)

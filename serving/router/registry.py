@@ -52,6 +52,7 @@ class Tier:
     max_output_tokens: int | None = None
     sources: list[str] = field(default_factory=list)  # configured engine names
     block_size: int = 128  # the engines' KV block, in tokens (prefix keys are cut by it)
+    task: str = "generate"  # or "embed": /v1/embeddings only
     sessions: OrderedDict[str, str] = field(default_factory=OrderedDict)  # -> replica
 
     def coming_back(self) -> bool:
