@@ -31,6 +31,7 @@ from serving.router.tokens import TokenCounter
 from serving.tasks import cancel_and_wait
 from serving.tenants.auth import Authenticator
 from serving.tenants.limits import TenantLimiter
+from serving.tenants.pg_gateway import PgTenancy
 from serving.tenants.redis_limits import RedisLimiter
 from serving.tenants.store import TenantStore
 from serving.tenants.usage import UsageLedger, flush_loop
@@ -84,6 +85,15 @@ def build_registry(settings: Settings) -> EngineRegistry:
     for ep in registry.endpoints:
         ep.prefix = ReplicaIndex(prefix.approx_blocks, prefix.pending_s, prefix.max_blocks)
     return registry
+
+
+def tenant_store(settings: Settings) -> TenantStore | PgTenancy:
+    """Keys, tenants and usage: PostgreSQL for a fleet, else the SQLite file."""
+    tenancy = settings.tenancy
+    if tenancy.database_url is not None:
+        url = tenancy.database_url.get_secret_value()
+        return PgTenancy(url, tenancy.max_stale_s, tenancy.usage_retention_days)
+    return TenantStore(settings.tenancy_db())
 
 
 def block_size(settings: Settings, engine_names: list[str]) -> int:
@@ -157,7 +167,7 @@ def create_app(
             prompt_sample=settings.server.access_log_prompt_sample,
         )
         server = settings.server
-        store = TenantStore(settings.tenancy_db()) if settings.tenancy.enabled else None
+        store = tenant_store(settings) if settings.tenancy.enabled else None
         ledger = UsageLedger(store) if store is not None else None
         auth = Authenticator([k.get_secret_value() for k in server.api_keys], store)
         app.state.auth = auth
@@ -213,6 +223,7 @@ def create_app(
             asyncio.create_task(lag.run()),
             asyncio.create_task(Feeds(registry, metrics).run()),
             *([asyncio.create_task(flush_loop(ledger))] if ledger is not None else []),
+            *([asyncio.create_task(store.run())] if store is not None else []),
             *(
                 asyncio.create_task(
                     Discovery(
@@ -236,7 +247,7 @@ def create_app(
             await cancel_and_wait(loops)
             if store is not None:
                 ledger.flush()  # what the last second added
-                store.close()
+                await store.aclose()
             if isinstance(limiter, RedisLimiter):
                 await limiter.close()
             if supervisor is not None:

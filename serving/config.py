@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -412,11 +413,30 @@ class RouterSettings(_Strict):
 
 
 class TenancySettings(_Strict):
-    """Named keys per tenant (team), stored hashed in SQLite; `tiergate keys` manages them.
-    `server.api_keys` keep working beside them, with access to every tier."""
+    """Named keys per tenant (team), stored hashed in SQLite (one host) or PostgreSQL (a
+    fleet); `tiergate keys` manages them. `server.api_keys` keep working beside them,
+    with access to every tier."""
 
     enabled: bool = Field(False, description="Require a tenant key (or server.api_keys).")
     db: Path | None = Field(None, description="Default: tenants.sqlite3 in model_cache.")
+    database_url: SecretStr | None = Field(
+        None,
+        description="postgresql://user:password@host:5432/db: keys, tenants and usage in "
+        "PostgreSQL, shared by every router replica and worker, instead of `db` (e.g. "
+        "from TIERGATE_TENANCY__DATABASE_URL).",
+    )
+    max_stale_s: float = Field(
+        300.0,
+        ge=0,
+        description="With PostgreSQL unreachable, how long the keys each gateway holds in "
+        "memory keep working after its last contact (then 503); unknown keys get 503.",
+    )
+    usage_retention_days: int = Field(
+        400,
+        ge=1,
+        description="PostgreSQL: usage rows older than this many days are deleted (checked "
+        "hourly by each gateway).",
+    )
     redis_url: str | None = Field(
         None,
         pattern=r"^(redis|rediss|unix)://",
@@ -430,6 +450,15 @@ class TenancySettings(_Strict):
         "third of this while it holds requests) that its requests in flight stop counting "
         "against max_concurrency: how long a dead replica can hold a tenant's slots.",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("must start with postgresql:// (or postgres://)")
+        return url
 
 
 class Settings(BaseSettings):

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import time
 
 import pytest
 from openai import OpenAI
 
-from tests.utils import DEFAULT_CONFIG, GatewayProcess
+from tests.utils import DEFAULT_CONFIG, GatewayProcess, free_port
 
 
 def pytest_report_header() -> str:
@@ -52,3 +56,28 @@ def client(gateway: GatewayProcess) -> OpenAI:
 @pytest.fixture(scope="session")
 def model() -> str:
     return "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A throwaway redis-server (Debian's); stopped (and checked gone) at the end."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (make test installs it where it runs as root)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        assert proc.wait(10) is not None

@@ -5,10 +5,7 @@ one tenant's rpm."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
-import socket
-import subprocess
 import time
 
 import httpx
@@ -17,7 +14,7 @@ import yaml
 
 from serving.tenants.limits import RateLimited
 from serving.tenants.store import Principal, Scope, Tenant, TenantStore
-from tests.utils import GatewayProcess, free_port
+from tests.utils import GatewayProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -25,31 +22,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    """A throwaway redis-server; stopped (and checked gone) at the end."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (make test installs it where it runs as root)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        assert proc.wait(10) is not None
 
 
 async def test_redis_limiter_answers_as_the_in_process_one(redis_url) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from serving.errors import Unauthorized
 from serving.tenants.keys import bearer
-from serving.tenants.store import Principal, TenantStore
+from serving.tenants.store import GatewayStore, Principal
 
 OPERATOR_TENANT = "default"  # config-file keys and the open gateway; tenant names may not take it
 OPEN = Principal(tenant=OPERATOR_TENANT, key="anonymous", tiers=None)  # no keys configured
@@ -21,7 +21,7 @@ class Authenticator:
     a tenant key is looked up in the store on every request, so a revoked key is refused
     at once. With neither, the gateway is open, as before."""
 
-    def __init__(self, config_keys: Sequence[str], store: TenantStore | None = None) -> None:
+    def __init__(self, config_keys: Sequence[str], store: GatewayStore | None = None) -> None:
         self.config_keys = [k.encode() for k in config_keys]
         self.store = store
 

@@ -6,8 +6,9 @@
     tiergate keys revoke team-a ci-bot
     tiergate keys usage --since 2026-11-01
 
-The store is the gateway's (`tenancy.db`, default tenants.sqlite3 in the model cache),
-found through the same config file as `tiergate serve`.
+The store is the gateway's, found through the same config file (and environment) as
+`tiergate serve`: `tenancy.database_url` (PostgreSQL, a fleet's), else `tenancy.db`
+(default tenants.sqlite3 in the model cache).
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from serving.config import ConfigError, load_settings
+from serving.tenants.pg_store import PgAdmin
 from serving.tenants.store import Tenant, TenantStore
 
 
-def _store(a: argparse.Namespace) -> TenantStore:
+def _store(a: argparse.Namespace) -> TenantStore | PgAdmin:
     if a.db:
         return TenantStore(a.db)
-    return TenantStore(load_settings(a.config).tenancy_db())
+    settings = load_settings(a.config)  # the environment's TIERGATE_* too
+    if settings.tenancy.database_url is not None:
+        return PgAdmin(settings.tenancy.database_url.get_secret_value())
+    return TenantStore(settings.tenancy_db())
 
 
-def cmd_tenant(a: argparse.Namespace, store: TenantStore) -> int:
+def cmd_tenant(a: argparse.Namespace, store: TenantStore | PgAdmin) -> int:
     store.set_tenant(
         Tenant(
             a.name,
@@ -45,14 +50,14 @@ def cmd_tenant(a: argparse.Namespace, store: TenantStore) -> int:
     return 0
 
 
-def cmd_create(a: argparse.Namespace, store: TenantStore) -> int:
+def cmd_create(a: argparse.Namespace, store: TenantStore | PgAdmin) -> int:
     key = store.create_key(a.tenant, a.name, a.rpm, a.tpm, a.max_concurrency)
     print(key)
     print("This is the only time the key is shown; the gateway keeps its SHA-256.", file=sys.stderr)
     return 0
 
 
-def cmd_list(a: argparse.Namespace, store: TenantStore) -> int:
+def cmd_list(a: argparse.Namespace, store: TenantStore | PgAdmin) -> int:
     tenants = {t.name: t for t in store.tenants()}
     for k in store.keys():
         t = tenants[k["tenant"]]
@@ -63,13 +68,13 @@ def cmd_list(a: argparse.Namespace, store: TenantStore) -> int:
     return 0
 
 
-def cmd_revoke(a: argparse.Namespace, store: TenantStore) -> int:
+def cmd_revoke(a: argparse.Namespace, store: TenantStore | PgAdmin) -> int:
     store.revoke(a.tenant, a.name)
     print(f"revoked {a.tenant}/{a.name}: refused from the next request on")
     return 0
 
 
-def cmd_usage(a: argparse.Namespace, store: TenantStore) -> int:
+def cmd_usage(a: argparse.Namespace, store: TenantStore | PgAdmin) -> int:
     rows = store.usage(a.since or "")
     if a.json:
         print(json.dumps(rows, indent=1))

@@ -1,4 +1,5 @@
 """Tenants, keys and the usage ledger in SQLite: the embedded default, nothing to run.
+(A fleet's routers share PostgreSQL instead: serving/tenants/pg_store.py.)
 
 The gateway looks a key up on every request (one indexed read, ~10 us) instead of
 caching it, so `tiergate keys revoke` takes effect on the next request, in every
@@ -13,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from serving.tenants import keys as keymod
 
@@ -96,7 +98,51 @@ class Principal:
         return min(values) if values else None
 
 
+class GatewayStore(Protocol):
+    """What the gateway asks of a store (SQLite's TenantStore, PostgreSQL's PgTenancy in
+    serving/tenants/pg_gateway.py): one interface, whichever holds the keys."""
+
+    def lookup(self, key: str) -> Principal | None: ...
+
+    def record(self, rows: Iterable[tuple[str, str, str, str, int, int, int, float]]) -> None: ...
+
+    def spent(self, tenant: str, since: str) -> int: ...
+
+    async def run(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+# What a key's row and its tenant's say about a caller, in principal_of's order; both
+# stores select these (k: keys, t: tenants).
+PRINCIPAL_COLUMNS = (
+    "k.name, k.tenant, t.tiers, k.rpm, t.rpm, k.tpm, t.tpm, k.max_concurrency, "
+    "t.max_concurrency, t.budget_tokens, t.budget_period, t.budget_hard"
+)
+
+
+def principal_of(row: tuple) -> Principal:
+    """A caller from PRINCIPAL_COLUMNS. A key may narrow its tenant's limits (its own
+    scope), never widen them: the tenant's scope counts every key's requests."""
+    name, tenant, tiers = row[0], row[1], row[2]
+    if isinstance(tiers, str):  # SQLite keeps JSON text; Postgres hands back the list
+        tiers = json.loads(tiers)
+    scopes = [Scope(f"t:{tenant}", row[4], row[6], row[8])]
+    key_scope = Scope(f"k:{tenant}/{name}", row[3], row[5], row[7])
+    if key_scope.limited:
+        scopes.append(key_scope)
+    return Principal(
+        tenant=tenant,
+        key=name,
+        tiers=frozenset(tiers) if tiers else None,
+        scopes=tuple(s for s in scopes if s.limited),
+        budget=Budget(row[9], row[10], bool(row[11])) if row[9] else None,
+    )
+
+
 class TenantStore:
+    """The SQLite store: the operator's side (`tiergate keys`) and the gateway's."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -113,6 +159,12 @@ class TenantStore:
 
     def close(self) -> None:
         self.db.close()
+
+    async def run(self) -> None:
+        """Nothing to watch: every lookup asks the file whether it changed."""
+
+    async def aclose(self) -> None:
+        self.close()
 
     def __enter__(self) -> TenantStore:
         return self
@@ -217,28 +269,13 @@ class TenantStore:
         if kid is None:
             return None
         row = self.db.execute(
-            "SELECT k.digest, k.name, k.tenant, t.tiers, k.rpm, t.rpm, k.tpm, t.tpm, "
-            "k.max_concurrency, t.max_concurrency, t.budget_tokens, t.budget_period, "
-            "t.budget_hard FROM keys k JOIN tenants t "
+            f"SELECT k.digest, {PRINCIPAL_COLUMNS} FROM keys k JOIN tenants t "
             "ON k.tenant = t.name WHERE k.id=? AND k.revoked IS NULL",
             (kid,),
         ).fetchone()
         if row is None or not keymod.matches(key, row[0]):
             return None
-        tiers = json.loads(row[3])
-        # A key may narrow its tenant's limits (its own scope), never widen them: the
-        # tenant's scope counts every key's requests.
-        scopes = [Scope(f"t:{row[2]}", row[5], row[7], row[9])]
-        key_scope = Scope(f"k:{row[2]}/{row[1]}", row[4], row[6], row[8])
-        if key_scope.limited:
-            scopes.append(key_scope)
-        return Principal(
-            tenant=row[2],
-            key=row[1],
-            tiers=frozenset(tiers) if tiers else None,
-            scopes=tuple(s for s in scopes if s.limited),
-            budget=Budget(row[10], row[11], bool(row[12])) if row[10] else None,
-        )
+        return principal_of(row[1:])
 
     def record(self, rows: Iterable[tuple[str, str, str, str, int, int, int, float]]) -> None:
         """Add (day, tenant, key, tier, requests, prompt, completion, cost) to the ledger,

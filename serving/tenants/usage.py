@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections import defaultdict
 
-from serving.tenants.store import TenantStore
+from serving.tenants.store import GatewayStore
 
 Row = tuple[str, str, str, str]  # day, tenant, key, tier
 
@@ -33,7 +33,7 @@ def period_start(period: str, now: float) -> str:
 
 
 class UsageLedger:
-    def __init__(self, store: TenantStore) -> None:
+    def __init__(self, store: GatewayStore) -> None:
         self.store = store
         self.pending: dict[Row, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
         self.spent_cache: dict[tuple[str, str], tuple[int, float]] = {}
