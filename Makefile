@@ -10,7 +10,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 LOCK := $(if $(HAS_GPU),requirements/gpu.txt,requirements/cpu.lock)
 STAMP := $(VENV)/.tiergate-installed
 
-.PHONY: install serve test lint format prepare clean browser redis
+.PHONY: install serve test lint format prepare clean browser redis postgres
 
 install: $(STAMP)
 
@@ -56,7 +56,14 @@ redis:
 	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 	  && { $(APT_REDIS) || { apt-get update -q >/dev/null 2>&1 && $(APT_REDIS); }; }; } || true
 
-test: install lint browser redis
+# PostgreSQL for the fleet-tenancy tests: Debian's postgresql, the same way (each test
+# starts its own throwaway server; without it those tests are skipped, and say why).
+APT_POSTGRES = DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { $(APT_POSTGRES) || { apt-get update -q >/dev/null 2>&1 && $(APT_POSTGRES); }; }; } || true
+
+test: install lint browser redis postgres
 	$(VENV)/bin/pytest -ra --durations=15 $(PYTEST_ARGS)
 
 clean:

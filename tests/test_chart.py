@@ -433,3 +433,48 @@ def test_a_tools_tier_that_cannot_serve_tools_is_refused() -> None:
         )
     tier["engineArgs"] |= {"enable_auto_tool_choice": True, "tool_call_parser": "llama3_json"}
     assert by_kind(render({"tiers": [tier], "router": router}), "Deployment")
+
+
+def test_tenancy_reads_its_urls_from_secrets_for_every_replica(tmp_path) -> None:
+    values = yaml.safe_load((REPO / "k8s" / "examples" / "values-tenancy.yaml").read_text())
+    docs = render(values)
+    (router,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"].endswith("router")]
+    assert router["spec"]["replicas"] == 2
+    env = {e["name"]: e for e in router["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TIERGATE_TENANCY__DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tiergate-pg-app",
+        "key": "uri",
+    }
+    assert env["TIERGATE_TENANCY__REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tiergate-redis",
+        "key": "url",
+    }
+    assert all("value" not in e for n, e in env.items() if n.startswith("TIERGATE_TENANCY"))
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("router")]
+    assert "postgresql://" not in cm["data"]["config.yaml"]
+    config = tmp_path / "config.yaml"
+    config.write_text(cm["data"]["config.yaml"])
+    settings = load_settings(
+        config,
+        tenancy={"database_url": "postgresql://u:p@db/tiergate", "redis_url": "redis://r:6379/0"},
+    )
+    assert settings.tenancy.enabled and settings.tenancy.max_stale_s == 300
+    assert settings.tenancy.usage_retention_days == 400
+
+
+@pytest.mark.parametrize(
+    ("tenancy", "replicas", "message"),
+    [
+        ({"enabled": True}, 1, "tenancy.databaseUrlSecret.name"),
+        ({"enabled": True, "databaseUrlSecret": {"name": "pg", "key": "uri"}}, 2,
+         "tenancy.redisUrlSecret.name"),
+        ({"enabled": True, "databaseUrl": "postgresql://inline"}, 1, "databaseUrl"),
+    ],
+)  # fmt: skip
+def test_tenancy_without_its_secrets_is_refused(tenancy: dict, replicas: int, message: str) -> None:
+    with pytest.raises(helm_python.HelmError, match=message):
+        render({"router": {"replicas": replicas}, "tenancy": tenancy})
+    # one replica, or limits counted per replica by choice, need no Redis
+    ok = {"enabled": True, "databaseUrlSecret": {"name": "pg", "key": "uri"}}
+    assert render({"router": {"replicas": 1}, "tenancy": ok})
+    assert render({"router": {"replicas": 3}, "tenancy": {**ok, "limitsPerReplica": True}})

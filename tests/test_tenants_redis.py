@@ -14,7 +14,7 @@ import yaml
 
 from serving.tenants.limits import RateLimited
 from serving.tenants.store import Principal, Scope, Tenant, TenantStore
-from tests.utils import GatewayProcess
+from tests.utils import GatewayProcess, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -198,3 +198,21 @@ async def test_budget_spend_is_shared_through_redis(redis_url) -> None:
     finally:
         await one.close()
         await two.close()
+
+
+async def test_limits_fail_open_while_redis_is_unreachable(caplog) -> None:
+    """Nothing listens on the port: admission serves (not counted) and says so once,
+    and a budget reads as unspent, rather than every tenant getting a 500."""
+    from serving.tenants.redis_limits import RedisLimiter
+    from serving.tenants.store import Budget
+
+    lim = RedisLimiter(f"redis://127.0.0.1:{free_port()}/0")
+    try:
+        p = Principal("t", "k", None, (Scope("t:t", rpm=1),), Budget(10, "day", True))
+        for _ in range(3):
+            assert await lim.admit(p, 10, now=time.time()) is None
+        assert await lim.budget_spent(p, time.time()) == 0
+        warnings = [r for r in caplog.records if "Redis unreachable" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        await lim.close()

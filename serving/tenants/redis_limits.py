@@ -12,7 +12,8 @@ script counts only the processes heard from within the lease and deletes the oth
 fields. So the requests of a gateway that died (killed, OOM, node lost) stop counting
 one lease after its last word, instead of holding the tenant's slots for as long as the
 tenant keeps sending. Hashes expire after two idle minutes (every bucket is full again
-by then), and never while a live process holds a request in them.
+by then), and never while a live process holds a request in them. With Redis
+unreachable, limits and budgets fail open (served, not counted; logged).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
 
 from serving.tasks import cancel_and_wait
 from serving.tenants.limits import RateLimited, duration, tokens_used
@@ -158,6 +161,7 @@ class RedisLimiter:
         import redis.asyncio as redis
 
         self.redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.warned = -10.0  # when Redis being away was last logged
         self.prefix = prefix
         self.default_reservation = default_reservation
         self.lease = lease
@@ -217,7 +221,11 @@ class RedisLimiter:
         need = max_tokens or self.default_reservation
         keys, limits = self._args(p)
         args = [now, need, self.me, now - self.lease, self.ttl, *limits]
-        answer = await self.admit_script(keys=keys, args=args)
+        try:
+            answer = await self.admit_script(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+            return None  # fail open: served, not counted
         if answer[0] == 1:
             self.held.update(keys)
             if self.beat is None:
@@ -264,9 +272,22 @@ class RedisLimiter:
         return f"{self.prefix}budget:{tenant}:{period_start(period, now)}"
 
     async def budget_spent(self, p: Principal, now: float) -> int:
-        """Tokens the tenant used this period, counted by every replica."""
-        value = await self.redis.get(self._budget_key(p.tenant, p.budget.period, now))
+        """Tokens the tenant used this period, counted by every replica (0 while Redis
+        cannot be reached: budgets fail open, as limits do)."""
+        try:
+            value = await self.redis.get(self._budget_key(p.tenant, p.budget.period, now))
+        except (RedisError, OSError) as exc:
+            self._unreachable(exc)
+            return 0
         return int(value or 0)
+
+    def _unreachable(self, exc: Exception) -> None:
+        """Limits fail open while Redis is away: every tenant refused would be worse
+        than limits unenforced for a while. Said once every 10 s."""
+        now = time.monotonic()
+        if now - self.warned >= 10:
+            self.warned = now
+            log.warning("tenant limits: Redis unreachable (%s); serving without limits", exc)
 
     @staticmethod
     def _headers(p: Principal, levels: list[float]) -> dict[str, str]:
