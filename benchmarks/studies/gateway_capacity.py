@@ -203,11 +203,14 @@ def run_wrk(
     return r
 
 
-def tenant_key(db: Path) -> str:
-    """A tenant with every limit on but too high to bite: the checks run, none refuses."""
+def tenant_key(db: Path | str) -> str:
+    """A tenant with every limit on but too high to bite: the checks run, none refuses.
+    `db`: the SQLite file, or a postgresql:// URL."""
+    from serving.tenants.pg_store import PgAdmin
     from serving.tenants.store import Tenant, TenantStore
 
-    with TenantStore(db) as store:
+    opened = PgAdmin(db) if isinstance(db, str) else TenantStore(db)
+    with opened as store:
         store.set_tenant(
             Tenant("bench", (), rpm=10**9, tpm=10**12, max_concurrency=10**6, budget_tokens=10**15)
         )
@@ -219,10 +222,11 @@ def gateway_config(
     upstream: str,
     tokenizer: Path | None,
     max_in_flight: int = 0,
-    tenancy: Path | None = None,
+    tenancy: Path | str | None = None,
     server: dict | None = None,
     replicas: int = 1,
 ) -> Path:
+    """`tenancy`: a SQLite file, or a postgresql:// URL, turns tenancy on."""
     names = ["fake"] if replicas == 1 else [f"fake-{i}" for i in range(replicas)]
     tier = {"name": "fake", "model": "fake", "engines": names}
     if tokenizer:
@@ -236,10 +240,15 @@ def gateway_config(
         # the fake holds any number of streams; the default 128 per replica is for vLLM
         "router": {"rules": {"default_tier": "fake"}, "spill": {"max_in_flight": 1024}},
     }
-    if tenancy is not None:
+    if isinstance(tenancy, str):
+        config["tenancy"] = {"enabled": True, "database_url": tenancy}
+    elif tenancy is not None:
         config["tenancy"] = {"enabled": True, "db": str(tenancy)}
     folder.mkdir(exist_ok=True)
-    path = folder / ("tiergate-tenancy.yaml" if tenancy else "tiergate.yaml")
+    name = {None: "tiergate", str: "tiergate-tenancy-pg"}.get(
+        tenancy if tenancy is None else type(tenancy), "tiergate-tenancy"
+    )
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -364,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["upstream", "yardstick", "tiergate"],
         help="upstream, yardstick, tiergate, front (tiergate with server.front), tenancy "
-        "(tiergate with a limited tenant's key), and `before` / `front-before`: tiergate / "
-        "front from --before-repo",
+        "(tiergate with a limited tenant's key), tenancy-pg (the same, keys and ledger in "
+        "a throwaway PostgreSQL), and `before` / `front-before`: tiergate / front from "
+        "--before-repo",
     )
     p.add_argument("--before-repo", type=Path, help="another checkout (e.g. a git worktree)")
     p.add_argument("--model", default="fake", help="'auto' routes with the tokenizer")
@@ -452,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     # one script for every run, so that the Lua callbacks' cost on the load core is alike
     script = wrk_script(a.model, work, honour_retry_after=a.clients == "retry-after")
     names = ("upstream", "yardstick", "rawasgi", "raw", "tiergate", "front", "before", "tenancy")
+    names += ("tenancy-pg",)
     names += ("limited", "limited-before", "front-before")
     ports = {t: free_port() for t in names}
     urls = {t: f"http://127.0.0.1:{port}" for t, port in ports.items()}
@@ -475,6 +486,21 @@ def main(argv: list[str] | None = None) -> int:
         tenancy_gate += ["--port", str(ports["tenancy"])]
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
+        if "tenancy-pg" in a.targets:  # the same, with keys and the ledger in PostgreSQL
+            from tests.postgres import PgServer, binaries
+
+            if binaries() is None:
+                print("tenancy-pg needs PostgreSQL: apt-get install postgresql", file=sys.stderr)
+                return 2
+            pg = PgServer(binaries()).start()
+            stack.callback(pg.close)
+            pkey = tenant_key(pg.url)
+            scripts["tenancy-pg"] = wrk_script(
+                a.model, work, a.clients == "retry-after", pkey, "-p"
+            )
+            pconfig = gateway_config(work, urls["upstream"], a.tokenizer, a.max_in_flight, pg.url)
+            pg_gate = [py, "-m", "serving.cli", "serve", "--config", str(pconfig)]
+            pg_gate += ["--port", str(ports["tenancy-pg"])]
         pids = {
             "upstream": stack.enter_context(started(fake, a.load_cpu, urls["upstream"] + "/health"))
         }
@@ -506,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         if "tenancy" in a.targets:
             pids["tenancy"] = stack.enter_context(
                 started(tenancy_gate, a.gateway_cpu, urls["tenancy"] + "/ready")
+            )
+        if "tenancy-pg" in a.targets:
+            pids["tenancy-pg"] = stack.enter_context(
+                started(pg_gate, a.gateway_cpu, urls["tenancy-pg"] + "/ready")
             )
         if "before" in a.targets:
             before = [*gate[:-1], str(ports["before"])]
