@@ -35,7 +35,14 @@ def sha256_file(path: Path, label: str = "") -> str:
     size = path.stat().st_size
     with (
         path.open("rb") as fh,
-        tqdm(total=size, unit="B", unit_scale=True, desc=f"sha256 {label}", leave=False) as bar,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"sha256 {label}",
+            leave=False,
+            disable=size < 64 << 20,  # a bar only where the wait shows
+        ) as bar,
     ):
         while chunk := fh.read(4 << 20):
             digest.update(chunk)

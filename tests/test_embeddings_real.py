@@ -76,9 +76,15 @@ def test_sdk_embeddings_rank_pairs_and_match_transformers(client: OpenAI, refere
     want = reference(texts)
     distances = [1 - _cos(v, w) for v, w in zip(vectors, want, strict=True)]
     assert max(distances) < 1e-3, distances
+    margins = []
     for i in range(len(PAIRS)):
         a, similar, other = vectors[3 * i : 3 * i + 3]
-        assert _cos(a, similar) > _cos(a, other) + 0.1, PAIRS[i]
+        margins.append(_cos(a, similar) - _cos(a, other))
+        assert margins[-1] > 0.1, PAIRS[i]
+    print(  # benchmarks/RESULTS.md, "Embeddings on the default config"
+        f"\nembeddings: max cosine distance to transformers {max(distances):.2e}; similar "
+        f"minus unrelated cosine: min {min(margins):.3f}, median {np.median(margins):.3f}"
+    )
 
 
 def test_float_and_base64_encodings_and_token_ids_agree(gateway) -> None:
