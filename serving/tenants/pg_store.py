@@ -23,7 +23,14 @@ import time
 from collections.abc import Iterable
 
 from serving.tenants import keys as keymod
-from serving.tenants.store import PRINCIPAL_COLUMNS, Tenant
+from serving.tenants.store import (
+    KEY_FIELDS,
+    PRINCIPAL_COLUMNS,
+    USAGE_FIELDS,
+    Tenant,
+    as_dicts,
+    tenant_of,
+)
 
 CHANNEL = "tiergate_tenancy"
 LOCK_ID = 0x7469_6572_6761_7465 & 0x7FFF_FFFF_FFFF_FFFF  # "tiergate": the migrations' lock
@@ -166,7 +173,7 @@ class PgAdmin:
             "SELECT name, tiers, rpm, tpm, max_concurrency, budget_tokens, budget_period, "
             "budget_hard FROM tiergate_tenants ORDER BY name"
         ).fetchall()
-        return [Tenant(r[0], tuple(r[1]), *r[2:7], bool(r[7])) for r in rows]
+        return [tenant_of(r) for r in rows]
 
     def create_key(
         self,
@@ -195,12 +202,9 @@ class PgAdmin:
 
     def keys(self) -> list[dict]:
         rows = self.conn.execute(
-            "SELECT id, name, tenant, created, revoked FROM tiergate_keys ORDER BY tenant, name"
+            f"SELECT {', '.join(KEY_FIELDS)} FROM tiergate_keys ORDER BY tenant, name"
         ).fetchall()
-        return [
-            {"id": r[0], "name": r[1], "tenant": r[2], "created": r[3], "revoked": r[4]}
-            for r in rows
-        ]
+        return as_dicts(KEY_FIELDS, rows)
 
     def revoke(self, tenant: str, name: str) -> None:
         with self.conn.transaction():
@@ -227,9 +231,7 @@ class PgAdmin:
             "ORDER BY day, tenant, key, tier",
             (since or "0001-01-01",),
         ).fetchall()
-        cols = ("day", "tenant", "key", "tier", "requests", "prompt_tokens")
-        cols += ("completion_tokens", "cost_usd")
-        return [dict(zip(cols, r, strict=True)) for r in rows]
+        return as_dicts(USAGE_FIELDS, rows)
 
     def prune(self, keep_days: int) -> int:
         """Delete usage rows older than `keep_days`; returns how many went."""

@@ -98,6 +98,22 @@ class Principal:
         return min(values) if values else None
 
 
+# The operator's listings, in both stores' column order.
+KEY_FIELDS = ("id", "name", "tenant", "created", "revoked")
+USAGE_FIELDS = ("day", "tenant", "key", "tier", "requests", "prompt_tokens")
+USAGE_FIELDS += ("completion_tokens", "cost_usd")
+
+
+def as_dicts(fields: tuple[str, ...], rows: Iterable[tuple]) -> list[dict]:
+    return [dict(zip(fields, r, strict=True)) for r in rows]
+
+
+def tenant_of(row: tuple) -> Tenant:
+    """name, tiers, rpm, tpm, max_concurrency, budget tokens, period, hard."""
+    tiers = json.loads(row[1]) if isinstance(row[1], str) else row[1]
+    return Tenant(row[0], tuple(tiers), *row[2:7], bool(row[7]))
+
+
 class GatewayStore(Protocol):
     """What the gateway asks of a store (SQLite's TenantStore, PostgreSQL's PgTenancy in
     serving/tenants/pg_gateway.py): one interface, whichever holds the keys."""
@@ -203,7 +219,7 @@ class TenantStore:
             "SELECT name, tiers, rpm, tpm, max_concurrency, budget_tokens, budget_period, "
             "budget_hard FROM tenants ORDER BY name"
         ).fetchall()
-        return [Tenant(r[0], tuple(json.loads(r[1])), *r[2:7], bool(r[7])) for r in rows]
+        return [tenant_of(r) for r in rows]
 
     def create_key(
         self,
@@ -229,12 +245,9 @@ class TenantStore:
 
     def keys(self) -> list[dict]:
         rows = self.db.execute(
-            "SELECT id, name, tenant, created, revoked FROM keys ORDER BY tenant, name"
+            f"SELECT {', '.join(KEY_FIELDS)} FROM keys ORDER BY tenant, name"
         ).fetchall()
-        return [
-            {"id": r[0], "name": r[1], "tenant": r[2], "created": r[3], "revoked": r[4]}
-            for r in rows
-        ]
+        return as_dicts(KEY_FIELDS, rows)
 
     def revoke(self, tenant: str, name: str) -> None:
         self._cache = {}
@@ -313,6 +326,4 @@ class TenantStore:
             "cost_usd FROM usage WHERE day >= ? ORDER BY day, tenant, key, tier",
             (since,),
         ).fetchall()
-        cols = ("day", "tenant", "key", "tier", "requests", "prompt_tokens")
-        cols += ("completion_tokens", "cost_usd")
-        return [dict(zip(cols, r, strict=True)) for r in rows]
+        return as_dicts(USAGE_FIELDS, rows)
