@@ -329,20 +329,20 @@ class PrefixSettings(_Strict):
     + load_tokens x load, in prompt tokens; the lowest cost wins."""
 
     load_tokens: float = Field(
-        256.0,
+        64.0,
         ge=0,
         description="Prompt tokens of prefill that one more request of load on a replica "
         "is worth (a request this gateway has in flight there, or one the engine reported "
         "from elsewhere at its last scrape).",
     )
     max_credit_tokens: int = Field(
-        2048,
+        512,
         ge=0,
         description="The most reuse can buy: a replica holding a hot prefix gives it up "
         "once it has max_credit_tokens / load_tokens more requests than another.",
     )
     session_tokens: int = Field(
-        1024,
+        512,
         ge=0,
         description="Credit of the replica a session (x-session-id, else `user`) last used.",
     )

@@ -43,6 +43,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("gateway") / "serve.log"
     with GatewayProcess(DEFAULT_CONFIG, log) as gw:
         gw.wait_ready()
+        gw.wait_for(lambda: all(e["ready"] for e in gw.engines()), 300, "every engine")
         yield gw
         assert gw.stop(signal.SIGINT) in (0, 130), gw.log_tail()  # a terminal's Ctrl-C
     assert not gw.survivors(), f"processes left after stop: {gw.survivors()}"

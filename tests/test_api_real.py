@@ -109,7 +109,7 @@ def test_uninterpreted_fields_pass_through(client: OpenAI, model: str) -> None:
 
 def test_models_health_ready(gateway: GatewayProcess, client: OpenAI, model: str) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [model, "auto"]
+    assert [m.id for m in models.data] == [model, "all-minilm-l6-v2", "auto"]
     assert models.data[0].model_extra["max_model_len"] == 2048
     assert all(m.model_extra["ready"] for m in models.data)
     for card in models.data:  # the SDK's retrieve gives the same card as the list
@@ -117,7 +117,7 @@ def test_models_health_ready(gateway: GatewayProcess, client: OpenAI, model: str
     assert gateway.get("/health").json() == {"status": "ok"}
     ready = gateway.get("/ready")
     assert ready.status_code == 200
-    assert ready.json()["engines"] == ["smollm2-cpu"]
+    assert ready.json()["engines"] == ["smollm2-cpu", "minilm-cpu"]
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

@@ -169,6 +169,18 @@ def test_a_hot_prefix_cannot_pile_everything_on_one_replica() -> None:
     assert rank([_view("a", 8000, 8), _view("b")], LIMITS, 0, w)[0][0] == "b"  # a tie
 
 
+def test_the_defaults_keep_a_group_behind_a_shared_preamble_and_cap_a_hot_prefix() -> None:
+    w = Weights()  # load_tokens 64, max_credit 512
+    # both hold the preamble (1 block); a holds the group's 3 blocks too (384 tokens):
+    # worth 5 more requests of load there; at 6 it is a tie, and the less loaded wins
+    assert rank([_view("a", 512, in_flight=5), _view("b", 128)], LIMITS, 0, w)[0][0] == "a"
+    assert rank([_view("a", 512, in_flight=6), _view("b", 128)], LIMITS, 0, w)[0][0] == "b"
+    # a long prompt all traffic shares, cached on a only: a takes 8 more requests than
+    # b at most, then they tie and the less loaded wins
+    assert rank([_view("a", 8000, 7), _view("b")], LIMITS, 0, w)[0][0] == "a"
+    assert rank([_view("a", 8000, 8), _view("b")], LIMITS, 0, w)[0][0] == "b"
+
+
 def test_saturated_replicas_are_left_out_whatever_they_hold() -> None:
     full = _view("a", 4000, waiting=9)
     assert rank([full, _view("b")], LIMITS)[0] == ["b"]

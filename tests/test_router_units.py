@@ -199,7 +199,7 @@ def test_a_session_prefers_where_it_went_last_but_yields_to_load() -> None:
     tier.remember("s1", "c")
     first = plan(tier, [], [], limits, 0, Placement(session="s1"), 3, 1)
     assert (first[0].endpoint.name, first[0].why) == ("c", "session")
-    eps[2].in_flight = 5  # 5 x 256 > 1024: the session's credit is outweighed
+    eps[2].in_flight = 9  # 9 x 64 > 512: the session's credit is outweighed
     moved = plan(tier, [], [], limits, 0, Placement(session="s1"), 3, 1)
     assert moved[0].endpoint.name != "c" and moved[0].why == "load"
     # a session never seen goes by load, and is then remembered where it went

@@ -51,9 +51,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class Weights:
-    load_tokens: float = 256.0
-    max_credit: int = 2048
-    session_tokens: int = 1024
+    load_tokens: float = 64.0
+    max_credit: int = 512
+    session_tokens: int = 512
 
 
 def is_saturated(r: ReplicaView, limits: Limits) -> bool:
