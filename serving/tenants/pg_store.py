@@ -42,7 +42,7 @@ MIGRATIONS: list[tuple[int, str]] = [
 CREATE TABLE tiergate_tenants (
     name text PRIMARY KEY,
     tiers jsonb NOT NULL,                -- [] means every tier
-    rpm integer, tpm integer, max_concurrency integer,
+    rpm bigint, tpm bigint, max_concurrency bigint,
     budget_tokens bigint, budget_period text NOT NULL DEFAULT 'month',
     budget_hard boolean NOT NULL DEFAULT true,
     created double precision NOT NULL
@@ -52,7 +52,7 @@ CREATE TABLE tiergate_keys (
     name text NOT NULL,
     tenant text NOT NULL REFERENCES tiergate_tenants(name),
     digest bytea NOT NULL,
-    rpm integer, tpm integer, max_concurrency integer,
+    rpm bigint, tpm bigint, max_concurrency bigint,
     created double precision NOT NULL,
     revoked double precision,
     UNIQUE (tenant, name)
