@@ -13,6 +13,7 @@ import yaml
 from models.hardware import GIB, gpu_profiles, model_specs
 from models.memory import EngineShape, plan_memory
 from serving.config import load_settings
+from serving.engines.defaults import task_problems
 from serving.engines.memory_check import check_settings
 from tests.utils import REPO
 
@@ -478,3 +479,26 @@ def test_tenancy_without_its_secrets_is_refused(tenancy: dict, replicas: int, me
     ok = {"enabled": True, "databaseUrlSecret": {"name": "pg", "key": "uri"}}
     assert render({"router": {"replicas": 1}, "tenancy": ok})
     assert render({"router": {"replicas": 3}, "tenancy": {**ok, "limitsPerReplica": True}})
+
+
+def test_an_embedding_tier_renders_with_its_task(tmp_path) -> None:
+    embed = {
+        "name": "embed",
+        "model": "bge-small",
+        "weights": "BAAI/bge-small-en-v1.5",
+        "task": "embed",
+        "gpu": {"count": 1, "profile": "l4"},
+        "engineArgs": {"runner": "pooling", "gpu_memory_utilization": 0.2},
+    }
+    base = yaml.safe_load((CHART / "values.yaml").read_text())["tiers"]
+    docs = render({"tiers": [*base, embed]})
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("router")]
+    config = tmp_path / "config.yaml"
+    config.write_text(cm["data"]["config.yaml"])
+    settings = load_settings(config)
+    tiers = {t.name: t for t in settings.tiers}
+    assert tiers["embed"].task == "embed" and tiers[base[0]["name"]].task is None
+    assert settings.router.order == [base[0]["name"]]  # spill never lands on embeddings
+    assert task_problems(settings) == []
+    with pytest.raises(helm_python.HelmError, match="runner: pooling"):
+        render({"tiers": [*base, {**embed, "engineArgs": {}}]})

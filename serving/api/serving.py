@@ -301,12 +301,12 @@ class ProxyService:
         """The tier for /v1/embeddings, /v1/rerank and /v1/score: the model's, or for
         `auto` the first embedding tier the caller may use."""
         if tier is None:  # the auto model (any other unknown name was refused already)
-            tier = next(
-                (t for t in self.registry.tiers if t.task == "embed" and principal.may_use(t.name)),
-                None,
-            )
-            if tier is None:
+            embedders = [t for t in self.registry.tiers if t.task == "embed"]
+            if not embedders:
                 raise ModelNotFound("No model here serves embeddings.", param="model")
+            tier = next((t for t in embedders if principal.may_use(t.name)), None)
+            if tier is None:
+                raise _not_allowed(principal, model)
             return tier, Decision(tier.name, "embedding")
         if tier.task != "embed":
             served = ", ".join(t.model for t in self.registry.tiers if t.task == "embed")
