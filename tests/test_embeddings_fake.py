@@ -45,6 +45,8 @@ async def test_embeddings_route_retry_count_and_bill_input_tokens(tmp_path) -> N
     with TenantStore(db) as store:
         store.set_tenant(Tenant("search", ("embed",)))
         key = store.create_key("search", "indexer")
+        store.set_tenant(Tenant("chatty", ("chat",)))
+        chatty = store.create_key("chatty", "bot")
     mine = {"authorization": f"Bearer {key}"}
     with (
         FakeEngine("ok") as chat,
@@ -113,6 +115,11 @@ async def test_embeddings_route_retry_count_and_bill_input_tokens(tmp_path) -> N
             assert len(good.app.state.seen) + len(broken.app.state.seen) == seen
             r = await client.post("/v1/embeddings", json={"model": "m-embed", "input": "x"})
             assert r.status_code == 401
+            theirs = {"authorization": f"Bearer {chatty}"}
+            for model in ("auto", "m-embed"):  # a tenant without the embedding tier
+                body = {"model": model, "input": "x"}
+                r = await client.post("/v1/embeddings", json=body, headers=theirs)
+                assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
             r = await client.post(
                 "/v1/chat/completions",
                 json={"model": "m-chat", "messages": [{"role": "user", "content": "hi"}]},
