@@ -60,7 +60,7 @@ def model() -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url():
+def redis_server():
     """A throwaway redis-server (Debian's); stopped (and checked gone) at the end."""
     binary = shutil.which("redis-server")
     if binary is None:
@@ -82,3 +82,14 @@ def redis_url():
     finally:
         proc.terminate()
         assert proc.wait(10) is not None
+
+
+@pytest.fixture
+def redis_url(redis_server: str):
+    """The session's redis-server, emptied for each test: tenants' buckets and spend
+    from one test must not count in the next."""
+    import redis
+
+    with redis.Redis.from_url(redis_server) as client:
+        client.flushall()
+    return redis_server

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.utils import GatewayProcess, write_config
+from tests.utils import GatewayProcess, default_engine, write_config
 
 MODEL = "smollm2-135m-instruct"
 ENGINE = "smollm2-cpu"
@@ -40,7 +40,9 @@ def test_planned_restart_drains_then_cuts_cleanly_past_the_drain_time(tmp_path: 
     """One restart covers both ends of the drain: a short stream in flight runs to its
     end within the drain time, a long one is still open when it is over and ends with
     the error event and [DONE]. (One engine restart, not two: the suite's budget.)"""
-    config = write_config(tmp_path / "c.yaml", router={"wait_ready_s": 180})
+    config = write_config(
+        tmp_path / "c.yaml", engines=[default_engine()], router={"wait_ready_s": 180}
+    )
     with GatewayProcess(config, tmp_path / "serve.log") as gw:
         gw.wait_ready()
         pid = gw.get("/tiergate/engines").json()["engines"][0]["pid"]

