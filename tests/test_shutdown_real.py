@@ -42,17 +42,17 @@ def _assert_no_survivors(gw: GatewayProcess) -> None:
 def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     # server.workers: 2 gateway processes on one port beside the engine's supervisor.
     # (One worker's Ctrl-C is the session gateway's teardown, tests/conftest.py.)
-    config = write_config(tmp_path / "c.yaml", server={"workers": 2})
+    # the chat engine alone: the embedding engine would add start-up time, not coverage
+    config = write_config(tmp_path / "c.yaml", engines=[default_engine()], server={"workers": 2})
     before = _socket_dirs()
     with GatewayProcess(config, tmp_path / "serve.log") as gw:
         gw.wait_ready()
-        gw.wait_for(lambda: all(e["ready"] for e in gw.engines()), 300, "both engines")
         ours = _socket_dirs() - before
-        assert len(ours) == 2, ours  # each engine's sockets, in a folder of its own
-        assert all(any(p.is_socket() for p in d.iterdir()) for d in ours)
+        assert len(ours) == 1, ours  # the engine's sockets, in a folder of its own
+        assert any(p.is_socket() for p in next(iter(ours)).iterdir())
         workers = [p for p in gw.descendants() if "serving.workers" in " ".join(p.cmdline())]
         assert len(workers) == 2
-        assert len(gw.descendants()) >= 6  # 2 workers; 2 engines, each with its EngineCore
+        assert len(gw.descendants()) >= 4  # 2 workers, the API server and its EngineCore
         body = {
             "model": "smollm2-135m-instruct",
             "messages": [{"role": "user", "content": "Say hi."}],
