@@ -87,12 +87,17 @@ def build_registry(settings: Settings) -> EngineRegistry:
     return registry
 
 
-def tenant_store(settings: Settings) -> TenantStore | PgTenancy:
+def tenant_store(settings: Settings, metrics: GatewayMetrics) -> TenantStore | PgTenancy:
     """Keys, tenants and usage: PostgreSQL for a fleet, else the SQLite file."""
     tenancy = settings.tenancy
     if tenancy.database_url is not None:
         url = tenancy.database_url.get_secret_value()
-        return PgTenancy(url, tenancy.max_stale_s, tenancy.usage_retention_days)
+        return PgTenancy(
+            url,
+            tenancy.max_stale_s,
+            tenancy.usage_retention_days,
+            report=metrics.tenancy_store,
+        )
     return TenantStore(settings.tenancy_db())
 
 
@@ -167,7 +172,7 @@ def create_app(
             prompt_sample=settings.server.access_log_prompt_sample,
         )
         server = settings.server
-        store = tenant_store(settings) if settings.tenancy.enabled else None
+        store = tenant_store(settings, metrics) if settings.tenancy.enabled else None
         ledger = UsageLedger(store) if store is not None else None
         auth = Authenticator([k.get_secret_value() for k in server.api_keys], store)
         app.state.auth = auth

@@ -182,6 +182,11 @@ async def test_an_outage_keeps_cached_keys_and_the_ledger(server: PgServer, db_u
                 assert unknown.json()["error"]["code"] == "key_store_unavailable"
                 assert set(statuses) == {200}, statuses
                 served_down = len(statuses)
+                down = _gauges(await gw.get("/metrics"))
+                assert down["tiergate_tenancy_store_connected"] == 0
+                assert down["tiergate_tenancy_store_contact_age_seconds"] >= 4
+                assert down["tiergate_tenancy_usage_rows_buffered"] == 1  # one (day, key, tier)
+                assert down["tiergate_tenancy_keys"] == 1
             finally:
                 server.start()
             # recovered: usage written, and a revoke acts again
@@ -199,6 +204,27 @@ async def test_an_outage_keeps_cached_keys_and_the_ledger(server: PgServer, db_u
                     break
                 await asyncio.sleep(0.1)
             assert (await _chat(gw, key)).status_code == 401
+            for _ in range(30):  # the gauges are set once a second
+                up = _gauges(await gw.get("/metrics"))
+                if up["tiergate_tenancy_keys"] == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert up["tiergate_tenancy_store_connected"] == 1
+            assert up["tiergate_tenancy_usage_rows_dropped"] == 0
+            assert up["tiergate_tenancy_keys"] == 0  # the revoked key left the snapshot
+
+
+def _gauges(r) -> dict[str, float]:
+    """The tenancy store's gauges from a /metrics answer (reported once a second)."""
+    assert r.status_code == 200
+    return {
+        name: float(value)
+        for name, value in (
+            line.split(" ", 1)
+            for line in r.text.splitlines()
+            if line.startswith("tiergate_tenancy_")
+        )
+    }
 
 
 def test_keys_cli_against_postgres_from_the_environment(db_url: str, tmp_path) -> None:

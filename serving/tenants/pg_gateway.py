@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from serving.errors import GatewayError
 from serving.tenants import keys as keymod
@@ -48,6 +48,7 @@ class PgTenancy:
         check_s: float = 5.0,
         max_buffered: int = 100_000,
         clock=time.monotonic,
+        report: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         self.url = url
         self.max_stale_s = max_stale_s
@@ -64,6 +65,7 @@ class PgTenancy:
         self.budget_tenants: set[str] = set()
         self.reloads = 0
         self.dropped_rows = 0
+        self.report = report  # given health() once a second (the metrics)
 
     # -- the request path: memory only --
 
@@ -107,9 +109,36 @@ class PgTenancy:
     def close(self) -> None:
         pass
 
+    def health(self) -> dict[str, float]:
+        """What an operator watches: contact, staleness, keys held, usage waiting."""
+        age = self.clock() - self.last_contact if self.version is not None else -1.0
+        return {
+            "connected": float(self.connected),
+            "contact_age_s": age,  # -1: never loaded
+            "keys": float(len(self.keys)),
+            "buffered_rows": float(len(self.outbox)),
+            "dropped_rows": float(self.dropped_rows),
+        }
+
+    async def _report_every(self, interval: float) -> None:
+        assert self.report is not None
+        while True:
+            self.report(self.health())
+            await asyncio.sleep(interval)
+
     # -- the background task --
 
     async def run(self) -> None:
+        reporter = asyncio.create_task(self._report_every(1.0)) if self.report else None
+        try:
+            await self._connect_forever()
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+
+    async def _connect_forever(self) -> None:
         import psycopg
 
         backoff = 0.5
