@@ -96,6 +96,10 @@ class GatewayProcess:
     def engines(self) -> list[dict[str, Any]]:
         return self.get("/tiergate/engines").json()["engines"]
 
+    def engine(self, name: str) -> dict[str, Any]:
+        """One engine's row of /tiergate/engines, by its name."""
+        return next(e for e in self.engines() if e["name"] == name)
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

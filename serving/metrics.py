@@ -243,39 +243,25 @@ class GatewayMetrics:
             ["tenant", "reason"],
             registry=r,
         )
-        # The PostgreSQL key store (tenancy.database_url), set once a second off the
-        # request path: an outage shows here before any key goes stale.
-        self.tenancy_connected = Gauge(
-            "tiergate_tenancy_store_connected",
-            "1 while the PostgreSQL key store answers (the lowest over workers).",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.tenancy_contact_age = Gauge(
-            "tiergate_tenancy_store_contact_age_seconds",
-            "Seconds since the key store last answered; cached keys get 503 past "
-            "tenancy.max_stale_s.",
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self.tenancy_keys = Gauge(
-            "tiergate_tenancy_keys",
-            "Live keys in this gateway's snapshot of the key store.",
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        self.tenancy_buffered = Gauge(
-            "tiergate_tenancy_usage_rows_buffered",
-            "Usage rows waiting to be written to the key store (summed over workers).",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.tenancy_dropped = Gauge(
-            "tiergate_tenancy_usage_rows_dropped",
-            "Usage rows dropped because the buffer was full during an outage, since start.",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
+        # The PostgreSQL key store (tenancy.database_url), keyed by PgTenancy.health()'s
+        # fields and set once a second off the request path: an outage shows here before
+        # any key goes stale.
+        self.tenancy = {
+            field: Gauge(name, doc, registry=r, multiprocess_mode=mode)
+            for field, name, mode, doc in (
+                ("connected", "tiergate_tenancy_store_connected", "livemin",
+                 "1 while the PostgreSQL key store answers (the lowest over workers)."),
+                ("contact_age_s", "tiergate_tenancy_store_contact_age_seconds", "livemax",
+                 "Seconds since the key store last answered; cached keys get 503 past "
+                 "tenancy.max_stale_s."),
+                ("keys", "tiergate_tenancy_keys", "livemax",
+                 "Live keys in this gateway's snapshot of the key store."),
+                ("buffered_rows", "tiergate_tenancy_usage_rows_buffered", "livesum",
+                 "Usage rows waiting to be written to the key store (summed over workers)."),
+                ("dropped_rows", "tiergate_tenancy_usage_rows_dropped", "livesum",
+                 "Usage rows dropped because the buffer was full during an outage."),
+            )
+        }  # fmt: skip
         self.loop_lag = Gauge(
             "tiergate_event_loop_lag_milliseconds",
             "How late the gateway's event loop runs (admission refuses past a limit).",
@@ -330,11 +316,8 @@ class GatewayMetrics:
 
     def tenancy_store(self, health: dict[str, float]) -> None:
         """PgTenancy.health(), once a second."""
-        self.tenancy_connected.set(health["connected"])
-        self.tenancy_contact_age.set(health["contact_age_s"])
-        self.tenancy_keys.set(health["keys"])
-        self.tenancy_buffered.set(health["buffered_rows"])
-        self.tenancy_dropped.set(health["dropped_rows"])
+        for field, value in health.items():
+            self.tenancy[field].set(value)
 
     def admission_refused(self, reason: str, n: int = 1) -> None:
         self._child(self.admission, reason).inc(n)

@@ -16,12 +16,8 @@ import psutil
 from tests.utils import GatewayProcess
 
 
-def _chat_engine(gateway: GatewayProcess) -> dict:
-    return next(e for e in gateway.engines() if e["name"] == "smollm2-cpu")
-
-
 def test_killed_engine_is_restarted(gateway: GatewayProcess, model: str) -> None:
-    before = _chat_engine(gateway)
+    before = gateway.engine("smollm2-cpu")
     old_pid = before["pid"]
     assert before["state"] == "ready" and psutil.pid_exists(old_pid)
     old_group = [p.pid for p in psutil.Process(old_pid).children(recursive=True)]
@@ -29,7 +25,7 @@ def test_killed_engine_is_restarted(gateway: GatewayProcess, model: str) -> None
 
     os.kill(old_pid, signal.SIGKILL)  # the vLLM API server dies without warning
 
-    gateway.wait_for(lambda: not _chat_engine(gateway)["ready"], 15, "the engine not ready")
+    gateway.wait_for(lambda: not gateway.engine("smollm2-cpu")["ready"], 15, "the engine not ready")
     # /ready answers for the gateway: the embedding engine still serves
     assert gateway.get("/ready").json()["engines"] == ["minilm-cpu"]
     killed = time.monotonic()
@@ -46,8 +42,8 @@ def test_killed_engine_is_restarted(gateway: GatewayProcess, model: str) -> None
         assert held.json()["usage"]["completion_tokens"] > 0
     print(f"a request during the restart: {held.status_code} after {took:.1f} s")
 
-    gateway.wait_for(lambda: _chat_engine(gateway)["ready"], 300, "the engine back")
-    after = _chat_engine(gateway)
+    gateway.wait_for(lambda: gateway.engine("smollm2-cpu")["ready"], 300, "the engine back")
+    after = gateway.engine("smollm2-cpu")
     assert after["pid"] != old_pid
     assert after["restarts"] == before["restarts"] + 1
     for pid in [old_pid, *old_group]:  # the dead engine's EngineCore did not leak

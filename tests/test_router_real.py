@@ -174,10 +174,6 @@ def test_affinity_keeps_a_session_on_one_replica_and_hits_its_prefix_cache(
     assert homes == {"smollm2-a", "smollm2-b"}  # sessions spread over both
 
 
-def _engine(gw: GatewayProcess, name: str) -> dict:
-    return next(e for e in gw.engines() if e["name"] == name)
-
-
 SYSTEM = {
     "role": "system",
     "content": "Reference notes. "
@@ -197,10 +193,8 @@ def test_prefix_routing_follows_the_engines_kv_events(tiers: GatewayProcess) -> 
     assert prompt >= 5 * 128
     home = first.headers["x-tiergate-replica"]
     blocks = prompt // 128
-    tiers.wait_for(
-        lambda: _engine(tiers, home)["prefix_index"]["blocks"] >= blocks, 10, "the events"
-    )
-    index = _engine(tiers, home)["prefix_index"]
+    tiers.wait_for(lambda: tiers.engine(home)["prefix_index"]["blocks"] >= blocks, 10, "the events")
+    index = tiers.engine(home)["prefix_index"]
     assert index["source"] == "events" and index["events"] >= 1 and index["staleness_s"] >= 0
     time.sleep(5.5)  # past router.prefix.pending_s: only the engine's events vouch now
     engines = {e["name"]: e["url"] for e in tiers.engines()}
@@ -229,10 +223,10 @@ def test_prefix_routing_follows_the_engines_kv_events(tiers: GatewayProcess) -> 
     # the event. vLLM publishes events at its next step, so one short request (no full
     # block of its own) is sent to that engine directly.
     assert httpx.post(engines[home] + "/reset_prefix_cache", timeout=10).status_code == 200
-    model = _engine(tiers, home)["model"]
+    model = tiers.engine(home)["model"]
     body = {"model": model, "prompt": "Hi", "max_tokens": 1}
     assert httpx.post(engines[home] + "/v1/completions", json=body, timeout=60).status_code == 200
-    tiers.wait_for(lambda: _engine(tiers, home)["prefix_index"]["blocks"] == 0, 1.0, "cleared")
+    tiers.wait_for(lambda: tiers.engine(home)["prefix_index"]["blocks"] == 0, 1.0, "cleared")
 
 
 def test_stored_responses_continue_on_the_replica_that_stores_them(
@@ -334,8 +328,8 @@ def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -
     seeded = _chat(tiers, {"model": "smollm2-large", "messages": seed})
     name = seeded.headers["x-tiergate-replica"]
     other = next(e["name"] for e in tiers.engines() if e["name"] != name)
-    tiers.wait_for(lambda: _engine(tiers, name)["prefix_index"]["blocks"] > 0, 10, "events")
-    victim = _engine(tiers, name)
+    tiers.wait_for(lambda: tiers.engine(name)["prefix_index"]["blocks"] > 0, 10, "events")
+    victim = tiers.engine(name)
     counts: dict = {}
     lock = threading.Lock()
     done = 0
@@ -347,7 +341,7 @@ def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -
             time.sleep(0.02)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at, killed = done, time.monotonic()
-        tiers.wait_for(lambda: _engine(tiers, name)["prefix_index"]["blocks"] == 0, 1.0, "forget")
+        tiers.wait_for(lambda: tiers.engine(name)["prefix_index"]["blocks"] == 0, 1.0, "forget")
         forgotten = time.monotonic() - killed
         for f in futures:
             f.result()

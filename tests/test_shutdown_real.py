@@ -21,10 +21,6 @@ def _socket_dirs() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("tiergate-sockets-*"))
 
 
-def _engine(gw: GatewayProcess, name: str) -> dict:
-    return next(e for e in gw.engines() if e["name"] == name)
-
-
 def _api_servers(gw: GatewayProcess, model: str) -> set[int]:
     """The pids of the vLLM API servers serving `model` (--served-model-name)."""
     return {
@@ -106,7 +102,7 @@ def test_two_workers_serve_the_real_engine_and_ctrl_c_stops_everything(tmp_path:
         assert drained[-1] == "data: [DONE]" and not any('"error"' in e for e in drained)
         usage = json.loads(drained[-2].removeprefix("data: "))["usage"]
         assert usage["completion_tokens"] == 200  # all of it, through the drain
-        gw.wait_for(lambda: _engine(gw, "smollm2-cpu")["ready"], 60, "the workers to see it back")
+        gw.wait_for(lambda: gw.engine("smollm2-cpu")["ready"], 60, "the workers to see it back")
         now = _api_servers(gw, "smollm2-135m-instruct")
         assert now and not now & engine_pids  # a new engine process
         assert "draining for a restart" in gw.log_tail(400)

@@ -23,7 +23,7 @@ def anyio_backend() -> str:
 
 
 async def test_tenant_tiers_and_usage_against_the_real_engine(gateway, model, tmp_path) -> None:
-    engine_url = next(e["url"] for e in gateway.engines() if e["name"] == "smollm2-cpu")
+    engine_url = gateway.engine("smollm2-cpu")["url"]
     db = tmp_path / "tenants.sqlite3"
     with TenantStore(db) as store:
         store.set_tenant(Tenant("team-a", ("small",)))
@@ -77,7 +77,7 @@ async def test_tpm_and_budget_refusals_against_the_real_engine(gateway, model, t
     """tpm is charged the engine's real usage (prompt + completion) after each answer;
     once the bucket is short, 429 with Retry-After and the -tokens headers. A spent hard
     budget is 429 insufficient_quota."""
-    engine_url = next(e["url"] for e in gateway.engines() if e["name"] == "smollm2-cpu")
+    engine_url = gateway.engine("smollm2-cpu")["url"]
     db = tmp_path / "tenants.sqlite3"
     with TenantStore(db) as store:
         store.set_tenant(Tenant("meter", (), tpm=100))

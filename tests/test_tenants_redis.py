@@ -133,7 +133,7 @@ async def test_two_gateways_on_one_redis_share_a_tenants_rpm(
     """Both gateways front the session's real engine; one tenant at 30 rpm sends 80
     requests alternately through them. Together they admit 30 plus what refilled while
     the test ran, as one gateway would."""
-    engine_url = next(e["url"] for e in gateway.engines() if e["name"] == "smollm2-cpu")
+    engine_url = gateway.engine("smollm2-cpu")["url"]
     db = tmp_path / "tenants.sqlite3"
     rpm = 30
     with TenantStore(db) as store:

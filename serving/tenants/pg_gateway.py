@@ -27,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from serving.errors import GatewayError
+from serving.tasks import cancel_and_wait
 from serving.tenants import keys as keymod
 from serving.tenants.pg_store import CHANNEL, SNAPSHOT, UPSERT_USAGE, migrate, usage_rows
 from serving.tenants.store import Principal, principal_of
@@ -133,10 +134,7 @@ class PgTenancy:
         try:
             await self._connect_forever()
         finally:
-            if reporter is not None:
-                reporter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reporter
+            await cancel_and_wait([reporter] if reporter is not None else [])
 
     async def _connect_forever(self) -> None:
         import psycopg
