@@ -138,9 +138,10 @@ class EngineRunner:
             if not self.started.done():
                 self.started.set_result(None)
             code = await self.proc.wait()
-            # At once, before the sweep of its group: no request may be sent to it, and
-            # what its cache held is gone with it.
-            self.endpoint.ready = False
+            # At once, before the sweep of its group: no request may be sent to it, what
+            # its cache held is gone with it, and it is "down" (expected back: requests
+            # are held by router.wait_ready_s, not refused while the sweep runs).
+            self.endpoint.ready, self.endpoint.state = False, "down"
             self.endpoint.prefix.forget()
             return f"exited with code {code}", True
         finally:
