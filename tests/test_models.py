@@ -222,7 +222,7 @@ def test_engine_args_from_the_manifest_under_the_config() -> None:
     args, env = m.with_engine_defaults({"tool_call_parser": "pythonic"}, {"A": "1"})
     assert args["tool_call_parser"] == "pythonic"  # the config wins
     assert args["enable_auto_tool_choice"] is True
-    assert args["override_generation_config"] == {"temperature": 0.2, "top_p": 0.9}
+    assert args["override_generation_config"] == {"temperature": 0.0, "top_p": 0.9}
     assert env == {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0", "A": "1"}
 
 

@@ -241,7 +241,7 @@ def test_stored_responses_continue_on_the_replica_that_stores_them(
         model="smollm2-small", input="My name is Ada.", store=True, max_output_tokens=8
     )
     assert first.id.startswith("resp_") and "~" in first.id
-    ids, homes = [first.id], set()
+    ids, homes, prompt_tokens = [first.id], set(), [first.usage.input_tokens]
     for turn in range(4):  # placement alone would spread these over both replicas
         reply = client.responses.with_raw_response.create(
             model="smollm2-small",
@@ -255,8 +255,11 @@ def test_stored_responses_continue_on_the_replica_that_stores_them(
         parsed = reply.parse()
         assert parsed.previous_response_id == ids[-1]  # the public id, echoed
         ids.append(parsed.id)
+        prompt_tokens.append(parsed.usage.input_tokens)
     previous = parsed
     assert len(homes) == 1
+    # each turn's prompt holds the turns before it: the engine found them all
+    assert prompt_tokens == sorted(set(prompt_tokens)), prompt_tokens
     # a stream continues it too, and its events carry the public ids
     with client.responses.stream(
         model="smollm2-small",
@@ -323,10 +326,21 @@ def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -
     refusal while the other is ready, and the dead one's prefix index is gone at once."""
     n, concurrency = 120, 8  # ~80 of them after the kill: the suite's budget
     url = tiers.url + "/v1/chat/completions"
-    # give the victim something in its index: a long prompt, routed where it likes
-    seed = [SYSTEM, {"role": "user", "content": "Seed the cache."}]
-    seeded = _chat(tiers, {"model": "smollm2-large", "messages": seed})
-    name = seeded.headers["x-tiergate-replica"]
+    # give the victim something in its index (a long prompt, routed where it likes) and
+    # a stored response, which must be a clear 404 once it is dead
+    seeded = httpx.post(
+        tiers.url + "/v1/responses",
+        json={
+            "model": "smollm2-large",
+            "instructions": SYSTEM["content"],
+            "input": "Seed the cache.",
+            "store": True,
+            "max_output_tokens": 4,
+        },
+        timeout=120,
+    )
+    assert seeded.status_code == 200, seeded.text
+    name, stored_id = seeded.headers["x-tiergate-replica"], seeded.json()["id"]
     other = next(e["name"] for e in tiers.engines() if e["name"] != name)
     tiers.wait_for(lambda: tiers.engine(name)["prefix_index"]["blocks"] > 0, 10, "events")
     victim = tiers.engine(name)
@@ -343,6 +357,9 @@ def test_killing_one_engine_under_load_loses_no_request(tiers: GatewayProcess) -
         killed_at, killed = done, time.monotonic()
         tiers.wait_for(lambda: tiers.engine(name)["prefix_index"]["blocks"] == 0, 1.0, "forget")
         forgotten = time.monotonic() - killed
+        read = httpx.get(f"{tiers.url}/v1/responses/{stored_id}", timeout=30)
+        assert read.status_code == 404, read.text  # not held for its restart: it is gone
+        assert "gone" in read.json()["error"]["message"] and name in read.text
         for f in futures:
             f.result()
     print(f"failover: {n} requests, engine killed after {killed_at} finished: {counts}")

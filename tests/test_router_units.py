@@ -320,3 +320,40 @@ def test_stored_response_ids_are_retagged_in_bodies_and_events() -> None:
     assert b'"id":"resp_%s~9"' % tag.encode() in stored.retag(event, "a")
     text = b'{"text":"a \\":\\"resp_x and \\"resp_y"}'  # the model wrote them: untouched
     assert stored.retag(text, "a") == text
+
+
+@pytest.mark.parametrize(
+    ("supervised", "state", "ready", "reading", "answer"),
+    [
+        (True, "ready", True, False, "home"),
+        (True, "down", False, False, 404),  # killed: its memory, and the response, are gone
+        (True, "starting", False, True, 404),  # a new process: it never stored this
+        (True, "failed", False, False, 404),
+        (True, "draining", False, True, "home"),  # still alive: a read is answered
+        (True, "draining", False, False, 503),  # but it takes no new turn
+        (False, "ready", False, True, 503),  # an external engine missing /health may be alive
+        (False, "removed", False, True, 404),  # discovery dropped it
+    ],
+)
+def test_a_stored_response_whose_replica_is_gone_is_a_404(
+    supervised: bool, state: str, ready: bool, reading: bool, answer: object
+) -> None:
+    from serving.api.stored import home_of
+    from serving.errors import NotFound
+    from serving.router.registry import EngineRegistry
+
+    ep = Endpoint("a", "m", url="http://127.0.0.1:1", supervised=supervised)
+    ep.state, ep.ready = state, ready
+    registry = EngineRegistry([ep])
+    if answer == "home":
+        assert home_of(registry, "a", "response 'r'", "response_id", reading) is ep
+        return
+    error = NotFound if answer == 404 else NoEngineReady
+    with pytest.raises(error) as refused:
+        home_of(registry, "a", "response 'r'", "response_id", reading)
+    assert refused.value.status == answer
+    if answer == 404:
+        assert "gone" in refused.value.message and "memory" in refused.value.message
+        assert refused.value.param == "response_id"
+    with pytest.raises(NotFound):  # a replica this fleet does not have
+        home_of(registry, "b", "response 'r'", "response_id", reading)

@@ -21,7 +21,7 @@ from typing import Any
 from serving.api.access_log import AccessLog, valid_traceparent
 from serving.api.failover import Failover
 from serving.api.protocol import POOLING, Kind, as_chat, parse_request
-from serving.api.stored import home_of
+from serving.api.stored import home_of, missing
 from serving.config import RouterSettings
 from serving.errors import (
     GatewayError,
@@ -30,6 +30,7 @@ from serving.errors import (
     ModelNotAllowed,
     ModelNotFound,
     NoEngineReady,
+    UpstreamStatusError,
 )
 from serving.metrics import GatewayMetrics
 from serving.router import stored
@@ -198,7 +199,8 @@ class ProxyService:
             checked, payload = parse_request(kind, raw)
             home = None  # the replica that stores the previous response, if any
             if kind == "response" and isinstance(payload.get("previous_response_id"), str):
-                home, own = stored.split_id(payload["previous_response_id"])
+                previous = payload["previous_response_id"]
+                home, own = stored.split_id(previous)
                 if home is not None:  # the engine gets its own id back
                     payload = {**payload, "previous_response_id": own}
                     raw = json.dumps(payload).encode()
@@ -272,6 +274,10 @@ class ProxyService:
                     if stream:  # returns once the first chunk is back
                         return await self._stream(attempts, call)
                     return await self._unary(attempts, call)
+                except UpstreamStatusError as exc:
+                    if home and exc.status == 404:  # its engine restarted: say so
+                        raise missing(previous, home, "previous_response_id") from None
+                    raise
                 finally:  # its prefill is done (or will never be): no longer queued there
                     attempts[0].endpoint.prefill_queued -= charged
             except BaseException:  # nothing reached the client: the slot and tokens go back

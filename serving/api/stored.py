@@ -8,18 +8,50 @@ from serving.router import stored
 from serving.router.registry import Endpoint, EngineRegistry
 from serving.upstream.client import UpstreamClient
 
+# vLLM keeps a stored response in the engine process's memory only: once that process
+# has exited (restarting, failed, stopped) or left the fleet, the response is gone for
+# good, and holding the request for the replica's return would end in a 404 anyway.
+_GONE_STATES = frozenset({"down", "starting", "failed", "stopped"})
+_IN_MEMORY = "vLLM keeps stored responses in the engine's memory only"
 
-def home_of(registry: EngineRegistry, replica: str, what: str, param: str) -> Endpoint:
-    """The one replica that holds a stored response (`what` names it in errors)."""
+
+def process_gone(ep: Endpoint) -> bool:
+    """Whether the engine process that stored a replica's responses is known to be gone.
+    An external engine that fails its health check may be alive: that is a 503."""
+    return ep.state == "removed" or (ep.supervised and ep.state in _GONE_STATES)
+
+
+def _gone(what: str, replica: str, why: str, param: str) -> NotFound:
+    return NotFound(
+        f"{what[0].upper()}{what[1:]} is gone: the replica '{replica}' that stored it "
+        f"{why} ({_IN_MEMORY}).",
+        param=param,
+    )
+
+
+def home_of(
+    registry: EngineRegistry, replica: str, what: str, param: str, reading: bool = False
+) -> Endpoint:
+    """The one replica that holds a stored response (`what` names it in errors). A
+    replica draining for a restart is still alive: it answers reads, not new turns."""
     try:
         ep = registry.get(replica)
     except KeyError:
-        raise NotFound(
-            f"The replica '{replica}' that stored {what} is gone.", param=param
-        ) from None
-    if not ep.ready:
-        raise NoEngineReady(f"The replica '{replica}' that stored {what} is not ready.")
-    return ep
+        raise _gone(what, replica, "is not in this fleet", param) from None
+    if ep.ready or (reading and ep.state == "draining" and ep.url):
+        return ep
+    if process_gone(ep):
+        raise _gone(what, replica, f"has stopped since (it is {ep.state})", param)
+    raise NoEngineReady(f"The replica '{replica}' that stored {what} is not ready.")
+
+
+def missing(response_id: str, replica: str, param: str) -> NotFound:
+    """The engine's 404 for a stored response, in the client's terms (its public id)."""
+    return NotFound(
+        f"Response '{response_id}' not found on the replica '{replica}' that stored it (it "
+        f"may have restarted since: {_IN_MEMORY}).",
+        param=param,
+    )
 
 
 async def read_or_cancel(
@@ -30,7 +62,8 @@ async def read_or_cancel(
     replica, own = stored.split_id(response_id)
     if replica is None:
         raise NotFound(f"Response with id '{response_id}' not found.", param="response_id")
-    ep = home_of(registry, replica, f"response '{response_id}'", "response_id")
+    what = f"response '{response_id}'"
+    ep = home_of(registry, replica, what, "response_id", reading=True)
     path = f"/v1/responses/{own}" + ("/cancel" if cancel else "")
     if cancel:
         response = await upstream.open(ep.url or "", path, b"{}")  # raises on 4xx/5xx
@@ -43,6 +76,8 @@ async def read_or_cancel(
         if got is None:
             raise NoEngineReady(f"The replica '{replica}' did not answer.")
         status, body = got
+        if status == 404:  # the engine names its own id: say it with the client's
+            raise missing(response_id, replica, "response_id")
         if status >= 400:
             raise from_upstream(status, body)
     return status, stored.retag(body, replica), replica
