@@ -32,6 +32,16 @@ import httpx
 from benchmarks.launch import REPO, GatewayProcess, exit_on_sigterm
 
 
+def _until_forgotten(gw: GatewayProcess, name: str, killed: float, limit: float = 5.0) -> float:
+    """Seconds from the kill until /tiergate/engines shows the victim's index empty,
+    polled every 20 ms (GatewayProcess.wait_for's 0.5 s steps would be the figure)."""
+    while time.monotonic() - killed < limit:
+        if gw.engine(name)["prefix_index"]["blocks"] == 0:
+            return time.monotonic() - killed
+        time.sleep(0.02)
+    raise TimeoutError(f"{name}'s prefix index still held blocks {limit:.0f} s after the kill")
+
+
 def one(url: str, i: int) -> str:
     stream = i % 2 == 1
     body = {
@@ -60,18 +70,14 @@ def one(url: str, i: int) -> str:
 NOTES = " ".join(f"Item {i} is filed under shelf {i % 7}." for i in range(90))
 
 
-def _engine(gw: GatewayProcess, name: str) -> dict:
-    return next(e for e in gw.engines() if e["name"] == name)
-
-
 def probe(gw: GatewayProcess, n: int, clients: int, run: int) -> dict:
     url = gw.url + "/v1/chat/completions"
     # a long prompt first, so that the victim's prefix index has something to lose
     seed = {"role": "system", "content": f"Run {run}. {NOTES}"}
     body = {"model": "smollm2-large", "max_tokens": 1, "messages": [seed]}
     name = httpx.post(url, json=body, timeout=120).headers["x-tiergate-replica"]
-    gw.wait_for(lambda: _engine(gw, name)["prefix_index"]["blocks"] > 0, 10, "its events")
-    victim = _engine(gw, name)
+    gw.wait_for(lambda: gw.engine(name)["prefix_index"]["blocks"] > 0, 10, "its events")
+    victim = gw.engine(name)
     done = 0
     lock = threading.Lock()
     outcomes: Counter[str] = Counter()
@@ -89,8 +95,7 @@ def probe(gw: GatewayProcess, n: int, clients: int, run: int) -> dict:
             time.sleep(0.01)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at, killed = done, time.monotonic()
-        gw.wait_for(lambda: _engine(gw, name)["prefix_index"]["blocks"] == 0, 5, "the index")
-        index_gone_s = time.monotonic() - killed
+        index_gone_s = _until_forgotten(gw, name, killed)
         for f in futures:
             f.result()
     refusals = sum(v for k, v in outcomes.items() if k.startswith(("refused", "exception")))
