@@ -73,14 +73,20 @@ def test_killed_engine_is_restarted(gateway: GatewayProcess, model: str) -> None
 
 
 def _assert_gone(gateway: GatewayProcess, model: str, response_id: str, words: str) -> None:
-    """Reading it and continuing from it: 404 in the envelope, naming the client's id."""
+    """Reading, cancelling and continuing from it: 404 in the envelope, naming the
+    client's id."""
     read = httpx.get(f"{gateway.url}/v1/responses/{response_id}", timeout=30)
+    cancel = httpx.post(f"{gateway.url}/v1/responses/{response_id}/cancel", timeout=30)
     turn = httpx.post(
         gateway.url + "/v1/responses",
         timeout=60,
         json={"model": model, "input": "And?", "previous_response_id": response_id},
     )
-    for r, param in ((read, "response_id"), (turn, "previous_response_id")):
+    for r, param in (
+        (read, "response_id"),
+        (cancel, "response_id"),
+        (turn, "previous_response_id"),
+    ):
         assert r.status_code == 404, r.text
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}

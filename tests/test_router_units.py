@@ -332,7 +332,6 @@ def test_stored_response_ids_are_retagged_in_bodies_and_events() -> None:
         (True, "draining", False, True, "home"),  # still alive: a read is answered
         (True, "draining", False, False, 503),  # but it takes no new turn
         (False, "ready", False, True, 503),  # an external engine missing /health may be alive
-        (False, "removed", False, True, 404),  # discovery dropped it
     ],
 )
 def test_a_stored_response_whose_replica_is_gone_is_a_404(
@@ -355,5 +354,6 @@ def test_a_stored_response_whose_replica_is_gone_is_a_404(
     if answer == 404:
         assert "gone" in refused.value.message and "memory" in refused.value.message
         assert refused.value.param == "response_id"
-    with pytest.raises(NotFound):  # a replica this fleet does not have
+    with pytest.raises(NotFound) as unknown:  # one this fleet lacks (discovery dropped it)
         home_of(registry, "b", "response 'r'", "response_id", reading)
+    assert "gone" in unknown.value.message and unknown.value.param == "response_id"

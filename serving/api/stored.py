@@ -3,28 +3,22 @@ sent to it. The ids themselves are serving/router/stored.py's."""
 
 from __future__ import annotations
 
-from serving.errors import NoEngineReady, NotFound, from_upstream
+from serving.errors import NoEngineReady, NotFound, UpstreamStatusError, from_upstream
 from serving.router import stored
 from serving.router.registry import Endpoint, EngineRegistry
 from serving.upstream.client import UpstreamClient
 
 # vLLM keeps a stored response in the engine process's memory only: once that process
-# has exited (restarting, failed, stopped) or left the fleet, the response is gone for
-# good, and holding the request for the replica's return would end in a 404 anyway.
+# has exited (restarting, failed, stopped), the response is gone for good, and holding
+# the request for the replica's return would end in a 404 anyway. (A replica that
+# discovery removed is no longer in the registry at all.)
 _GONE_STATES = frozenset({"down", "starting", "failed", "stopped"})
 _IN_MEMORY = "vLLM keeps stored responses in the engine's memory only"
 
 
-def process_gone(ep: Endpoint) -> bool:
-    """Whether the engine process that stored a replica's responses is known to be gone.
-    An external engine that fails its health check may be alive: that is a 503."""
-    return ep.state == "removed" or (ep.supervised and ep.state in _GONE_STATES)
-
-
 def _gone(what: str, replica: str, why: str, param: str) -> NotFound:
     return NotFound(
-        f"{what[0].upper()}{what[1:]} is gone: the replica '{replica}' that stored it "
-        f"{why} ({_IN_MEMORY}).",
+        f"The replica '{replica}' that stored {what} {why}, so it is gone ({_IN_MEMORY}).",
         param=param,
     )
 
@@ -33,14 +27,15 @@ def home_of(
     registry: EngineRegistry, replica: str, what: str, param: str, reading: bool = False
 ) -> Endpoint:
     """The one replica that holds a stored response (`what` names it in errors). A
-    replica draining for a restart is still alive: it answers reads, not new turns."""
+    replica draining for a restart is still alive: it answers reads, not new turns. An
+    external engine that fails its health check may be alive too: a 503, not a 404."""
     try:
         ep = registry.get(replica)
     except KeyError:
         raise _gone(what, replica, "is not in this fleet", param) from None
-    if ep.ready or (reading and ep.state == "draining" and ep.url):
+    if ep.ready or (reading and ep.state == "draining"):
         return ep
-    if process_gone(ep):
+    if ep.supervised and ep.state in _GONE_STATES:
         raise _gone(what, replica, f"has stopped since (it is {ep.state})", param)
     raise NoEngineReady(f"The replica '{replica}' that stored {what} is not ready.")
 
@@ -65,19 +60,22 @@ async def read_or_cancel(
     what = f"response '{response_id}'"
     ep = home_of(registry, replica, what, "response_id", reading=True)
     path = f"/v1/responses/{own}" + ("/cancel" if cancel else "")
-    if cancel:
-        response = await upstream.open(ep.url or "", path, b"{}")  # raises on 4xx/5xx
-        try:
-            body, status = await response.read(), response.status
-        finally:
-            response.release()  # closed instead when not read to its end
-    else:
-        got = await upstream.get((ep.url or "") + path, upstream.timeouts.read)
-        if got is None:
-            raise NoEngineReady(f"The replica '{replica}' did not answer.")
-        status, body = got
-        if status == 404:  # the engine names its own id: say it with the client's
-            raise missing(response_id, replica, "response_id")
-        if status >= 400:
-            raise from_upstream(status, body)
+    try:
+        if cancel:
+            response = await upstream.open(ep.url or "", path, b"{}")  # raises on 4xx/5xx
+            try:
+                body, status = await response.read(), response.status
+            finally:
+                response.release()  # closed instead when not read to its end
+        else:
+            got = await upstream.get((ep.url or "") + path, upstream.timeouts.read)
+            if got is None:
+                raise NoEngineReady(f"The replica '{replica}' did not answer.")
+            status, body = got
+            if status >= 400:
+                raise from_upstream(status, body)
+    except UpstreamStatusError as exc:
+        if exc.status == 404:  # the engine names its own id: say it with the client's
+            raise missing(response_id, replica, "response_id") from None
+        raise
     return status, stored.retag(body, replica), replica
