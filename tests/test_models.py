@@ -223,7 +223,8 @@ def test_engine_args_from_the_manifest_under_the_config() -> None:
     assert args["tool_call_parser"] == "pythonic"  # the config wins
     assert args["enable_auto_tool_choice"] is True
     assert args["override_generation_config"] == {"temperature": 0.0, "top_p": 0.9}
-    assert env == {"VLLM_ENFORCE_STRICT_TOOL_CALLING": "0", "A": "1"}
+    assert args["tool_strict_level"] == "parameter"  # calls in the template's envelope
+    assert env == {"A": "1"}
 
 
 def test_engine_args_do_not_invalidate_a_prepared_folder(tmp_path: Path, monkeypatch) -> None:

@@ -81,6 +81,15 @@ def test_forced_tool_calls_stream_as_deltas(client: OpenAI, model: str, choice) 
     for entry in calls.values():
         assert entry["id"]
         jsonschema.validate(json.loads(entry["arguments"]), schema_of(entry["name"]))
+    whole = client.chat.completions.create(
+        model=model, messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=200, temperature=0
+    )
+    streamed = [(e["name"], json.loads(e["arguments"])) for _, e in sorted(calls.items())]
+    same = [
+        (c.function.name, json.loads(c.function.arguments))
+        for c in whole.choices[0].message.tool_calls
+    ]
+    assert streamed == same  # the deltas assemble to the call a plain request gets
 
 
 def test_auto_and_none_answer(client: OpenAI, model: str) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import shutil
@@ -232,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-len", type=int, default=900, help="a group's system prompt")
     p.add_argument("--preamble", type=int, default=250, help="of it, common to all groups")
     p.add_argument("--concurrency", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=8, help="unmeasured random requests first")
     a = p.parse_args(argv)
     routers = [r for r in a.routers if r in ("tiergate", "ideal") or a.vllm_router]
     exit_on_sigterm()
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         text = SyntheticText(tokenizer)
         # First requests to a fresh engine pay one-off costs (kernels, allocations):
         # one unmeasured pass, so that no router's first run carries them.
-        warm = sessions(text, tokenizer, "random", a, 999, "none")
+        warm = list(itertools.islice(sessions(text, tokenizer, "random", a, 999, "none"), a.warmup))
         asyncio.run(one_run(gw.url, "smollm2", warm, a.concurrency))
         for workload in a.workloads:
             for i in range(a.runs):
