@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         text = SyntheticText(tokenizer)
         # First requests to a fresh engine pay one-off costs (kernels, allocations):
-        # one unmeasured pass, so that no router's first run carries them.
+        # `--warmup` unmeasured requests, so that no router's first run carries them.
         warm = list(itertools.islice(sessions(text, tokenizer, "random", a, 999, "none"), a.warmup))
         asyncio.run(one_run(gw.url, "smollm2", warm, a.concurrency))
         for workload in a.workloads:
