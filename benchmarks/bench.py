@@ -73,6 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt shares")
     d.add_argument("--turns", type=int, default=1, help="turns per session (chat history)")
     d.add_argument(
+        "--turn-len",
+        help="later turns' own user message (the history grows each turn); default: "
+        "--input-len is each turn's whole conversation",
+    )
+    d.add_argument(
+        "--live-sessions",
+        type=int,
+        default=0,
+        help="closed loop: sessions open at once, each turn taken by the next free client "
+        "(a think time; the engines must hold N conversations). Default: one per client",
+    )
+    d.add_argument(
         "--prefix-groups",
         type=int,
         default=0,
@@ -169,6 +181,7 @@ def make_sessions(args: argparse.Namespace, tokenizer, text, point: int, count: 
         groups=args.prefix_groups,
         group_prefix=args.group_prefix,
         session_ids=args.session_ids,
+        turn_len=LengthDist.parse(args.turn_len) if args.turn_len else None,
     )
 
 
@@ -274,6 +287,12 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("tiergate bench: error: give --duration or --requests")
     if args.turns > 1 and args.endpoint != "chat":
         raise SystemExit("tiergate bench: error: --turns needs --endpoint chat")
+    if (args.turn_len or args.live_sessions) and args.turns < 2:
+        raise SystemExit("tiergate bench: error: --turn-len and --live-sessions need --turns > 1")
+    if args.live_sessions and (not args.concurrency or args.live_sessions < max(args.concurrency)):
+        raise SystemExit(
+            "tiergate bench: error: --live-sessions needs --concurrency, and a session per client"
+        )
     if args.prefix_groups and (args.endpoint != "chat" or args.turns > 1):
         raise SystemExit("tiergate bench: error: --prefix-groups needs --endpoint chat, one turn")
     if args.lengths:
@@ -307,6 +326,7 @@ def main(args: argparse.Namespace) -> int:
             args.cooldown,
             args.burstiness,
             args.seed + i,
+            args.live_sessions,
         )
         before = prefix_counters(urls)
         result = _run_async(run_point(args, target, tokenizer, text, load, i))
@@ -343,6 +363,8 @@ def main(args: argparse.Namespace) -> int:
                 "lengths": args.lengths,
                 "shared_prefix": args.shared_prefix,
                 "turns": args.turns,
+                "turn_len": args.turn_len,
+                "live_sessions": args.live_sessions,
                 "prefix_groups": args.prefix_groups,
                 "group_prefix": args.group_prefix,
                 "session_ids": args.session_ids,

@@ -148,6 +148,7 @@ def synthetic(
     groups: int = 0,
     group_prefix: int = 0,
     session_ids: str = "session",
+    turn_len: LengthDist | None = None,
 ) -> Iterator[Session]:
     """Up to `n` sessions (None: endless) of `turns` turns each, made as they are drawn.
 
@@ -156,6 +157,9 @@ def synthetic(
     every session starts with the same words, on purpose. With `chat`, input lengths
     count the whole templated conversation, as the server's `usage` does. With
     `pairs`, each turn's input and output lengths are drawn together from real requests.
+    With `turn_len`, later turns add a user message of that length to the history (which
+    then grows each turn, as in SGLang's multi-turn bench); without it, `input_len` is
+    each turn's whole conversation.
 
     With `groups` (chat), requests come in rounds, each group once a round in a random
     order (a fixed order would let round robin partition the groups by luck): each
@@ -186,6 +190,8 @@ def synthetic(
             target, out = pairs.sample(rng) if pairs else (input_len.sample(rng), 0)
             before = chat.prompt_tokens(history) - overhead if chat and history else 0
             content_len = max(target - overhead - before, shared_prefix + 4 if turn == 0 else 4)
+            if turn and turn_len:
+                content_len = turn_len.sample(rng)
             prefix = common if turn == 0 else ""
             while True:
                 body = text.make(content_len, rng, prefix=prefix)

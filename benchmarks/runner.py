@@ -12,6 +12,7 @@ import contextlib
 import gc
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ import aiohttp
 
 from benchmarks.arrivals import arrival_offsets
 from benchmarks.client import Target, send
-from benchmarks.datasets import Session
+from benchmarks.datasets import RequestSpec, Session
 from benchmarks.metrics import RequestRecord
 
 
@@ -35,6 +36,10 @@ class Load:
     cooldown: float = 0.0  # seconds at the end of the schedule left out
     burstiness: float = 1.0
     seed: int = 0
+    # closed loop: sessions open at once (at least one per client). A client takes the
+    # turn of the session that has waited longest, so with more sessions than clients
+    # each has a think time and the engines' working set is `live` conversations.
+    live: int = 0
 
     @property
     def label(self) -> str:
@@ -102,8 +107,9 @@ async def run(
     load: Load,
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> RunResult:
-    """Run one load point. Turns of a session go one after another; each turn is
-    scheduled when the previous one ended."""
+    """Run one load point. Turns of a session go one after another. Open loop: a turn
+    is scheduled when the previous one ended. Closed loop: when a client takes it, from
+    the `load.live` open sessions, longest waiting first."""
     offsets: list[float] = []
     if load.kind == "rate":
         offsets = arrival_offsets(
@@ -136,23 +142,53 @@ async def run(
         def past_deadline() -> bool:
             return load.duration is not None and now() >= load.duration
 
+        async def one_turn(
+            http: aiohttp.ClientSession, spec: RequestSpec, due: float
+        ) -> RequestRecord:
+            record = RequestRecord(
+                index=len(records),
+                scheduled=due,
+                expected_input=spec.input_tokens,
+                expected_output=spec.output_tokens,
+                session=spec.session,
+                turn=spec.turn,
+            )
+            records.append(record)
+            await send(http, target, spec, record, t0)
+            if on_done:
+                on_done(record)
+            return record
+
         async def run_session(http: aiohttp.ClientSession, session: Session, due: float) -> None:
             for spec in session:
-                record = RequestRecord(
-                    index=len(records),
-                    scheduled=due,
-                    expected_input=spec.input_tokens,
-                    expected_output=spec.output_tokens,
-                    session=spec.session,
-                    turn=spec.turn,
-                )
-                records.append(record)
-                await send(http, target, spec, record, t0)
-                if on_done:
-                    on_done(record)
+                record = await one_turn(http, spec, due)
                 if not record.ok:
                     return  # later turns would carry a history the server never answered
                 due = record.end
+
+        # closed loop: open sessions, each with the index of its next turn
+        waiting: deque[tuple[Session, int]] = deque()
+        live = max(load.live, int(load.value)) if load.kind == "concurrency" else 0
+        opened = 0
+
+        async def worker(http: aiohttp.ClientSession) -> None:
+            nonlocal opened
+            while not past_deadline():
+                while opened < live:  # off the clock: due starts when the turn is taken
+                    session = next(sessions, None)
+                    if session is None:
+                        result.ran_out = load.duration is not None
+                        break
+                    waiting.append((session, 0))
+                    opened += 1
+                if not waiting:
+                    return  # the rest are in flight with other clients
+                session, i = waiting.popleft()
+                record = await one_turn(http, session[i], now())
+                if record.ok and i + 1 < len(session):
+                    waiting.append((session, i + 1))
+                else:  # done, or later turns would carry a history never answered
+                    opened -= 1
 
         async with aiohttp.ClientSession(
             connector=connector,
@@ -162,16 +198,7 @@ async def run(
         ) as http:
             with _LagMonitor() as lag:
                 if load.kind == "concurrency":
-
-                    async def worker() -> None:
-                        while not past_deadline():
-                            session = next(sessions, None)  # off the clock: due starts after
-                            if session is None:
-                                result.ran_out = load.duration is not None
-                                return
-                            await run_session(http, session, now())
-
-                    await asyncio.gather(*(worker() for _ in range(int(load.value))))
+                    await asyncio.gather(*(worker(http) for _ in range(int(load.value))))
                     result.schedule_end = load.duration or now()
                 else:
                     tasks = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -168,3 +169,18 @@ def test_multi_turn_sessions_can_go_without_ids(text: SyntheticText) -> None:
     assert {s.session for sess in with_ids for s in sess} == {"s0", "s1"}
     assert {s.session for sess in without for s in sess} == {None}
     assert [s.text for sess in without for s in sess] == [s.text for sess in with_ids for s in sess]
+
+
+def test_turn_len_grows_the_history(text: SyntheticText, tokenizer) -> None:
+    chat = ChatTemplate(tokenizer)
+    out = LengthDist.parse("8")
+    (session,) = synthetic(
+        text, 1, LengthDist.parse("200"), out, chat=chat, turns=3, turn_len=LengthDist.parse("30")
+    )
+    assert session[0].input_tokens == 200
+    assert [count(tokenizer, s.text) for s in session[1:]] == [30, 30]
+    assert [len(s.history) for s in session] == [0, 2, 4]
+    assert session[1].history[0]["content"] == session[0].text  # each turn extends the last
+    growth = [b.input_tokens - a.input_tokens for a, b in itertools.pairwise(session)]
+    assert all(30 + 8 <= g <= 30 + 8 + 12 for g in growth), growth  # message, answer, template
+    assert all(s.input_tokens == chat.prompt_tokens(s.messages()) for s in session)

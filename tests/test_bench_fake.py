@@ -159,6 +159,11 @@ def test_bad_arguments_are_refused(tokenizer_dir, tmp_path) -> None:
         bench.main(parser.parse_args(common))
     with pytest.raises(SystemExit, match="--turns needs --endpoint chat"):
         bench.main(parser.parse_args([*common, "--requests", "1", "--turns", "2"]))
+    with pytest.raises(SystemExit, match="--turn-len and --live-sessions need --turns > 1"):
+        bench.main(parser.parse_args([*common, "--requests", "1", "--live-sessions", "4"]))
+    with pytest.raises(SystemExit, match="--live-sessions needs --concurrency, and a session"):
+        args = [*common, "--requests", "1", "--turns", "2", "--endpoint", "chat"]
+        bench.main(parser.parse_args([*args, "--concurrency", "8", "--live-sessions", "4"]))
     with pytest.raises(SystemExit, match="unknown length table 'nope'"):
         bench.main(parser.parse_args([*common, "--requests", "1", "--lengths", "nope"]))
     with pytest.raises(SystemExit, match="--lengths needs --dataset synthetic"):
@@ -166,3 +171,26 @@ def test_bad_arguments_are_refused(tokenizer_dir, tmp_path) -> None:
         bench.main(parser.parse_args(args))
     with pytest.raises(SystemExit):  # a closed and an open loop at once
         parser.parse_args([*common, "--rate", "2"])
+
+
+@pytest.mark.parametrize(("live", "order"), [(0, "s0 s0 s1 s1 s2 s2"), (3, "s0 s1 s2 s0 s1 s2")])
+def test_live_sessions_interleave_their_turns(fake_url, live: int, order: str) -> None:
+    """One client: by default it runs a conversation to its end; with 3 sessions open,
+    each turn waits behind the others' (a think time), as users do in a chat."""
+    import asyncio
+
+    from benchmarks.client import Target
+    from benchmarks.datasets import RequestSpec
+    from benchmarks.runner import Load
+    from benchmarks.runner import run as run_load
+
+    sessions = [
+        [RequestSpec(text=f"s{s} t{t}", input_tokens=4, output_tokens=2, session=f"s{s}", turn=t)
+         for t in range(2)]
+        for s in range(3)
+    ]  # fmt: skip
+    load = Load("concurrency", 1, count=3, live=live)
+    result = asyncio.run(run_load(Target(fake_url, "fake", "chat"), iter(sessions), load))
+    assert " ".join(r.session for r in result.records) == order
+    assert [r.turn for r in result.records] == ([0, 1] * 3 if not live else [0] * 3 + [1] * 3)
+    assert all(r.ok for r in result.records) and not result.ran_out

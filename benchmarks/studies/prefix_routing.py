@@ -11,10 +11,12 @@ Workloads (chat, streamed, `--output` tokens, `--concurrency` clients, no sessio
 - groups: `--groups` system prompts of `--group-len` tokens each, `--per-group` short
   questions each, interleaved across groups;
 - preamble: the same, but every system prompt opens with one `--preamble`-token preamble;
-- multiturn: conversations of `--turns` turns whose history grows to about
-  `--group-len` tokens, no session ids;
+- multiturn: `--groups` conversations of `--turns` turns, all open at once (users who
+  think between turns), each later turn adding a `--turn-len`-token message and the
+  answer to the history, which grows to about `--group-len` tokens; no session ids;
 - random: prompts of `--random-len` tokens that share nothing.
-"ideal" is tiergate with the group sent as x-session-id: a partition by hand.
+"ideal" is tiergate with the group (multiturn: the conversation) sent as x-session-id:
+a partition by hand.
 
     python -m benchmarks.studies.prefix_routing --out benchmarks/out/prefix_routing \
         --vllm-router /path/to/vllm-router --runs 3
@@ -172,20 +174,20 @@ def sessions(text: SyntheticText, tokenizer, workload: str, a, seed: int, ids: s
             session_ids=ids,
         )  # fmt: skip
     if workload == "multiturn":
-        n = a.groups * a.per_group // a.turns
-        turn = a.group_len // a.turns
+        first = a.group_len - (a.turns - 1) * (a.turn_len + a.output)
         return synthetic(
-            text, n, LengthDist.parse(f"uniform:{turn // 2}:{turn * 3 // 2}"), out, seed=seed,
-            chat=chat, turns=a.turns, session_ids="none",
+            text, a.groups, LengthDist.parse(str(first)), out, seed=seed, chat=chat,
+            turns=a.turns, turn_len=LengthDist.parse(str(a.turn_len)),
+            session_ids="session" if ids == "group" else "none",
         )  # fmt: skip
     return synthetic(
         text, a.groups * a.per_group, LengthDist.parse(str(a.random_len)), out, seed=seed, chat=chat
     )
 
 
-async def one_run(url: str, model: str, specs, concurrency: int) -> dict:
+async def one_run(url: str, model: str, specs, concurrency: int, live: int = 0) -> dict:
     target = Target(url, model, "chat", timeout_s=300)
-    load = Load("concurrency", concurrency, count=10**6)
+    load = Load("concurrency", concurrency, count=10**6, live=live)
     result = await run(target, specs, load)
     ok = [r for r in result.records if r.ok and r.ttft is not None]
     ttfts = sorted(r.ttft for r in ok)
@@ -199,9 +201,9 @@ async def one_run(url: str, model: str, specs, concurrency: int) -> dict:
     }
 
 
-def measure(engines: list[dict], url: str, model: str, specs, concurrency: int) -> dict:
+def measure(engines: list[dict], url: str, model: str, specs, concurrency: int, live: int) -> dict:
     before = [counters(e["url"]) for e in engines]
-    row = asyncio.run(one_run(url, model, specs, concurrency))
+    row = asyncio.run(one_run(url, model, specs, concurrency, live))
     after = [counters(e["url"]) for e in engines]
 
     def delta(name: str) -> list[float]:
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--groups", type=int, default=24)
     p.add_argument("--per-group", type=int, default=6)
     p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--turn-len", type=int, default=100, help="multiturn: a later turn's message")
     p.add_argument("--output", type=int, default=16)
     p.add_argument("--random-len", type=int, default=900, help="random workload's prompt")
     p.add_argument("--prefix", help='router.prefix settings as JSON, e.g. {"load_tokens": 128}')
@@ -258,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(a.runs):
                 order = routers[i % len(routers) :] + routers[: i % len(routers)]
                 for router in order:
-                    if router == "ideal" and workload not in ("groups", "preamble"):
+                    if router == "ideal" and workload == "random":
                         continue
+                    live = a.groups if workload == "multiturn" else 0  # every conversation
                     specs = sessions(
                         text,
                         tokenizer,
@@ -270,12 +274,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     reset(engines)
                     if router in ("tiergate", "ideal"):
-                        row = measure(engines, gw.url, "smollm2", specs, a.concurrency)
+                        row = measure(engines, gw.url, "smollm2", specs, a.concurrency, live)
                     else:
                         peer = Peer(a.vllm_router, router, engines, a.out / f"{router}.log")
                         try:
                             row = measure(
-                                engines, peer.url, engines[0]["model"], specs, a.concurrency
+                                engines, peer.url, engines[0]["model"], specs, a.concurrency, live
                             )
                         finally:
                             peer.close()
