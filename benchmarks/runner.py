@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -36,9 +36,10 @@ class Load:
     cooldown: float = 0.0  # seconds at the end of the schedule left out
     burstiness: float = 1.0
     seed: int = 0
-    # closed loop: sessions open at once (at least one per client). A client takes the
-    # turn of the session that has waited longest, so with more sessions than clients
-    # each has a think time and the engines' working set is `live` conversations.
+    # closed loop: sessions open at once (at least one per client). A free client takes
+    # the next turn of one of the waiting sessions, drawn at random (users come back in
+    # no fixed order; a fixed cycle would let round robin keep each conversation on one
+    # engine by parity), so each has a think time and the engines hold `live` of them.
     live: int = 0
 
     @property
@@ -109,7 +110,7 @@ async def run(
 ) -> RunResult:
     """Run one load point. Turns of a session go one after another. Open loop: a turn
     is scheduled when the previous one ended. Closed loop: when a client takes it, from
-    the `load.live` open sessions, longest waiting first."""
+    one of the `load.live` open sessions that wait, drawn at random."""
     offsets: list[float] = []
     if load.kind == "rate":
         offsets = arrival_offsets(
@@ -167,7 +168,8 @@ async def run(
                 due = record.end
 
         # closed loop: open sessions, each with the index of its next turn
-        waiting: deque[tuple[Session, int]] = deque()
+        waiting: list[tuple[Session, int]] = []
+        pick = random.Random(load.seed)
         live = max(load.live, int(load.value)) if load.kind == "concurrency" else 0
         opened = 0
 
@@ -183,7 +185,9 @@ async def run(
                     opened += 1
                 if not waiting:
                     return  # the rest are in flight with other clients
-                session, i = waiting.popleft()
+                j = pick.randrange(len(waiting))
+                waiting[j], waiting[-1] = waiting[-1], waiting[j]
+                session, i = waiting.pop()
                 record = await one_turn(http, session[i], now())
                 if record.ok and i + 1 < len(session):
                     waiting.append((session, i + 1))
