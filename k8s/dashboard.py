@@ -163,6 +163,81 @@ ENGINES = [
     ),
 ]
 
+ROUTING_AND_TENANTS = [
+    (
+        "Prefix reuse: matched share of prompt tokens by tier",
+        "percentunit",
+        [
+            (
+                "sum by (tier) (rate(tiergate_prefix_matched_tokens_total" + W + ")) / "
+                "sum by (tier) (rate(tiergate_prefix_prompt_tokens_total" + W + "))",
+                "{{tier}}",
+            )
+        ],
+    ),
+    (
+        "Prefix index blocks per replica",
+        "short",
+        [("max by (engine, source) (tiergate_prefix_index_blocks)", "{{engine}} {{source}}")],
+    ),
+    (
+        "KV-event batches/s per engine",
+        "short",
+        [
+            (
+                "sum by (engine, outcome) (rate(tiergate_kv_events_total" + W + "))",
+                "{{engine}} {{outcome}}",
+            )
+        ],
+    ),
+    (
+        "Seconds since each engine's last KV event",
+        "s",
+        [("time() - max by (engine) (tiergate_kv_events_last_timestamp_seconds)", "{{engine}}")],
+    ),
+    (
+        "Requests/s and refusals/s by tenant",
+        "reqps",
+        [
+            ("sum by (tenant) (rate(tiergate_tenant_requests_total" + W + "))", "{{tenant}}"),
+            (
+                "sum by (tenant, reason) (rate(tiergate_tenant_refused_total" + W + "))",
+                "refused {{tenant}} {{reason}}",
+            ),
+        ],
+    ),
+    (
+        "Tokens/s by tenant",
+        "short",
+        [
+            (
+                "sum by (tenant, kind) (rate(tiergate_tenant_tokens_total" + W + "))",
+                "{{tenant}} {{kind}}",
+            )
+        ],
+    ),
+    (
+        "Estimated cost per hour by tenant",
+        "currencyUSD",
+        [
+            (
+                "sum by (tenant) (rate(tiergate_tenant_estimated_cost_total" + W + ")) * 3600",
+                "{{tenant}}",
+            )
+        ],
+    ),
+    (
+        "Key store (PostgreSQL): contact age and usage rows",
+        "short",
+        [
+            ("max(tiergate_tenancy_store_contact_age_seconds)", "seconds since it answered"),
+            ("sum(tiergate_tenancy_usage_rows_buffered)", "rows buffered"),
+            ("sum(tiergate_tenancy_usage_rows_dropped)", "rows dropped"),
+            ("min(tiergate_tenancy_store_connected)", "connected"),
+        ],
+    ),
+]
+
 
 def _panel(pid: int, title: str, unit: str, targets: list[tuple[str, str]], x: int, y: int) -> dict:
     return {
@@ -182,7 +257,12 @@ def _panel(pid: int, title: str, unit: str, targets: list[tuple[str, str]], x: i
 
 def build() -> dict:
     panels, pid, y = [], 1, 0
-    for row, items in (("Gateway (tiergate)", GATEWAY), ("Engines (vLLM, per pod)", ENGINES)):
+    rows = (
+        ("Gateway (tiergate)", GATEWAY),
+        ("Engines (vLLM, per pod)", ENGINES),
+        ("Prefix routing and tenants", ROUTING_AND_TENANTS),
+    )
+    for row, items in rows:
         panels.append(
             {
                 "id": pid,

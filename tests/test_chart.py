@@ -20,7 +20,7 @@ from tests.utils import REPO
 CHART = REPO / "k8s" / "tiergate"
 EXAMPLES = sorted((REPO / "k8s" / "examples").glob("values-*.yaml"))
 CASES = [None, *EXAMPLES]
-CRD_KINDS = {"ServiceMonitor", "ScaledObject"}  # not in the Kubernetes schemas
+CRD_KINDS = {"ServiceMonitor", "ScaledObject", "PrometheusRule"}  # not in the Kubernetes schemas
 
 
 def values_of(path: Path | None) -> dict | None:
@@ -210,6 +210,42 @@ def test_servicemonitor_scrapes_each_pod_once() -> None:
     assert headless and all(
         d["metadata"]["labels"]["tiergate.dev/discovery"] == "true" for d in headless
     )
+
+
+def test_alert_rules_read_only_metrics_the_dashboard_reads() -> None:
+    """The dashboard's metrics are checked against a real gateway's /metrics
+    (tests/test_api_real.py); the rules must stay within them."""
+    import re
+
+    assert not by_kind(render(None), "PrometheusRule")  # off unless asked
+    (plain,) = by_kind(render({"prometheusRule": {"enabled": True}}), "PrometheusRule")
+    names = [r["alert"] for r in plain["spec"]["groups"][0]["rules"]]
+    assert names == ["TiergateReplicaNotReady", "TiergateErrorRateHigh"]  # no tenancy: no store
+    tenancy = {"enabled": True, "databaseUrlSecret": {"name": "pg", "key": "uri"}}
+    values = {
+        "router": {"replicas": 1},
+        "tenancy": tenancy | {"maxStaleSeconds": 120},
+        "prometheusRule": {"enabled": True, "labels": {"release": "kps"}, "errorRatio": 0.1},
+    }
+    (rule,) = by_kind(render(values), "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    rules = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
+    assert set(rules) == {*names, "TiergateKeyStoreUnreachable", "TiergateUsageRowsDropped"}
+    assert rules["TiergateKeyStoreUnreachable"]["expr"].endswith("> 60")  # half of 120 s
+    assert rules["TiergateErrorRateHigh"]["expr"].endswith("> 0.1")
+    board = json.loads((CHART / "dashboards" / "tiergate.json").read_text())
+    on_board = {
+        m
+        for p in board["panels"]
+        for t in p.get("targets", [])
+        for m in re.findall(r"\btiergate_\w+", t["expr"])
+    }
+    read = {m for r in rules.values() for m in re.findall(r"\btiergate_\w+", r["expr"])}
+    assert read and read <= on_board, read - on_board
+    with pytest.raises(helm_python.HelmError, match="errorRatio"):
+        render({"prometheusRule": {"enabled": True, "errorRatio": 2}})
+    with pytest.raises(helm_python.HelmError, match="notReadyFor"):
+        render({"prometheusRule": {"notReadyFor": "five minutes"}})
 
 
 def test_keda_scales_on_waiting_requests() -> None:
