@@ -181,8 +181,9 @@ async def run(
                     if session is None:
                         result.ran_out = load.duration is not None
                         break
-                    waiting.append((session, 0))
-                    opened += 1
+                    if session:
+                        waiting.append((session, 0))
+                        opened += 1
                 if not waiting:
                     return  # the rest are in flight with other clients
                 j = pick.randrange(len(waiting))
