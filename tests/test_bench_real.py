@@ -285,7 +285,11 @@ def test_bench_drives_the_responses_api(gateway: GatewayProcess, tmp_path) -> No
 
 
 def test_planner_matches_the_engines_logged_kv_cache(gateway: GatewayProcess) -> None:
-    log = gateway.log_path.read_text()
+    # The chat engine's lines only: the embedding engine (fp32) starts beside it and
+    # may log its own config line first.
+    log = "\n".join(
+        ln for ln in gateway.log_path.read_text().splitlines() if ln.startswith("[smollm2-cpu]")
+    )
     logged = int(re.search(r"CPU KV cache size: ([\d,]+) tokens", log).group(1).replace(",", ""))
     # The engine's own config line: model preparation may log another dtype before it.
     dtype = re.search(r"Initializing a V1 LLM engine .*?dtype=torch\.(\w+)", log).group(1)
