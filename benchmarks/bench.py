@@ -289,6 +289,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("tiergate bench: error: --turns needs --endpoint chat")
     if (args.turn_len or args.live_sessions) and args.turns < 2:
         raise SystemExit("tiergate bench: error: --turn-len and --live-sessions need --turns > 1")
+    if args.turn_len and args.dataset != "synthetic":
+        raise SystemExit("tiergate bench: error: --turn-len needs --dataset synthetic")
     if args.live_sessions and (not args.concurrency or args.live_sessions < max(args.concurrency)):
         raise SystemExit(
             "tiergate bench: error: --live-sessions needs --concurrency, and a session per client"

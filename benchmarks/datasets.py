@@ -188,10 +188,11 @@ def synthetic(
         session: Session = []
         for turn in range(turns):
             target, out = pairs.sample(rng) if pairs else (input_len.sample(rng), 0)
-            before = chat.prompt_tokens(history) - overhead if chat and history else 0
-            content_len = max(target - overhead - before, shared_prefix + 4 if turn == 0 else 4)
-            if turn and turn_len:
+            if turn and turn_len:  # the message's own length: no need to count the history
                 content_len = turn_len.sample(rng)
+            else:
+                before = chat.prompt_tokens(history) - overhead if chat and history else 0
+                content_len = max(target - overhead - before, shared_prefix + 4 if turn == 0 else 4)
             prefix = common if turn == 0 else ""
             while True:
                 body = text.make(content_len, rng, prefix=prefix)

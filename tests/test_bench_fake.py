@@ -161,6 +161,9 @@ def test_bad_arguments_are_refused(tokenizer_dir, tmp_path) -> None:
         bench.main(parser.parse_args([*common, "--requests", "1", "--turns", "2"]))
     with pytest.raises(SystemExit, match="--turn-len and --live-sessions need --turns > 1"):
         bench.main(parser.parse_args([*common, "--requests", "1", "--live-sessions", "4"]))
+    with pytest.raises(SystemExit, match="--turn-len needs --dataset synthetic"):
+        args = [*common, "--requests", "1", "--turns", "2", "--endpoint", "chat"]
+        bench.main(parser.parse_args([*args, "--turn-len", "20", "--dataset", "sharegpt"]))
     with pytest.raises(SystemExit, match="--live-sessions needs --concurrency, and a session"):
         args = [*common, "--requests", "1", "--turns", "2", "--endpoint", "chat"]
         bench.main(parser.parse_args([*args, "--concurrency", "8", "--live-sessions", "4"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import helm_python
@@ -215,8 +216,6 @@ def test_servicemonitor_scrapes_each_pod_once() -> None:
 def test_alert_rules_read_only_metrics_the_dashboard_reads() -> None:
     """The dashboard's metrics are checked against a real gateway's /metrics
     (tests/test_api_real.py); the rules must stay within them."""
-    import re
-
     assert not by_kind(render(None), "PrometheusRule")  # off unless asked
     (plain,) = by_kind(render({"prometheusRule": {"enabled": True}}), "PrometheusRule")
     names = [r["alert"] for r in plain["spec"]["groups"][0]["rules"]]
