@@ -11,6 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from tests.promql import metric_names
 from tests.utils import REPO, GatewayProcess
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -228,7 +229,7 @@ def test_dashboard_queries_only_metrics_that_exist(
     exposed |= _exposed_names(httpx.get(engine_url + "/metrics", timeout=10).text)
     board = json.loads((REPO / "k8s" / "tiergate" / "dashboards" / "tiergate.json").read_text())
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
-    queried = {m for e in exprs for m in re.findall(r"\b(?:tiergate_\w+|vllm:\w+)", e)}
+    queried = {m for e in exprs for m in metric_names(e)}  # and every query parses
     assert len(queried) > 15
     assert queried - exposed == set()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import helm_python
@@ -16,6 +15,7 @@ from models.memory import EngineShape, plan_memory
 from serving.config import load_settings
 from serving.engines.defaults import task_problems
 from serving.engines.memory_check import check_settings
+from tests.promql import metric_names
 from tests.utils import REPO
 
 CHART = REPO / "k8s" / "tiergate"
@@ -233,14 +233,12 @@ def test_alert_rules_read_only_metrics_the_dashboard_reads() -> None:
     assert rules["TiergateKeyStoreUnreachable"]["expr"].endswith("> 60")  # half of 120 s
     assert rules["TiergateErrorRateHigh"]["expr"].endswith("> 0.1")
     board = json.loads((CHART / "dashboards" / "tiergate.json").read_text())
-    on_board = {
-        m
-        for p in board["panels"]
-        for t in p.get("targets", [])
-        for m in re.findall(r"\btiergate_\w+", t["expr"])
-    }
-    read = {m for r in rules.values() for m in re.findall(r"\btiergate_\w+", r["expr"])}
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    on_board = {m for e in exprs for m in metric_names(e)}  # each query parses
+    read = {m for r in rules.values() for m in metric_names(r["expr"])}  # each rule parses
     assert read and read <= on_board, read - on_board
+    with pytest.raises(ValueError, match="parenthesis"):  # the parser does refuse
+        metric_names('sum(rate(tiergate_tier_requests_total{tier=~"$tier"}[$__rate_interval])')
     with pytest.raises(helm_python.HelmError, match="errorRatio"):
         render({"prometheusRule": {"enabled": True, "errorRatio": 2}})
     with pytest.raises(helm_python.HelmError, match="notReadyFor"):
@@ -251,7 +249,9 @@ def test_keda_scales_on_waiting_requests() -> None:
     docs = render(values_of(REPO / "k8s" / "examples" / "values-h100.yaml"))
     (so,) = by_kind(docs, "ScaledObject")
     assert so["spec"]["scaleTargetRef"]["name"] == "tg-tiergate-medium"
-    assert "vllm:num_requests_waiting" in so["spec"]["triggers"][0]["metadata"]["query"]
+    assert metric_names(so["spec"]["triggers"][0]["metadata"]["query"]) == {
+        "vllm:num_requests_waiting"
+    }
     assert by_kind(render(None), "ScaledObject") == []  # off by default
 
 
