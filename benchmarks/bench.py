@@ -85,6 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(a think time; the engines must hold N conversations). Default: one per client",
     )
     d.add_argument(
+        "--think-time",
+        type=float,
+        default=0.0,
+        help="open loop (--rate): mean seconds between an answer and the user's next turn "
+        "(exponential, seeded). Default 0: the next turn goes at once",
+    )
+    d.add_argument(
         "--prefix-groups",
         type=int,
         default=0,
@@ -289,6 +296,11 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("tiergate bench: error: --turns needs --endpoint chat")
     if (args.turn_len or args.live_sessions) and args.turns < 2:
         raise SystemExit("tiergate bench: error: --turn-len and --live-sessions need --turns > 1")
+    if args.think_time and (args.turns < 2 or not args.rate or args.think_time < 0):
+        raise SystemExit(
+            "tiergate bench: error: --think-time needs --rate and --turns > 1, and is "
+            "seconds >= 0 (with --concurrency, --live-sessions gives a think time)"
+        )
     if args.turn_len and args.dataset != "synthetic":
         raise SystemExit("tiergate bench: error: --turn-len needs --dataset synthetic")
     if args.live_sessions and (not args.concurrency or args.live_sessions < max(args.concurrency)):
@@ -329,6 +341,7 @@ def main(args: argparse.Namespace) -> int:
             args.burstiness,
             args.seed + i,
             args.live_sessions,
+            args.think_time,
         )
         before = prefix_counters(urls)
         result = _run_async(run_point(args, target, tokenizer, text, load, i))
@@ -367,6 +380,7 @@ def main(args: argparse.Namespace) -> int:
                 "turns": args.turns,
                 "turn_len": args.turn_len,
                 "live_sessions": args.live_sessions,
+                "think_time": args.think_time,
                 "prefix_groups": args.prefix_groups,
                 "group_prefix": args.group_prefix,
                 "session_ids": args.session_ids,

@@ -41,6 +41,9 @@ class Load:
     # no fixed order; a fixed cycle would let round robin keep each conversation on one
     # engine by parity), so each has a think time and the engines hold `live` of them.
     live: int = 0
+    # open loop: mean seconds a user thinks between an answer and their next turn
+    # (exponential, drawn per session from `seed`); 0: the next turn goes at once.
+    think: float = 0.0
 
     @property
     def label(self) -> str:
@@ -109,8 +112,9 @@ async def run(
     on_done: Callable[[RequestRecord], None] | None = None,
 ) -> RunResult:
     """Run one load point. Turns of a session go one after another. Open loop: a turn
-    is scheduled when the previous one ended. Closed loop: when a client takes it, from
-    one of the `load.live` open sessions that wait, drawn at random."""
+    is scheduled when the previous one ended, plus a think time (`load.think`). Closed
+    loop: when a client takes it, from one of the `load.live` open sessions that wait,
+    drawn at random."""
     offsets: list[float] = []
     if load.kind == "rate":
         offsets = arrival_offsets(
@@ -160,12 +164,19 @@ async def run(
                 on_done(record)
             return record
 
-        async def run_session(http: aiohttp.ClientSession, session: Session, due: float) -> None:
+        async def run_session(
+            http: aiohttp.ClientSession, session: Session, due: float, k: int
+        ) -> None:
+            # a draw per session, not per answer: the same seed thinks the same however
+            # the answers interleave
+            thinks = random.Random(load.seed * 1_000_003 + k) if load.think else None
             for spec in session:
+                if (wait := due - now()) > 0:
+                    await asyncio.sleep(wait)
                 record = await one_turn(http, spec, due)
                 if not record.ok:
                     return  # later turns would carry a history the server never answered
-                due = record.end
+                due = record.end + (thinks.expovariate(1 / load.think) if thinks else 0.0)
 
         # closed loop: open sessions, each with the index of its next turn
         waiting: list[tuple[Session, int]] = []
@@ -207,11 +218,11 @@ async def run(
                     result.schedule_end = load.duration or now()
                 else:
                     tasks = []
-                    for session, due in zip(sessions, offsets, strict=False):
+                    for k, (session, due) in enumerate(zip(sessions, offsets, strict=False)):
                         delay = due - now()
                         if delay > 0:
                             await asyncio.sleep(delay)
-                        tasks.append(asyncio.create_task(run_session(http, session, due)))
+                        tasks.append(asyncio.create_task(run_session(http, session, due, k)))
                     result.due = len(offsets)
                     result.schedule_end = load.duration or (offsets[-1] if offsets else 0.0)
                     await asyncio.sleep(0)  # let the last tasks send

@@ -167,6 +167,13 @@ def test_bad_arguments_are_refused(tokenizer_dir, tmp_path) -> None:
     with pytest.raises(SystemExit, match="--live-sessions needs --concurrency, and a session"):
         args = [*common, "--requests", "1", "--turns", "2", "--endpoint", "chat"]
         bench.main(parser.parse_args([*args, "--concurrency", "8", "--live-sessions", "4"]))
+    for think in (["--think-time", "1"], ["--think-time", "-1", "--rate", "2"]):
+        with pytest.raises(SystemExit, match="--think-time needs --rate and --turns > 1"):
+            args = [*common, "--requests", "1", "--turns", "2", "--endpoint", "chat", *think]
+            if "--rate" in think:
+                args.remove("--concurrency")
+                args.remove("1")
+            bench.main(parser.parse_args(args))
     with pytest.raises(SystemExit, match="unknown length table 'nope'"):
         bench.main(parser.parse_args([*common, "--requests", "1", "--lengths", "nope"]))
     with pytest.raises(SystemExit, match="--lengths needs --dataset synthetic"):
@@ -203,3 +210,40 @@ def test_live_sessions_interleave_their_turns(fake_url) -> None:
     assert all([t for s, t in mixed if s == name] == [0, 1, 2] for name in ("s0", "s1", "s2"))
     assert mixed != order(0)  # not one conversation to its end, then the next
     assert order(3) == mixed  # the draw is seeded: runs repeat
+
+
+def test_open_loop_turns_wait_a_seeded_think_time(fake_url) -> None:
+    """Open loop: a session's next turn goes once its answer is back, plus a think time
+    drawn per session from the seed (the same however the answers interleave)."""
+    import asyncio
+    import itertools
+    import random
+
+    from benchmarks.client import Target
+    from benchmarks.datasets import RequestSpec
+    from benchmarks.runner import Load
+    from benchmarks.runner import run as run_load
+
+    def gaps(think: float) -> dict[str, list[float]]:
+        sessions = [
+            [RequestSpec(text=f"s{s} t{t}", input_tokens=4, output_tokens=2, session=f"s{s}",
+                         turn=t) for t in range(3)]
+            for s in range(3)
+        ]  # fmt: skip
+        load = Load("rate", 50, count=3, seed=7, think=think)
+        result = asyncio.run(run_load(Target(fake_url, "fake", "chat"), iter(sessions), load))
+        assert len(result.records) == 9 and all(r.ok for r in result.records)
+        out: dict[str, list[float]] = {}
+        for name in ("s0", "s1", "s2"):
+            mine = sorted((r for r in result.records if r.session == name), key=lambda r: r.turn)
+            assert [r.turn for r in mine] == [0, 1, 2]
+            assert all(r.sent >= r.scheduled - 0.005 for r in mine)  # none before it was due
+            out[name] = [b.scheduled - a.end for a, b in itertools.pairwise(mine)]
+        return out
+
+    assert all(g == [0.0, 0.0] for g in gaps(0).values())  # the default: at once
+    thought = gaps(0.05)
+    for k, name in enumerate(("s0", "s1", "s2")):
+        draw = random.Random(7 * 1_000_003 + k)
+        assert thought[name] == pytest.approx([draw.expovariate(20), draw.expovariate(20)])
+    assert gaps(0.05) == thought  # seeded: runs repeat
