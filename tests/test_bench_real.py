@@ -256,6 +256,28 @@ def test_multi_turn_chat_sessions(gateway: GatewayProcess, tmp_path) -> None:
         assert by_key[(s, 1)]["scheduled_s"] * 1000 >= by_key[(s, 0)]["e2e_ms"] - 1
 
 
+def test_open_loop_conversations_grow_and_think_between_turns(
+    gateway: GatewayProcess, tmp_path
+) -> None:
+    doc = run_bench(
+        gateway, tmp_path, "--endpoint", "chat", "--rate", "10", "--requests", "2",
+        "--turns", "2", "--input-len", "40", "--turn-len", "10", "--output-len", "4",
+        "--think-time", "0.2",
+    )  # fmt: skip
+    assert doc["meta"]["dataset"]["think_time"] == 0.2
+    records = {(r["session"], r["turn"]): r for r in doc["points"][0]["requests"]}
+    assert sorted(records) == [("s0", 0), ("s0", 1), ("s1", 0), ("s1", 1)]
+    for r in records.values():
+        assert r["error_kind"] is None and r["completion_tokens"] == 4
+        assert r["prompt_tokens"] == r["expected_input"]  # the template counted exactly
+    for s in ("s0", "s1"):
+        first, second = records[(s, 0)], records[(s, 1)]
+        # the history grew: the first turn, its answer and a 10-token message
+        assert second["prompt_tokens"] >= first["prompt_tokens"] + 4 + 10
+        ended = first["scheduled_s"] + first["e2e_ms"] / 1000
+        assert second["scheduled_s"] > ended  # a think time after the answer
+
+
 def test_bench_drives_the_responses_api(gateway: GatewayProcess, tmp_path) -> None:
     """--endpoint responses: the prompt as chat messages in `input`, one timed chunk per
     token delta, the tokens from the last event's usage (that API has no [DONE])."""
