@@ -167,13 +167,11 @@ def test_bad_arguments_are_refused(tokenizer_dir, tmp_path) -> None:
     with pytest.raises(SystemExit, match="--live-sessions needs --concurrency, and a session"):
         args = [*common, "--requests", "1", "--turns", "2", "--endpoint", "chat"]
         bench.main(parser.parse_args([*args, "--concurrency", "8", "--live-sessions", "4"]))
-    for think in (["--think-time", "1"], ["--think-time", "-1", "--rate", "2"]):
+    chat = ["--base-url", "http://x", "--model", "m", "--out", str(tmp_path), "--requests", "1"]
+    chat += ["--turns", "2", "--endpoint", "chat", "--think-time"]
+    for bad in (["1", "--concurrency", "1"], ["-1", "--rate", "2"]):  # closed loop; < 0
         with pytest.raises(SystemExit, match="--think-time needs --rate and --turns > 1"):
-            args = [*common, "--requests", "1", "--turns", "2", "--endpoint", "chat", *think]
-            if "--rate" in think:
-                args.remove("--concurrency")
-                args.remove("1")
-            bench.main(parser.parse_args(args))
+            bench.main(parser.parse_args([*chat, *bad]))
     with pytest.raises(SystemExit, match="unknown length table 'nope'"):
         bench.main(parser.parse_args([*common, "--requests", "1", "--lengths", "nope"]))
     with pytest.raises(SystemExit, match="--lengths needs --dataset synthetic"):

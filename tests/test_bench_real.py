@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import re
 import subprocess
 import sys
@@ -270,12 +271,14 @@ def test_open_loop_conversations_grow_and_think_between_turns(
     for r in records.values():
         assert r["error_kind"] is None and r["completion_tokens"] == 4
         assert r["prompt_tokens"] == r["expected_input"]  # the template counted exactly
-    for s in ("s0", "s1"):
+    for k, s in enumerate(("s0", "s1")):
         first, second = records[(s, 0)], records[(s, 1)]
         # the history grew: the first turn, its answer and a 10-token message
         assert second["prompt_tokens"] >= first["prompt_tokens"] + 4 + 10
         ended = first["scheduled_s"] + first["e2e_ms"] / 1000
-        assert second["scheduled_s"] > ended  # a think time after the answer
+        # the think time after the answer: session k's draw from the point's seed (0)
+        think = random.Random(k).expovariate(1 / 0.2)
+        assert second["scheduled_s"] - ended == pytest.approx(think, abs=1e-5)
 
 
 def test_bench_drives_the_responses_api(gateway: GatewayProcess, tmp_path) -> None:
