@@ -344,3 +344,24 @@ def test_the_overhead_study_counts_a_process_syscalls_and_wakeups() -> None:
     assert after["writes"] - before["writes"] >= 100
     assert after["reads"] >= before["reads"]
     assert after["wakeups"] > before["wakeups"]
+
+
+def test_the_cache_probe_holds_each_event_to_its_own_bar(tmp_path) -> None:
+    import yaml
+
+    from benchmarks.launch import REPO
+    from benchmarks.studies.kill_probe import config, passed
+
+    # a SIGKILL may cut the streams on the dead engine; only a refusal fails it
+    kill = {"event": "kill", "requests": 3, "refusals": 0, "outcomes": {"ok": 2, "stream_cut": 1}}
+    assert passed(kill)
+    assert not passed(kill | {"refusals": 1, "outcomes": {"ok": 2, "refused_503": 1}})
+    # a planned restart drains and a clear preempts: every request must come back whole
+    for event in ("restart", "clear"):
+        assert not passed(kill | {"event": event})
+        assert passed(kill | {"event": event, "outcomes": {"ok": 3}})
+    shipped = REPO / "configs" / "tiers-cpu.yaml"
+    assert config("kill", tmp_path) == config("restart", tmp_path) == shipped
+    copy = yaml.safe_load(config("clear", tmp_path).read_text())  # dev endpoints for the reset
+    assert [e["env"]["VLLM_SERVER_DEV_MODE"] for e in copy["engines"]] == ["1", "1"]
+    assert copy["tiers"] == yaml.safe_load(shipped.read_text())["tiers"]

@@ -1,17 +1,27 @@
-"""Kill probe: one of two engines SIGKILLed under load; does a request get refused while
-the other is ready? (RESULTS.md, "No refusal while a replica is ready").
+"""Kill probe: one of two engines loses its cache under load (SIGKILL, a planned restart,
+or vLLM's AllBlocksCleared); is a request refused while the other is ready, and how soon
+does the router forget what that engine held? (RESULTS.md, "No refusal while a replica
+is ready").
 
-`tiergate serve` with configs/tiers-cpu.yaml (two supervised engines, one per core);
-`--clients` clients send `--requests` chats with `model: auto`, streamed and not in
-turn; once a third of them have finished, the API server of the engine that took a
-long seed prompt (so that its prefix index has blocks to lose) is SIGKILLed. The
-supervisor restarts it; the next run starts once both are ready again.
+`tiergate serve` with configs/tiers-cpu.yaml (two supervised engines, one per core, with
+vLLM's dev endpoints on for `clear`); `--clients` clients send `--requests` chats with
+`model: auto`, streamed and not in turn. First a long seed prompt, so that the victim's
+prefix index holds blocks (the load's short chats fill no block of their own). Once a
+third of the load has finished, `--event`:
+- kill: the victim's API server gets SIGKILL; the supervisor restarts it;
+- restart: `POST /tiergate/engines/NAME/restart` (drain, stop, start);
+- clear: `POST /reset_prefix_cache?reset_running_requests=true` on the engine itself:
+  its running requests are preempted and recomputed, and it publishes AllBlocksCleared.
+The next run starts once both engines are ready again.
 
     python -m benchmarks.studies.kill_probe --runs 3 --out benchmarks/out/kill_probe.json
+    python -m benchmarks.studies.kill_probe --event clear --out benchmarks/out/clear_probe.json
 
 Each request ends as: ok; a stream cut mid-way (the one error event, then [DONE]: the
 engine died under it, nothing can move a stream that has started); or a refusal (any
-HTTP error status). The bar is 0 refusals.
+HTTP error status). The bar is 0 refusals on a kill, and every request ok on a planned
+restart or a clear. `index_gone_s`: from the kill, the clear's request, or (restart) the
+old process's exit, until /tiergate/engines shows the victim's index empty.
 """
 
 from __future__ import annotations
@@ -21,25 +31,59 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
+import yaml
 
 from benchmarks.launch import REPO, GatewayProcess, exit_on_sigterm
 
+EVENTS = ("kill", "restart", "clear")
 
-def _until_forgotten(gw: GatewayProcess, name: str, killed: float, limit: float = 5.0) -> float:
-    """Seconds from the kill until /tiergate/engines shows the victim's index empty,
+
+def _until_forgotten(gw: GatewayProcess, name: str, since: float, limit: float = 5.0) -> float:
+    """Seconds from `since` until /tiergate/engines shows the victim's index empty,
     polled every 20 ms (GatewayProcess.wait_for's 0.5 s steps would be the figure)."""
-    while time.monotonic() - killed < limit:
+    while time.monotonic() - since < limit:
         if gw.engine(name)["prefix_index"]["blocks"] == 0:
-            return time.monotonic() - killed
+            return time.monotonic() - since
         time.sleep(0.02)
-    raise TimeoutError(f"{name}'s prefix index still held blocks {limit:.0f} s after the kill")
+    raise TimeoutError(f"{name}'s prefix index still held blocks {limit:.0f} s on")
+
+
+def _until_exited(pid: int, limit: float = 120.0) -> float:
+    """When (time.monotonic()) the process `pid` is gone, polled every 20 ms."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return time.monotonic()
+        time.sleep(0.02)
+    raise TimeoutError(f"engine process {pid} still running {limit:.0f} s after the restart")
+
+
+def strike(gw: GatewayProcess, victim: dict, event: str) -> tuple[float, Future | None, float]:
+    """Do `event` to the victim. Returns when its cache was lost (time.monotonic()); for
+    a restart, the pending answer of the restart call; for a clear, the seconds the
+    engine took to answer it."""
+    if event == "kill":
+        os.kill(victim["pid"], signal.SIGKILL)
+        return time.monotonic(), None, 0.0
+    if event == "clear":
+        url = victim["url"] + "/reset_prefix_cache?reset_running_requests=true"
+        asked = time.monotonic()  # from the ask, not the answer: the stricter figure
+        answer = httpx.post(url, timeout=30)
+        if answer.status_code != 200 or answer.json().get("success") is not True:
+            raise RuntimeError(f"reset_prefix_cache: {answer.status_code} {answer.text}")
+        return asked, None, time.monotonic() - asked
+    path = f"/tiergate/engines/{victim['name']}/restart"
+    restart = ThreadPoolExecutor(1).submit(httpx.post, gw.url + path, timeout=600)
+    return _until_exited(victim["pid"]), restart, 0.0
 
 
 def one(url: str, i: int) -> str:
@@ -70,7 +114,7 @@ def one(url: str, i: int) -> str:
 NOTES = " ".join(f"Item {i} is filed under shelf {i % 7}." for i in range(90))
 
 
-def probe(gw: GatewayProcess, n: int, clients: int, run: int) -> dict:
+def probe(gw: GatewayProcess, n: int, clients: int, run: int, event: str = "kill") -> dict:
     url = gw.url + "/v1/chat/completions"
     # a long prompt first, so that the victim's prefix index has something to lose
     seed = {"role": "system", "content": f"Run {run}. {NOTES}"}
@@ -93,20 +137,48 @@ def probe(gw: GatewayProcess, n: int, clients: int, run: int) -> dict:
         futures = [pool.submit(send, i) for i in range(n)]
         while done < n // 3:
             time.sleep(0.01)
-        os.kill(victim["pid"], signal.SIGKILL)
-        killed_at, killed = done, time.monotonic()
-        index_gone_s = _until_forgotten(gw, name, killed)
+        struck_after = done
+        lost, restart, answered_s = strike(gw, victim, event)
+        lost_after = done
+        index_gone_s = _until_forgotten(gw, name, lost)
         for f in futures:
             f.result()
+    if restart is not None:
+        answer = restart.result()
+        if answer.status_code != 200:
+            raise RuntimeError(f"restart: {answer.status_code} {answer.text}")
     refusals = sum(v for k, v in outcomes.items() if k.startswith(("refused", "exception")))
     return {
+        "event": event,
         "victim": name,
         "requests": n,
-        "killed_after": killed_at,
+        "struck_after": struck_after,  # requests finished when the event was started
+        "lost_after": lost_after,  # ... and when the cache was gone (restart: the exit)
         "outcomes": dict(outcomes),
         "refusals": refusals,
         "index_gone_s": round(index_gone_s, 3),
+        "clear_answered_s": round(answered_s, 3) if event == "clear" else None,
     }
+
+
+def passed(row: dict) -> bool:
+    if row["event"] == "kill":
+        return row["refusals"] == 0
+    return row["outcomes"] == {"ok": row["requests"]}  # nothing cut, nothing refused
+
+
+def config(event: str, folder: Path) -> Path:
+    """The shipped layout; for `clear`, a copy in `folder` with vLLM's dev endpoints on
+    (loopback only)."""
+    shipped = REPO / "configs" / "tiers-cpu.yaml"
+    if event != "clear":
+        return shipped
+    data = yaml.safe_load(shipped.read_text())
+    for engine in data["engines"]:
+        engine["env"]["VLLM_SERVER_DEV_MODE"] = "1"
+    path = folder / "tiers.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,20 +186,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--clients", type=int, default=12)
+    p.add_argument("--event", choices=EVENTS, default="kill")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     exit_on_sigterm()
     rows = []
-    log = Path(a.out).with_suffix(".log") if a.out else Path("/tmp/kill_probe.log")
-    with GatewayProcess(REPO / "configs" / "tiers-cpu.yaml", log) as gw:
+    log = Path(a.out).with_suffix(".log") if a.out else Path(f"/tmp/{a.event}_probe.log")
+    with (
+        tempfile.TemporaryDirectory(prefix="tg-probe-") as folder,
+        GatewayProcess(config(a.event, Path(folder)), log) as gw,
+    ):
         for i in range(a.runs):
             gw.wait_for(lambda: all(e["ready"] for e in gw.engines()), 600, "both engines")
-            row = probe(gw, a.requests, a.clients, i) | {"run": i}
+            row = probe(gw, a.requests, a.clients, i, a.event) | {"run": i}
             print(json.dumps(row), flush=True)
             rows.append(row)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1))
-    return 0 if all(r["refusals"] == 0 for r in rows) else 1
+    return 0 if all(passed(r) for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ a partition by hand.
     python -m benchmarks.studies.prefix_routing --out benchmarks/out/prefix_routing \
         --vllm-router /path/to/vllm-router --runs 3
 
-Prints and writes (runs.json, summary.md) each run's req/s, TTFT p50/p90, the fleet's
+Prints and writes (runs.json, summary.md; records/ holds every request's turn, prompt and
+cached tokens and TTFT) each run's req/s, TTFT p50/p90, the fleet's
 prefix-cache hit rate (the engines' vllm:prefix_cache_hits/queries) and the requests
 each engine finished (vllm:request_success_total).
 """
@@ -80,6 +81,7 @@ def config(blocks: int, prefix: dict) -> dict:
             "enforce_eager": True,
             "max_num_seqs": 32,
             "num_gpu_blocks_override": blocks,
+            "enable_prompt_tokens_details": True,  # each answer's cached tokens
         },
     }
 
@@ -191,6 +193,7 @@ async def one_run(url: str, model: str, specs, concurrency: int, live: int = 0) 
     result = await run(target, specs, load)
     ok = [r for r in result.records if r.ok and r.ttft is not None]
     ttfts = sorted(r.ttft for r in ok)
+    later = [r.ttft for r in ok if r.turn > 0]  # multiturn: turns with a history to reuse
     return {
         "requests": len(result.records),
         "errors": len(result.records) - len(ok),
@@ -198,6 +201,18 @@ async def one_run(url: str, model: str, specs, concurrency: int, live: int = 0) 
         "out_tok_s": sum(r.completion_tokens or 0 for r in ok) / result.wall,
         "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
         "ttft_p90_ms": 1000 * ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None,
+        "ttft_p50_later_ms": 1000 * statistics.median(later) if later else None,
+        "records": [
+            {
+                "turn": r.turn,
+                "start_s": round(r.scheduled - result.records[0].scheduled, 3),
+                "prompt_tokens": r.prompt_tokens,
+                "cached_tokens": r.cached_tokens,
+                "ttft_ms": round(1000 * r.ttft, 1) if r.ttft is not None else None,
+                "error": r.error_kind,
+            }
+            for r in result.records
+        ],
     }
 
 
@@ -284,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                         finally:
                             peer.close()
                     row |= {"workload": workload, "router": router, "run": i}
+                    records = a.out / "records" / f"{workload}-{router}-{i}.json"
+                    records.parent.mkdir(exist_ok=True)
+                    records.write_text(json.dumps(row.pop("records"), indent=0))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     (a.out / "runs.json").write_text(json.dumps(rows, indent=1))
@@ -317,6 +335,8 @@ def summarize(rows: list[dict]) -> str:
                     "max_share",
                 )
             }
+            later = [r["ttft_p50_later_ms"] for r in mine if r.get("ttft_p50_later_ms")]
+            m["later"] = statistics.median(later) if later else None
             m["errors"] = sum(r["errors"] for r in mine)
             med[workload, router] = m
             lines.append(
@@ -326,8 +346,9 @@ def summarize(rows: list[dict]) -> str:
             )
     lines += [
         "",
-        "| workload | TTFT p50 / RR | TTFT p50 / best vllm-router | tok/s / RR | hit / ideal |",
-        "|---|---|---|---|---|",
+        "| workload | TTFT p50 / RR | TTFT p50 / best vllm-router | tok/s / RR | hit / ideal "
+        "| later turns' TTFT p50 / RR |",
+        "|---|---|---|---|---|---|",
     ]
     for workload in WORKLOADS:
         t, rr = med.get((workload, "tiergate")), med.get((workload, "round_robin"))
@@ -346,7 +367,8 @@ def summarize(rows: list[dict]) -> str:
             t["ttft_p50_ms"] / best["ttft_p50_ms"],
         )
         tok = t["out_tok_s"] / rr["out_tok_s"]
-        lines.append(f"| {workload} | {ttft:.2f} | {best_ttft:.2f} | {tok:.2f} | {hit} |")
+        later = f"{t['later'] / rr['later']:.2f}" if t["later"] and rr["later"] else "-"
+        lines.append(f"| {workload} | {ttft:.2f} | {best_ttft:.2f} | {tok:.2f} | {hit} | {later} |")
     return "\n".join(lines) + "\n"
 
 
