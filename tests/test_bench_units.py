@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import subprocess
 import time
 
 import pytest
@@ -350,7 +351,7 @@ def test_the_cache_probe_holds_each_event_to_its_own_bar(tmp_path) -> None:
     import yaml
 
     from benchmarks.launch import REPO
-    from benchmarks.studies.kill_probe import config, passed
+    from benchmarks.studies.kill_probe import _until_exited, config, passed
 
     # a SIGKILL may cut the streams on the dead engine; only a refusal fails it
     kill = {"event": "kill", "requests": 3, "refusals": 0, "outcomes": {"ok": 2, "stream_cut": 1}}
@@ -365,3 +366,11 @@ def test_the_cache_probe_holds_each_event_to_its_own_bar(tmp_path) -> None:
     copy = yaml.safe_load(config("clear", tmp_path).read_text())  # dev endpoints for the reset
     assert [e["env"]["VLLM_SERVER_DEV_MODE"] for e in copy["engines"]] == ["1", "1"]
     assert copy["tiers"] == yaml.safe_load(shipped.read_text())["tiers"]
+    # a restart's loss is timed from the old process's exit: a zombie counts as gone
+    proc = subprocess.Popen(["sleep", "0.2"])
+    try:
+        started = time.monotonic()
+        assert 0.15 < _until_exited(proc.pid, limit=10) - started < 5
+    finally:
+        proc.kill()
+        proc.wait()

@@ -61,7 +61,10 @@ def _until_exited(pid: int, limit: float = 120.0) -> float:
     """When (time.monotonic()) the process `pid` is gone, polled every 20 ms."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return time.monotonic()
+        except psutil.NoSuchProcess:
             return time.monotonic()
         time.sleep(0.02)
     raise TimeoutError(f"engine process {pid} still running {limit:.0f} s after the restart")
@@ -82,7 +85,9 @@ def strike(gw: GatewayProcess, victim: dict, event: str) -> tuple[float, Future 
             raise RuntimeError(f"reset_prefix_cache: {answer.status_code} {answer.text}")
         return asked, None, time.monotonic() - asked
     path = f"/tiergate/engines/{victim['name']}/restart"
-    restart = ThreadPoolExecutor(1).submit(httpx.post, gw.url + path, timeout=600)
+    pool = ThreadPoolExecutor(1)  # the call returns once the engine is back
+    restart = pool.submit(httpx.post, gw.url + path, timeout=600)
+    pool.shutdown(wait=False)  # its thread ends with the call
     return _until_exited(victim["pid"]), restart, 0.0
 
 
