@@ -374,3 +374,30 @@ def test_the_cache_probe_holds_each_event_to_its_own_bar(tmp_path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_prefix_routing_summary_states_the_claims_ratios() -> None:
+    from benchmarks.studies.prefix_routing import summarize
+
+    def row(router: str, ttft: float, later: float | None, tok: float, hit: float) -> dict:
+        return {
+            "workload": "multiturn", "router": router, "errors": 0, "req_s": tok / 16,
+            "out_tok_s": tok, "ttft_p50_ms": ttft, "ttft_p90_ms": 2 * ttft,
+            "ttft_p50_later_ms": later, "hit_rate": hit, "max_share": 0.5,
+        }  # fmt: skip
+
+    rows = [
+        row("tiergate", 600, 400, 39, 0.6),
+        row("tiergate", 700, 500, 40, 0.6),
+        row("tiergate", 800, 600, 41, 0.6),
+        row("round_robin", 1000, 800, 30, 0.45),
+        row("cache_aware", 900, 700, 31, 0.45),
+        row("ideal", 650, 450, 40, 0.5),
+    ]
+    ratios = summarize(rows).splitlines()[-1]
+    # medians: TTFT 700 / 1,000 and / 900 (the best peer), tok/s 40 / 30, hit 0.6 / 0.5,
+    # the later turns' TTFT 500 / 800
+    assert ratios == "| multiturn | 0.70 | 0.78 | 1.33 | 1.20 | 0.62 |"
+    # a workload without turns has no later-turn column to fill
+    single = [r | {"workload": "groups", "ttft_p50_later_ms": None} for r in rows]
+    assert summarize(single).splitlines()[-1].endswith("| 1.20 | - |")
