@@ -244,4 +244,30 @@ def test_open_loop_turns_wait_a_seeded_think_time(fake_url) -> None:
     for k, name in enumerate(("s0", "s1", "s2")):
         draw = random.Random(7 * 1_000_003 + k)
         assert thought[name] == pytest.approx([draw.expovariate(20), draw.expovariate(20)])
-    assert gaps(0.05) == thought  # seeded: runs repeat
+    again = gaps(0.05)  # seeded: runs repeat (to float rounding of end + think - end)
+    assert all(again[n] == pytest.approx(thought[n], abs=1e-9) for n in thought)
+
+
+def test_prefix_routing_run_keeps_every_request(fake_url) -> None:
+    """A study run's row, and every request as `tiergate bench` writes it (FAKE server)."""
+    import asyncio
+    import statistics
+
+    from benchmarks.datasets import RequestSpec
+    from benchmarks.studies.prefix_routing import one_run
+
+    sessions = [
+        [RequestSpec(text=f"s{s} t{t}", input_tokens=4, output_tokens=2, session=f"s{s}",
+                     turn=t) for t in range(2)]
+        for s in range(3)
+    ]  # fmt: skip
+    row = asyncio.run(one_run(fake_url, "fake", iter(sessions), 2, live=3))
+    records = row.pop("records")
+    assert (row["requests"], row["errors"]) == (6, 0)
+    assert sorted((r["session"], r["turn"]) for r in records) == [
+        (f"s{s}", t) for s in range(3) for t in range(2)
+    ]
+    assert all(r["status"] == 200 and r["completion_tokens"] == 2 for r in records)
+    later = statistics.median(r["ttft_ms"] for r in records if r["turn"] == 1)
+    assert row["ttft_p50_later_ms"] == pytest.approx(later, abs=1e-3)  # rows round to µs
+    json.dumps(records)  # written as is

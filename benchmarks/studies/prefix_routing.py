@@ -21,10 +21,10 @@ a partition by hand.
     python -m benchmarks.studies.prefix_routing --out benchmarks/out/prefix_routing \
         --vllm-router /path/to/vllm-router --runs 3
 
-Prints and writes (runs.json, summary.md; records/ holds every request's turn, prompt and
-cached tokens and TTFT) each run's req/s, TTFT p50/p90, the fleet's
-prefix-cache hit rate (the engines' vllm:prefix_cache_hits/queries) and the requests
-each engine finished (vllm:request_success_total).
+Prints and writes (runs.json, summary.md) each run's req/s, TTFT p50/p90, the fleet's
+prefix-cache hit rate (the engines' vllm:prefix_cache_hits/queries) and the requests each
+engine finished (vllm:request_success_total); records/ holds every request's row as
+`tiergate bench` writes it (turn, prompt and cached tokens, TTFT, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import re
 import shutil
 import socket
@@ -50,6 +51,7 @@ from benchmarks.bench import load_tokenizer
 from benchmarks.client import Target
 from benchmarks.datasets import LengthDist, SyntheticText, synthetic
 from benchmarks.launch import GatewayProcess, exit_on_sigterm, free_port
+from benchmarks.report import request_row
 from benchmarks.runner import Load, run
 
 WORKLOADS = ("groups", "preamble", "multiturn", "random")
@@ -202,17 +204,7 @@ async def one_run(url: str, model: str, specs, concurrency: int, live: int = 0) 
         "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
         "ttft_p90_ms": 1000 * ttfts[int(0.9 * (len(ttfts) - 1))] if ttfts else None,
         "ttft_p50_later_ms": 1000 * statistics.median(later) if later else None,
-        "records": [
-            {
-                "turn": r.turn,
-                "start_s": round(r.scheduled - result.records[0].scheduled, 3),
-                "prompt_tokens": r.prompt_tokens,
-                "cached_tokens": r.cached_tokens,
-                "ttft_ms": round(1000 * r.ttft, 1) if r.ttft is not None else None,
-                "error": r.error_kind,
-            }
-            for r in result.records
-        ],
+        "records": [request_row(0, load.label, r, (0.0, math.inf)) for r in result.records],
     }
 
 
