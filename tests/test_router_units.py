@@ -354,6 +354,9 @@ def test_a_stored_response_whose_replica_is_gone_is_a_404(
     if answer == 404:
         assert "gone" in refused.value.message and "memory" in refused.value.message
         assert refused.value.param == "response_id"
+    if state == "draining":  # says why, and that waiting will not bring it back
+        assert "draining for a restart" in refused.value.message
+        assert "gone" in refused.value.message and refused.value.param == "response_id"
     with pytest.raises(NotFound) as unknown:  # one this fleet lacks (discovery dropped it)
         home_of(registry, "b", "response 'r'", "response_id", reading)
     assert "gone" in unknown.value.message and unknown.value.param == "response_id"

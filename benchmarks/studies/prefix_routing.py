@@ -75,7 +75,7 @@ def free_port_pair() -> int:
             return port
 
 
-def config(blocks: int, prefix: dict) -> dict:
+def config(blocks: int, prefix: dict, extra: dict | None = None) -> dict:
     engine = {
         "model": "smollm2-135m-instruct",
         "args": {
@@ -84,6 +84,7 @@ def config(blocks: int, prefix: dict) -> dict:
             "max_num_seqs": 32,
             "num_gpu_blocks_override": blocks,
             "enable_prompt_tokens_details": True,  # each answer's cached tokens
+            **(extra or {}),
         },
     }
 
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=int, default=16)
     p.add_argument("--random-len", type=int, default=900, help="random workload's prompt")
     p.add_argument("--prefix", help='router.prefix settings as JSON, e.g. {"load_tokens": 128}')
+    p.add_argument("--engine-args", help="more engine args as JSON, for every router")
     p.add_argument("--group-len", type=int, default=900, help="a group's system prompt")
     p.add_argument("--preamble", type=int, default=250, help="of it, common to all groups")
     p.add_argument("--concurrency", type=int, default=12)
@@ -250,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     cfg = a.out / "config.yaml"
     prefix = json.loads(a.prefix) if a.prefix else {}
-    cfg.write_text(yaml.safe_dump(config(a.blocks, prefix)))
+    extra = json.loads(a.engine_args) if a.engine_args else {}
+    cfg.write_text(yaml.safe_dump(config(a.blocks, prefix, extra)))
     rows: list[dict] = []
     with GatewayProcess(cfg, a.out / "serve.log") as gw:
         gw.wait_ready(600)

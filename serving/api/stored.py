@@ -37,6 +37,13 @@ def home_of(
         return ep
     if ep.supervised and ep.state in _GONE_STATES:
         raise _gone(what, replica, f"has stopped since (it is {ep.state})", param)
+    if ep.state == "draining":  # alive, but a new turn would hold up its restart
+        raise NoEngineReady(
+            f"The replica '{replica}' that stored {what} is draining for a restart: it "
+            f"takes no new turns, and once it restarts the response is gone ({_IN_MEMORY}). "
+            "Send the conversation again as input, without it.",
+            param=param,
+        )
     raise NoEngineReady(f"The replica '{replica}' that stored {what} is not ready.")
 
 
