@@ -122,7 +122,9 @@ def config(blocks: int, prefix: dict, extra: dict | None = None) -> dict:
 class Peer:
     """vllm-router with one policy in front of the same engines."""
 
-    def __init__(self, binary: str, policy: str, engines: list[dict], log: Path) -> None:
+    def __init__(
+        self, binary: str, policy: str, engines: list[dict], log: Path, block: int = 128
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [binary, "--host", "127.0.0.1", "--port", str(self.port), "--policy", policy]
@@ -131,7 +133,7 @@ class Peer:
             for e in engines:  # the flags repeat per worker
                 cmd += ["--kv-event-source", f"{e['url']}={e['kv_events']}"]
                 cmd += ["--kv-event-replay-source", f"{e['url']}={e['kv_replay']}"]
-            cmd += ["--kv-event-block-size", "128", "--kv-event-model", engines[0]["model"]]
+            cmd += ["--kv-event-block-size", str(block), "--kv-event-model", engines[0]["model"]]
         cmd += ["--prometheus-port", str(free_port())]
         self.log = log.open("wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = a.out / "config.yaml"
     prefix = json.loads(a.prefix) if a.prefix else {}
     extra = json.loads(a.engine_args) if a.engine_args else {}
+    block = int(extra.get("block_size", 128))  # vLLM-CPU's default
     cfg.write_text(yaml.safe_dump(config(a.blocks, prefix, extra)))
     rows: list[dict] = []
     with GatewayProcess(cfg, a.out / "serve.log") as gw:
@@ -286,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                     if router in ("tiergate", "ideal"):
                         row = measure(engines, gw.url, "smollm2", specs, a.concurrency, live)
                     else:
-                        peer = Peer(a.vllm_router, router, engines, a.out / f"{router}.log")
+                        log = a.out / f"{router}.log"
+                        peer = Peer(a.vllm_router, router, engines, log, block)
                         try:
                             row = measure(
                                 engines, peer.url, engines[0]["model"], specs, a.concurrency, live
