@@ -98,6 +98,28 @@ def test_sizes_stay_readable() -> None:
         assert (ROOT / folder / "README.md").exists()
 
 
+def test_every_code_folder_explains_itself() -> None:
+    """Each folder of Python code has a README that names every module in it (test
+    files excepted: tests/README.md explains them by their suffix)."""
+    missing = []
+    for folder in ("serving", "models", "benchmarks", "tests"):
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            here = init.parent
+            if ".venv" in here.parts:
+                continue
+            readme = here / "README.md"
+            if not readme.exists():
+                missing.append(f"{here.relative_to(ROOT)}: no README.md")
+                continue
+            text = readme.read_text()
+            for module in sorted(here.glob("*.py")):
+                if module.name == "__init__.py" or module.name.startswith("test_"):
+                    continue  # tests/README.md names them by suffix
+                if module.stem not in text:
+                    missing.append(f"{here.relative_to(ROOT)}/README.md: no {module.name}")
+    assert not missing, "\n".join(missing)
+
+
 @pytest.mark.skipif(not shutil.which("git"), reason="git is not installed")
 def test_no_development_diary() -> None:
     out = subprocess.run(
