@@ -44,6 +44,7 @@ BEHAVIOURS = (
     "trickle",
     "late-end",
     "error-event",
+    "abort",
 )
 
 
@@ -88,7 +89,7 @@ async def _chat(request: Request) -> Response:
 
         return StreamingResponse(half_json(), media_type="application/json")
     if not body.get("stream"):
-        return JSONResponse(
+        return JSONResponse(  # compact JSON, as vLLM's (starlette's) is
             {
                 "id": "fake",
                 "object": "chat.completion",
@@ -96,7 +97,8 @@ async def _chat(request: Request) -> Response:
                 "choices": [
                     {
                         "index": 0,
-                        "finish_reason": "stop",
+                        # vLLM's answer to a request it aborted while stopping
+                        "finish_reason": "abort" if mode == "abort" else "stop",
                         "message": {"role": "assistant", "content": "ok"},
                     }
                 ],
@@ -124,6 +126,11 @@ async def _chat(request: Request) -> Response:
             await asyncio.sleep(30)
         if mode == "cut-stream":
             raise RuntimeError("fake engine drops the connection")
+        if mode == "abort":  # vLLM aborting it as the engine stops: a normal-looking end
+            end = {"choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "abort"}]}
+            usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+            for event in (end, {"choices": [], "usage": usage}):
+                yield b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
         if mode != "no-done":
             yield b"data: [DONE]\n\n"
         if mode == "late-end":  # the body's end comes 0.2 s after [DONE]

@@ -104,6 +104,7 @@ async def test_ready_is_503_when_nothing_is_ready(fake: FakeEngine) -> None:
         ("cut-stream", "upstream_error"),
         ("stall-stream", "upstream_timeout"),
         ("no-done", "upstream_error"),
+        ("abort", "engine_aborted"),  # vLLM's own clean-looking end of a request it aborted
     ],
 )
 async def test_error_after_stream_start_is_one_event_then_done(

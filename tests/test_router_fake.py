@@ -243,3 +243,37 @@ async def test_every_replica_ejected_is_tried_anyway_panic() -> None:
         # its success closed that replica's breaker: the rest route normally to it
         assert {r.headers["x-tiergate-reason"] for r in results[1:]} == {"explicit+load"}
         assert len(a.app.state.seen) + len(b.app.state.seen) == 2 + 4
+
+
+async def test_an_answer_the_engine_aborted_is_retried_on_another_replica() -> None:
+    """vLLM answers a request it aborted while stopping (a restart past its drain time)
+    with 200 and finish_reason "abort": nothing has reached the client, so it is retried;
+    with no replica left, an error says so."""
+    with FakeEngine(force="abort") as stopping, FakeEngine(force="ok") as healthy:
+        settings = Settings(
+            engines=[
+                {"name": "stopping", "model": "m", "url": stopping.url},
+                {"name": "healthy", "model": "m", "url": healthy.url},
+            ],
+            timeouts={"health_interval": 0.1},
+            router={"affinity": False},  # the two take turns first
+        )
+        async with in_process_gateway(settings) as client:
+            replies = [await client.post("/v1/chat/completions", json=_chat()) for _ in range(4)]
+            metrics = (await client.get("/metrics")).text
+        assert [r.status_code for r in replies] == [200] * 4
+        assert {r.headers["x-tiergate-replica"] for r in replies} == {"healthy"}
+        assert {r.json()["choices"][0]["finish_reason"] for r in replies} == {"stop"}
+        tried = len(stopping.app.state.seen)
+        assert tried >= 1 and len(healthy.app.state.seen) == 4
+        assert f'reason="engine_aborted",replica="healthy",tier="m"}} {tried}.0' in metrics
+        alone = Settings(
+            engines=[{"name": "stopping", "model": "m", "url": stopping.url}],
+            timeouts={"health_interval": 0.1},
+        )
+        async with in_process_gateway(alone) as client:
+            r = await client.post("/v1/chat/completions", json=_chat())
+        assert r.status_code == 502, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == "engine_aborted" and "restarting" in error["message"]

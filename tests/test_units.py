@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from serving.engines.process import engine_args_to_cli
 from serving.errors import NoEngineReady, from_upstream, sse_error_event
-from serving.upstream.stream import is_usage_only, split_events, usage_of
+from serving.upstream.stream import Relay, StreamOutcome, is_usage_only, split_events, usage_of
 
 
 def test_split_events_keeps_partial_event() -> None:
@@ -23,6 +25,31 @@ def test_usage_of_and_usage_only() -> None:
     assert is_usage_only(usage_event)
     assert usage_of(b'data: {"choices":[{"delta":{"content":"x"}}]}') is None
     assert usage_of(b"data: [DONE]") is None
+
+
+_TOKEN = b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+_ABORT = b'data: {"choices":[{"index":0,"delta":{"content":""},"finish_reason":"abort"}]}\n\n'
+_USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_a_stream_the_engine_aborted_ends_with_the_error_event(together: bool) -> None:
+    """vLLM ends a request it aborted (the engine stopping) with finish_reason "abort",
+    usage and [DONE]: a normal-looking end that the relay turns into the error event, in
+    whichever socket reads the events come."""
+    outcome = StreamOutcome(started=0.0)
+    relay = Relay(response=None, outcome=outcome, drop_usage=True, first=b"")
+    reads = [_TOKEN, _ABORT + _USAGE, b"data: [DONE]\n\n"]
+    if not together:
+        reads = [_TOKEN, _ABORT, _USAGE, b"data: [DONE]\n\n"]
+    out = b"".join(relay.feed(r) for r in reads[:-1] if not outcome.done)
+    events = [e.removeprefix(b"data: ") for e in out.split(b"\n\n") if e]
+    assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_aborted"
+    assert events.count(b"[DONE]") == 1 and outcome.done and outcome.error == "engine_aborted"
+    assert not any(b'"prompt_tokens"' in e for e in events)  # asked for by us, not shown
+    clean = Relay(response=None, outcome=StreamOutcome(started=0.0), drop_usage=True, first=b"")
+    out = b"".join(clean.feed(r) for r in (_TOKEN, _TOKEN, _USAGE, b"data: [DONE]\n\n"))
+    assert out == _TOKEN + _TOKEN + b"data: [DONE]\n\n"  # an ordinary end is untouched
 
 
 def test_sse_error_event_ends_with_done() -> None:

@@ -6,7 +6,9 @@ the next attempt is tried, as long as the retry budget allows. The budget guards
 against retry storms, so only a retry after an attempt that reached an engine spends it:
 one after a refused connection, or after a replica its breaker skipped, does not (a
 ready replica must not refuse for want of budget that others spent). A 4xx is the request's
-fault, not the replica's: it goes back to the client at once. The in-flight count of
+fault, not the replica's: it goes back to the client at once. A whole answer that the
+engine aborted (it was stopping: `finish_reason: "abort"`) has not reached the client
+either, so it is retried the same way. The in-flight count of
 the replica that answered stays taken until the caller's reply is done (`leave`).
 """
 
@@ -20,7 +22,7 @@ from serving.router.breaker import RetryBudget
 from serving.router.planner import Attempt
 from serving.router.registry import Endpoint
 from serving.upstream.client import UpstreamClient
-from serving.upstream.stream import prime
+from serving.upstream.stream import ABORTED, engine_aborted, prime
 from serving.upstream.wire import Response
 
 _BREAKER_GAUGE = {"closed": 0, "half_open": 1, "open": 2}
@@ -72,6 +74,8 @@ class Failover:
                 response = await self.upstream.open(ep.url or "", path, body_for(attempt), trace)
                 try:
                     first = await (prime(response) if read_first else response.read())
+                    if not read_first and ABORTED in first:  # cut short by a stopping engine
+                        raise engine_aborted()
                 except BaseException:  # failed or cancelled: never leave it half-read
                     response.close()
                     raise

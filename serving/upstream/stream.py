@@ -3,8 +3,10 @@
 Bytes go through as the socket gave them; the relay only looks for event boundaries
 to find the usage event (for metrics), to hide it when the client did not ask for it,
 and to see `[DONE]`. Errors after the first byte end the stream with one error event
-and `data: [DONE]`. Closing the upstream response (client gone) makes vLLM abort the
-request and free its KV cache.
+and `data: [DONE]`; so does a request the engine aborted (vLLM ends it with
+`finish_reason: "abort"`, usage and its own `[DONE]`, which would read as a normal
+end). Closing the upstream response (client gone) makes vLLM abort the request and free
+its KV cache.
 
 Each chunk is written from the engine socket's read callback: under uvicorn a chunk
 before the last goes straight to the client's transport (`write`, from
@@ -29,6 +31,10 @@ from serving.router.stored import retag
 from serving.upstream.wire import Response
 
 _DONE = b"data: [DONE]"
+# vLLM's end of a request it aborted (the engine stopping mid-answer: a restart past its
+# drain time, a shutdown). Not an OpenAI finish_reason: a cut, told as one. vLLM writes
+# JSON compact; inside a content string the quotes would be escaped, so no false match.
+ABORTED = b'"finish_reason":"abort"'
 _USAGE = b'"prompt_tokens"'
 _RESPONSE_USAGE = b'"input_tokens"'
 # The Responses API's stream has no [DONE]: one of these events is its last.
@@ -47,6 +53,14 @@ class StreamOutcome:
     error: str | None = None  # kind of mid-stream error
     disconnected: bool = False
     done: bool = False
+
+
+def engine_aborted() -> UpstreamError:
+    return UpstreamError(
+        "The engine stopped this request before it finished (vLLM aborted it: the engine "
+        "is restarting or shutting down). Retry it.",
+        code="engine_aborted",
+    )
 
 
 def split_events(buffer: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
@@ -101,8 +115,10 @@ def _body(out: bytes, more: bool) -> dict:
 
 class Relay:
     """Sends the engine's stream on with its usage captured, ending in an error event if
-    the engine fails. Chunks pass whole when they hold no usage and no [DONE] (the common
-    case: one token event), so the per-chunk cost is two substring searches."""
+    the engine fails or aborts the request. Chunks pass whole when they hold no usage and
+    no [DONE] (the common case: one token event), so the per-chunk cost is two substring
+    searches and keeping the chunk (the last one before the end is searched for an
+    abort once)."""
 
     __slots__ = (
         "buffer",
@@ -110,6 +126,7 @@ class Relay:
         "ended",
         "failed",
         "first",
+        "last",
         "outcome",
         "pending",
         "response",
@@ -130,6 +147,7 @@ class Relay:
         self.drop_usage = drop_usage
         self.first = first  # what prime() read before the reply was committed
         self.buffer = b""
+        self.last = b""  # the last chunk that passed whole
         self.send: Callable[[dict], Awaitable[None]] | None = None
         # Writes a body chunk that is not the last straight to the client, or says no
         # (False) and the chunk goes by `send` (serving/api/coalesce.py: chunk_writer).
@@ -143,7 +161,15 @@ class Relay:
         """Chunks near the end of a stream: parse them event by event."""
         events, self.buffer = split_events(self.buffer, chunk)
         out = []
+        # The event that ends an aborted request may have passed whole (feed); it is
+        # looked for here, once a stream nears its end, not in every chunk.
+        aborted, self.last = ABORTED in self.last, b""
         for event in events:
+            if aborted or ABORTED in event:  # what follows (usage, [DONE]) is not an end
+                self.outcome.error = "engine_aborted"
+                self.outcome.done = True
+                out.append(sse_error_event(engine_aborted()))
+                break
             usage = usage_of(event)
             if usage is not None:
                 self.outcome.usage = usage
@@ -157,6 +183,7 @@ class Relay:
     def feed(self, chunk: bytes) -> bytes:
         if not self.buffer and _USAGE not in chunk and _DONE not in chunk:
             if chunk.endswith(b"\n\n"):
+                self.last = chunk  # kept, not searched: _tail looks for an abort in it
                 return chunk  # whole events, nothing to look at
         return self._tail(chunk)
 
