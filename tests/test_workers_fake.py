@@ -95,9 +95,12 @@ def test_two_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
             dead = shared / f"gauge_livesum_{first[0].pid}.db"
             assert dead.exists()  # its requests in flight, live
             os.kill(first[0].pid, signal.SIGKILL)  # a worker dies: it is replaced
-            gw.wait_for(
-                lambda: len(_workers(gw)) == 2 and first[0] not in _workers(gw), 30, "a new worker"
-            )
+
+            def replaced() -> bool:  # one listing: the kill lands a moment after os.kill
+                now = _workers(gw)
+                return len(now) == 2 and first[0] not in now
+
+            gw.wait_for(replaced, 30, "a new worker")
             assert not dead.exists()  # a dead worker's in-flight gauge no longer counts
             assert (
                 httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=30).status_code
