@@ -36,8 +36,11 @@ def _die_with_parent() -> None:
 
 
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so `with GatewayProcess(...)` blocks still clean up."""
+    """Turn SIGTERM into SystemExit so `with GatewayProcess(...)` blocks still clean up;
+    SIGINT raises KeyboardInterrupt even where a shell started the study in the
+    background (which ignores SIGINT), so `kill -INT` cleans up as Ctrl-C does."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class GatewayProcess:
