@@ -17,11 +17,13 @@ The next run starts once both engines are ready again.
     python -m benchmarks.studies.kill_probe --runs 3 --out benchmarks/out/kill_probe.json
     python -m benchmarks.studies.kill_probe --event clear --out benchmarks/out/clear_probe.json
 
-Each request ends as: ok; a stream cut mid-way (the one error event, then [DONE]: the
-engine died under it, nothing can move a stream that has started); or a refusal (any
-HTTP error status). The bar is 0 refusals on a kill, and every request ok on a planned
-restart or a clear. `index_gone_s`: from the kill, the clear's request, or (restart) the
-old process's exit, until /tiergate/engines shows the victim's index empty.
+Each request ends as: ok (the whole answer: it ends at max_tokens); a stream cut mid-way
+(the one error event, then [DONE]: the engine died under it, nothing can move a stream
+that has started); a refusal (any HTTP error status); or, which the gateway should never
+let through, an answer that ends early with no error (`answer_cut`, `stream_short`).
+The bar is 0 refusals on a kill, and every request ok on a planned restart or a clear.
+`index_gone_s`: from the kill, the clear's request, or (restart) the old process's exit,
+until /tiergate/engines shows the victim's index empty.
 """
 
 from __future__ import annotations
@@ -103,7 +105,10 @@ def one(url: str, i: int) -> str:
     try:
         if not stream:
             r = httpx.post(url, json=body, timeout=300)
-            return "ok" if r.status_code == 200 else f"refused_{r.status_code}"
+            if r.status_code != 200:
+                return f"refused_{r.status_code}"
+            # ok means all of it: ignore_eos, so a whole answer ends at max_tokens
+            return "ok" if r.json()["choices"][0]["finish_reason"] == "length" else "answer_cut"
         with httpx.stream("POST", url, json=body, timeout=300) as r:
             if r.status_code != 200:
                 r.read()
@@ -111,7 +116,9 @@ def one(url: str, i: int) -> str:
             events = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]
         if events[-1:] != ["[DONE]"]:
             return "stream_no_done"
-        return "stream_cut" if any('"error"' in e for e in events) else "ok"
+        if any('"error"' in e for e in events):
+            return "stream_cut"
+        return "ok" if any('"finish_reason":"length"' in e for e in events) else "stream_short"
     except httpx.HTTPError as exc:
         return f"exception_{type(exc).__name__}"
 
