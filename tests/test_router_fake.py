@@ -250,14 +250,10 @@ async def test_an_answer_the_engine_aborted_is_retried_on_another_replica() -> N
     with 200 and finish_reason "abort": nothing has reached the client, so it is retried;
     with no replica left, an error says so."""
     with FakeEngine(force="abort") as stopping, FakeEngine(force="ok") as healthy:
-        settings = Settings(
-            engines=[
-                {"name": "stopping", "model": "m", "url": stopping.url},
-                {"name": "healthy", "model": "m", "url": healthy.url},
-            ],
-            timeouts={"health_interval": 0.1},
-            router={"affinity": False},  # the two take turns first
-        )
+        replicas = {"stopping": stopping, "healthy": healthy}
+        engines = [{"name": n, "model": "m", "url": e.url} for n, e in replicas.items()]
+        # no affinity: the two take turns first
+        settings = Settings(engines=engines, router={"affinity": False})
         async with in_process_gateway(settings) as client:
             replies = [await client.post("/v1/chat/completions", json=_chat()) for _ in range(4)]
             metrics = (await client.get("/metrics")).text
@@ -267,10 +263,7 @@ async def test_an_answer_the_engine_aborted_is_retried_on_another_replica() -> N
         tried = len(stopping.app.state.seen)
         assert tried >= 1 and len(healthy.app.state.seen) == 4
         assert f'reason="engine_aborted",replica="healthy",tier="m"}} {tried}.0' in metrics
-        alone = Settings(
-            engines=[{"name": "stopping", "model": "m", "url": stopping.url}],
-            timeouts={"health_interval": 0.1},
-        )
+        alone = Settings(engines=engines[:1])
         async with in_process_gateway(alone) as client:
             r = await client.post("/v1/chat/completions", json=_chat())
         assert r.status_code == 502, r.text
