@@ -47,9 +47,30 @@ def test_a_stream_the_engine_aborted_ends_with_the_error_event(together: bool) -
     assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_aborted"
     assert events.count(b"[DONE]") == 1 and outcome.done and outcome.error == "engine_aborted"
     assert not any(b'"prompt_tokens"' in e for e in events)  # asked for by us, not shown
+    assert outcome.usage == {"prompt_tokens": 3, "completion_tokens": 2}  # still counted
     clean = Relay(response=None, outcome=StreamOutcome(started=0.0), drop_usage=True, first=b"")
     out = b"".join(clean.feed(r) for r in (_TOKEN, _TOKEN, _USAGE, b"data: [DONE]\n\n"))
     assert out == _TOKEN + _TOKEN + b"data: [DONE]\n\n"  # an ordinary end is untouched
+
+
+def test_an_aborted_streams_usage_is_counted_when_it_comes_after_the_end() -> None:
+    """The abort event ends the client's response; the engine's usage event, read later
+    (here: the abort event came in two reads, so it ended the response by itself), is
+    still counted, and nothing more is sent."""
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    outcome = StreamOutcome(started=0.0)
+    relay = Relay(response=None, outcome=outcome, drop_usage=True, first=b"")
+    relay.send = send
+    for read in (_TOKEN, _ABORT[:20], _ABORT[20:], _USAGE, b"data: [DONE]\n\n"):
+        relay._chunk(read)
+    assert outcome.error == "engine_aborted" and relay.ended
+    assert outcome.usage == {"prompt_tokens": 3, "completion_tokens": 2}
+    assert [m["more_body"] for m in sent] == [True, False]  # the token; then the error
+    assert b'"engine_aborted"' in sent[-1]["body"] and sent[-1]["body"].endswith(b"[DONE]\n\n")
 
 
 def test_sse_error_event_ends_with_done() -> None:

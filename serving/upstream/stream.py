@@ -164,11 +164,12 @@ class Relay:
         # The event that ends an aborted request may have passed whole (feed); it is
         # looked for here, once a stream nears its end, not in every chunk.
         aborted, self.last = ABORTED in self.last, b""
-        for event in events:
+        for i, event in enumerate(events):
             if aborted or ABORTED in event:  # what follows (usage, [DONE]) is not an end
                 self.outcome.error = "engine_aborted"
                 self.outcome.done = True
                 out.append(sse_error_event(engine_aborted()))
+                self._usage_in(events[i:])  # the tokens it did send are counted
                 break
             usage = usage_of(event)
             if usage is not None:
@@ -179,6 +180,19 @@ class Relay:
                 self.outcome.done = True
             out.append(event + b"\n\n")
         return b"".join(out)
+
+    def after_end(self, chunk: bytes) -> None:
+        """Bytes the engine sends after the client's response has ended: only an aborted
+        request's usage is read from them (the tokens it did send are counted)."""
+        if self.outcome.error == "engine_aborted" and self.outcome.usage is None:
+            events, self.buffer = split_events(self.buffer, chunk)
+            self._usage_in(events)
+
+    def _usage_in(self, events: list[bytes]) -> None:
+        for event in events:
+            if (usage := usage_of(event)) is not None:
+                self.outcome.usage = usage
+                return
 
     def feed(self, chunk: bytes) -> bytes:
         if not self.buffer and _USAGE not in chunk and _DONE not in chunk:
@@ -207,7 +221,10 @@ class Relay:
         if self.failed is not None:
             return
         try:
-            if self.ended or not (out := self.feed(chunk)):
+            if self.ended:
+                self.after_end(chunk)
+                return
+            if not (out := self.feed(chunk)):
                 return
             self.ended = self.outcome.done
             if not self.ended and self.write is not None and self.write(out):
@@ -303,6 +320,19 @@ class ResponsesRelay(Relay):
     def __init__(self, *args: Any, replica: str = "") -> None:
         super().__init__(*args)
         self.replica = replica  # response ids in the events name it (api/stored.py)
+
+    def after_end(self, chunk: bytes) -> None:
+        """Bytes the engine sends after the client's response has ended: only an aborted
+        request's usage is read from them (the tokens it did send are counted)."""
+        if self.outcome.error == "engine_aborted" and self.outcome.usage is None:
+            events, self.buffer = split_events(self.buffer, chunk)
+            self._usage_in(events)
+
+    def _usage_in(self, events: list[bytes]) -> None:
+        for event in events:
+            if (usage := usage_of(event)) is not None:
+                self.outcome.usage = usage
+                return
 
     def feed(self, chunk: bytes) -> bytes:
         if not self.buffer and chunk.endswith(b"\n\n"):
