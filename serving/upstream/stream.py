@@ -321,19 +321,6 @@ class ResponsesRelay(Relay):
         super().__init__(*args)
         self.replica = replica  # response ids in the events name it (api/stored.py)
 
-    def after_end(self, chunk: bytes) -> None:
-        """Bytes the engine sends after the client's response has ended: only an aborted
-        request's usage is read from them (the tokens it did send are counted)."""
-        if self.outcome.error == "engine_aborted" and self.outcome.usage is None:
-            events, self.buffer = split_events(self.buffer, chunk)
-            self._usage_in(events)
-
-    def _usage_in(self, events: list[bytes]) -> None:
-        for event in events:
-            if (usage := usage_of(event)) is not None:
-                self.outcome.usage = usage
-                return
-
     def feed(self, chunk: bytes) -> bytes:
         if not self.buffer and chunk.endswith(b"\n\n"):
             if chunk.startswith(_DELTA) and chunk.find(b"\n\n") == len(chunk) - 2:
