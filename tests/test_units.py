@@ -32,17 +32,27 @@ _ABORT = b'data: {"choices":[{"index":0,"delta":{"content":""},"finish_reason":"
 _USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
 
 
-@pytest.mark.parametrize("together", [False, True])
-def test_a_stream_the_engine_aborted_ends_with_the_error_event(together: bool) -> None:
+@pytest.mark.parametrize(
+    "reads",
+    [
+        [_TOKEN, _ABORT + _USAGE, b"data: [DONE]\n\n"],  # the end in one read
+        [_TOKEN, _ABORT, _USAGE, b"data: [DONE]\n\n"],  # the abort event passes whole
+        [_TOKEN, _ABORT, _USAGE[:20], _USAGE[20:], b"data: [DONE]\n\n"],  # then a part
+    ],
+    ids=["together", "apart", "then-partial"],
+)
+def test_a_stream_the_engine_aborted_ends_with_the_error_event(reads: list[bytes]) -> None:
     """vLLM ends a request it aborted (the engine stopping) with finish_reason "abort",
     usage and [DONE]: a normal-looking end that the relay turns into the error event, in
     whichever socket reads the events come."""
     outcome = StreamOutcome(started=0.0)
     relay = Relay(response=None, outcome=outcome, drop_usage=True, first=b"")
-    reads = [_TOKEN, _ABORT + _USAGE, b"data: [DONE]\n\n"]
-    if not together:
-        reads = [_TOKEN, _ABORT, _USAGE, b"data: [DONE]\n\n"]
-    out = b"".join(relay.feed(r) for r in reads[:-1] if not outcome.done)
+    out = b""
+    for read in reads:
+        if outcome.done:
+            relay.after_end(read)  # what _chunk does once the client's response ended
+        else:
+            out += relay.feed(read)
     events = [e.removeprefix(b"data: ") for e in out.split(b"\n\n") if e]
     assert events[-1] == b"[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_aborted"
     assert events.count(b"[DONE]") == 1 and outcome.done and outcome.error == "engine_aborted"

@@ -160,17 +160,15 @@ class Relay:
     def _tail(self, chunk: bytes) -> bytes:
         """Chunks near the end of a stream: parse them event by event."""
         events, self.buffer = split_events(self.buffer, chunk)
+        # Where an aborted request's end is: the last chunk that passed whole (feed keeps
+        # it unsearched), else one of these events. What follows it is not an end.
+        if ABORTED in self.last:
+            cut: int | None = 0
+        else:
+            cut = next((i for i, event in enumerate(events) if ABORTED in event), None)
+        self.last = b""
         out = []
-        # The event that ends an aborted request may have passed whole (feed); it is
-        # looked for here, once a stream nears its end, not in every chunk.
-        aborted, self.last = ABORTED in self.last, b""
-        for i, event in enumerate(events):
-            if aborted or ABORTED in event:  # what follows (usage, [DONE]) is not an end
-                self.outcome.error = "engine_aborted"
-                self.outcome.done = True
-                out.append(sse_error_event(engine_aborted()))
-                self._usage_in(events[i:])  # the tokens it did send are counted
-                break
+        for event in events[:cut]:
             usage = usage_of(event)
             if usage is not None:
                 self.outcome.usage = usage
@@ -179,6 +177,11 @@ class Relay:
             if event.startswith(_DONE):
                 self.outcome.done = True
             out.append(event + b"\n\n")
+        if cut is not None:
+            self.outcome.error = "engine_aborted"
+            self.outcome.done = True
+            out.append(sse_error_event(engine_aborted()))
+            self._usage_in(events[cut:])  # the tokens it did send are counted
         return b"".join(out)
 
     def after_end(self, chunk: bytes) -> None:
